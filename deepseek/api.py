@@ -1,0 +1,113 @@
+"""The front door: compile(), load(), capture(), optimize_graph()."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from deepseek.backends.hal import get_backend
+from deepseek.errors import DeepseekError
+from deepseek.frontend.torch_export import capture
+from deepseek.ir.graph import Graph
+from deepseek.ir.interpreter import bind_inputs
+from deepseek.ir.verify import verify
+from deepseek.passes import optimize_graph, pipeline, run_passes
+from deepseek.runtime.artifact import load_artifact
+from deepseek.runtime.engine import Engine, Report
+from deepseek.runtime.plan import bytes_moved, peak_live_bytes
+from deepseek.runtime.structure import flatten_inputs
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")
+
+
+def _copy_graph(graph: Graph) -> Graph:
+    """A structural copy sharing constants' tensors (passes rewrite node lists)."""
+    import copy
+
+    g = copy.copy(graph)
+    g.nodes = [copy.copy(n) for n in graph.nodes]
+    for n in g.nodes:
+        n.inputs, n.attrs = list(n.inputs), dict(n.attrs)
+    g.inputs, g.outputs = list(graph.inputs), list(graph.outputs)
+    g.constants, g.const_values = dict(graph.constants), dict(graph.const_values)
+    g._taken = set(graph._taken)
+    return g
+
+
+def _example_env(graph: Graph, example: list | None) -> dict[str, int]:
+    if example is not None:
+        return bind_inputs(graph, example)
+    return {}
+
+
+def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
+            precision: str = "fp32", dynamic_dims: Mapping[int, Mapping[int, str]] | None = None,
+            opt_level: int = 2, strict: bool = False, disable_passes: Iterable[str] = (),
+            example_kwargs: dict | None = None) -> Engine:
+    """Compile a model (an nn.Module, or a captured Graph) into an Engine.
+
+    Example::
+
+        engine = ds.compile(model, (torch.randn(8, 3, 224, 224),),
+                            dynamic_dims={0: {0: "batch"}}, backend="cpu")
+        out = engine(torch.randn(3, 3, 224, 224))   # any batch size
+        print(engine.report())
+    """
+    if precision not in PRECISIONS:
+        raise DeepseekError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "fp32":
+        raise DeepseekError(f"precision={precision!r} is not implemented yet in this version; "
+                            "use precision='fp32'")
+    if isinstance(model, (str, os.PathLike)):
+        raise DeepseekError(f"compiling a file ({model}) needs the ONNX importer, which this version "
+                            "does not have yet; pass an nn.Module")
+    if isinstance(model, Graph):
+        graph = model
+        example = None
+    else:
+        if example_inputs is None:
+            raise DeepseekError("ds.compile(model, example_inputs): example inputs are needed to "
+                                "capture an nn.Module")
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        graph = capture(model, example_inputs, dynamic_dims=dynamic_dims, strict=strict,
+                        example_kwargs=example_kwargs)
+        leaves = flatten_inputs(tuple(example_inputs), dict(example_kwargs or {}))
+        example = [x for x in leaves if isinstance(x, torch.Tensor)]
+    verify(graph)
+    return _build_engine(graph, backend, opt_level, disable_passes, example)
+
+
+def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, example) -> Engine:
+    env = _example_env(graph, example)
+    nodes_before = len(graph.nodes)
+    concrete = not graph.inputs or env or all(v.spec.is_static for v in graph.inputs)
+    unopt_bytes = bytes_moved(graph, env) if concrete else None
+    unopt_peak = peak_live_bytes(graph, env) if concrete else None
+    optimized, records = run_passes(_copy_graph(graph), pipeline(opt_level), disable_passes)
+    report = Report(passes=[r.to_dict() for r in records], backend="", opt_level=opt_level,
+                    nodes={"unoptimized": nodes_before, "optimized": len(optimized.nodes)})
+    if concrete:
+        report.bytes_moved = {"unoptimized": unopt_bytes, "optimized": bytes_moved(optimized, env)}
+        report.peak_memory_bytes = {"unoptimized": unopt_peak,
+                                    "optimized": peak_live_bytes(optimized, env)}
+    b = get_backend(backend)
+    report.backend = b.name
+    return Engine(optimized, b, report)
+
+
+def load(path: str, backend: str = "auto") -> Engine:
+    """Load a .dsk artifact written by ``engine.save`` for ``backend``."""
+    graph, saved = load_artifact(path)
+    report = Report(**{k: v for k, v in saved.items() if k in Report.__dataclass_fields__})
+    b = get_backend(backend)
+    report.backend = b.name
+    return Engine(graph, b, report)
+
+
+__all__ = ["compile", "load", "capture", "optimize_graph"]

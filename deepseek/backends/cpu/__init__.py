@@ -1,0 +1,74 @@
+"""The CPU backend: straight-line generated code over PyTorch/oneDNN kernels."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from deepseek.backends.cpu.codegen import generate_plan
+from deepseek.backends.hal import Backend, Capabilities
+from deepseek.ir.graph import Graph
+from deepseek.ir.interpreter import bind_inputs
+
+
+class CPUExecutable:
+    """A compiled CPU partition: one generated plan per concrete input shape, cached."""
+
+    def __init__(self, graph: Graph, threads: int | None):
+        self.graph = graph
+        self.threads = threads
+        self.plans: dict[tuple, object] = {}
+
+    def plan_for(self, inputs: Sequence[torch.Tensor]):
+        key = tuple(tuple(t.shape) for t in inputs)
+        plan = self.plans.get(key)
+        if plan is None:
+            env = bind_inputs(self.graph, inputs)
+            plan = self.plans[key] = generate_plan(self.graph, env, "cpu")
+        return plan
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        prev = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            return self.plan_for(inputs)(inputs)
+        finally:
+            torch.set_grad_enabled(prev)
+
+
+class CPUBackend(Backend):
+    """Runs every op of the IR on the host CPU.
+
+    ``threads`` (or ``DEEPSEEK_CPU_THREADS``) sets PyTorch's intra-op thread
+    count while this backend executes; unset, PyTorch's setting is kept.
+    """
+
+    name = "cpu"
+
+    def __init__(self, threads: int | None = None):
+        env = os.environ.get("DEEPSEEK_CPU_THREADS")
+        self.threads = threads or (int(env) if env else None)
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device="cpu", priority=10,
+                            dtypes=frozenset({torch.float32, torch.float64, torch.bfloat16,
+                                              torch.float16, torch.int8, torch.uint8, torch.int32,
+                                              torch.int64, torch.bool}))
+
+    def supports(self, node) -> bool:
+        return node.fallback is None
+
+    def compile(self, graph: Graph, target: str | None = None) -> CPUExecutable:
+        return CPUExecutable(graph, self.threads)
+
+    def execute(self, executable: CPUExecutable, inputs, outputs=None) -> list[torch.Tensor]:
+        results = executable(inputs)
+        if outputs is not None:
+            for dst, src in zip(outputs, results):
+                dst.copy_(src)
+            return list(outputs)
+        return results

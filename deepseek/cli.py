@@ -1,0 +1,252 @@
+"""The ``deepseek`` command: demo, compile, run, info, bench.
+
+A MODEL argument is one of: a built-in example name (``mnist_cnn``), a
+``package.module:factory`` whose factory returns ``(model, example_inputs)``
+(your own code, imported as Python would), or a ``.dsk`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from deepseek.errors import DeepseekError
+
+EXAMPLES_TEXT = {
+    "demo": "deepseek demo --batch 1",
+    "compile": "deepseek compile mnist_cnn -o mnist.dsk --dynamic-batch\n"
+               "  deepseek compile mypkg.models:make_model -o model.dsk --backend cpu",
+    "run": "deepseek run mnist.dsk --dim batch=4",
+    "info": "deepseek info mnist.dsk --graph",
+    "bench": "deepseek bench mnist_cnn --batch 1 --iters 200 --threads 2",
+}
+
+
+def _factory(spec: str):
+    from deepseek.examples import EXAMPLES
+
+    if spec in EXAMPLES:
+        return EXAMPLES[spec]
+    if ":" not in spec:
+        raise DeepseekError(f"unknown model {spec!r}: give a built-in example "
+                            f"({', '.join(EXAMPLES)}), package.module:factory, or a .dsk file")
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise DeepseekError(f"cannot import {spec!r}: {e}") from None
+
+
+def load_model(spec: str, batch: int | None = None) -> tuple[torch.nn.Module, tuple]:
+    """(model, example_inputs) from a MODEL argument that names Python code."""
+    factory = _factory(spec)
+    result = factory(batch) if batch is not None else factory()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise DeepseekError(f"{spec} must return (model, example_inputs)")
+    model, inputs = result
+    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def random_inputs(engine, dims: dict[str, int], int_high: int = 100) -> list[torch.Tensor]:
+    """Fresh random tensors matching an engine's input specs (symbols from ``dims``)."""
+    out = []
+    for v in engine.graph.inputs:
+        try:
+            shape = v.spec.concrete(dims)
+        except DeepseekError:
+            raise DeepseekError(f"input {v.name} has symbolic shape {v.spec}; give its sizes with "
+                                "--dim NAME=SIZE") from None
+        if v.spec.dtype.is_floating_point:
+            out.append(torch.randn(shape, dtype=v.spec.dtype))
+        elif v.spec.dtype == torch.bool:
+            out.append(torch.rand(shape) > 0.5)
+        else:
+            out.append(torch.randint(0, int_high, shape, dtype=v.spec.dtype))
+    return out
+
+
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for item in items or []:
+        name, _, size = item.partition("=")
+        if not size.isdigit():
+            raise DeepseekError(f"--dim wants NAME=SIZE, got {item!r}")
+        dims[name] = int(size)
+    return dims
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _first_tensor(x: Any) -> torch.Tensor:
+    from torch.utils._pytree import tree_leaves
+
+    return next(t for t in tree_leaves(x) if isinstance(t, torch.Tensor))
+
+
+def _compare(model, engine, model_name: str, batch: int, iters: int) -> int:
+    from deepseek.timing import time_interleaved
+
+    _, inputs = load_model(model_name, batch)
+    with torch.no_grad():
+        ref = _first_tensor(model(*inputs))
+    got = _first_tensor(engine(*inputs))
+    err = _rel_l2(got, ref)
+    print(f"check vs eager PyTorch on fresh random inputs: relative L2 error {err:.2e} "
+          f"({'OK' if err < 1e-4 else 'MISMATCH'})")
+
+    def eager():
+        with torch.no_grad():
+            model(*inputs)
+
+    times = time_interleaved({"eager": eager, "deepseek": lambda: engine(*inputs)}, iters=iters)
+    print(f"eager PyTorch: {times['eager'] * 1e6:9.1f} us/call (median of {iters})")
+    print(f"Deepseek:      {times['deepseek'] * 1e6:9.1f} us/call")
+    print(f"speed-up:      {times['eager'] / times['deepseek']:.2f}x "
+          f"({torch.get_num_threads()} threads)")
+    return 0 if err < 1e-4 else 1
+
+
+def cmd_demo(a) -> int:
+    import deepseek as ds
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, inputs = load_model("mnist_cnn", a.batch)
+    print(f"Compiling the bundled MNIST CNN (batch {a.batch}) for the CPU backend...")
+    engine = ds.compile(model, inputs, backend="cpu", dynamic_dims={0: {0: "batch"}} if a.batch > 1
+                        else None)
+    print(engine.report())
+    return _compare(model, engine, "mnist_cnn", a.batch, a.iters)
+
+
+def cmd_compile(a) -> int:
+    import deepseek as ds
+
+    model, inputs = load_model(a.model, a.batch)
+    dyn = {i: {0: "batch"} for i, x in enumerate(inputs)
+           if isinstance(x, torch.Tensor) and x.dim() > 0} if a.dynamic_batch else None
+    engine = ds.compile(model, inputs, backend=a.backend, opt_level=a.opt_level,
+                        dynamic_dims=dyn, strict=a.strict)
+    engine.save(a.output)
+    print(engine.report())
+    print(f"saved {a.output}")
+    return 0
+
+
+def cmd_run(a) -> int:
+    import deepseek as ds
+
+    torch.manual_seed(a.seed)
+    engine = ds.load(a.model, backend=a.backend)
+    inputs = random_inputs(engine, _parse_dims(a.dim))
+    flat = engine.run_flat(inputs)
+    for v, t in zip(engine.graph.outputs, flat):
+        print(f"{v.name}: shape {tuple(t.shape)} {t.dtype}  mean {t.double().mean():.5g} "
+              f"std {t.double().std() if t.numel() > 1 else 0:.5g}")
+    return 0
+
+
+def cmd_info(a) -> int:
+    import deepseek as ds
+
+    engine = ds.load(a.model)
+    if a.json:
+        print(json.dumps(engine.report().to_dict(), indent=2))
+        return 0
+    print(repr(engine))
+    print(engine.report())
+    if a.graph:
+        print(engine.graph)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    import deepseek as ds
+    from deepseek.timing import time_interleaved
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.model.endswith(".dsk"):
+        engine = ds.load(a.model)
+        inputs = random_inputs(engine, _parse_dims(a.dim))
+        t = time_interleaved({"deepseek": lambda: engine.run_flat(inputs)}, iters=a.iters)
+        print(f"Deepseek: {t['deepseek'] * 1e6:.1f} us/call (median of {a.iters})")
+        return 0
+    model, inputs = load_model(a.model, a.batch)
+    engine = ds.compile(model, inputs, backend=a.backend, opt_level=a.opt_level)
+    return _compare(model, engine, a.model, a.batch, a.iters)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepseek", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the compiler does")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, fn, help_):
+        s = sub.add_parser(name, help=help_, description=help_,
+                           epilog=f"example:\n  {EXAMPLES_TEXT[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.set_defaults(fn=fn)
+        return s
+
+    s = command("demo", cmd_demo, "compile the bundled MNIST CNN, check it against eager, "
+                                  "print the speed-up")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--iters", type=int, default=300)
+    s.add_argument("--threads", type=int, default=None)
+
+    s = command("compile", cmd_compile, "compile a model into a .dsk artifact")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--opt-level", type=int, default=2)
+    s.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
+    s.add_argument("--dynamic-batch", action="store_true", help="make dim 0 of every input "
+                   "symbolic ('batch'); use an example batch of 2 or more")
+    s.add_argument("--strict", action="store_true", help="fail on ops without a Deepseek kernel")
+
+    s = command("run", cmd_run, "run a .dsk artifact on random inputs and summarize the outputs")
+    s.add_argument("model")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--dim", action="append", help="NAME=SIZE for a symbolic dim")
+    s.add_argument("--seed", type=int, default=0)
+
+    s = command("info", cmd_info, "show a .dsk artifact's inputs, report and graph")
+    s.add_argument("model")
+    s.add_argument("--graph", action="store_true", help="print the IR")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    s = command("bench", cmd_bench, "time Deepseek against eager PyTorch, side by side")
+    s.add_argument("model")
+    s.add_argument("--batch", type=int, default=None)
+    s.add_argument("--iters", type=int, default=100)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--opt-level", type=int, default=2)
+    s.add_argument("--dim", action="append", help="NAME=SIZE for a symbolic dim (.dsk)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except DeepseekError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
