@@ -37,6 +37,11 @@ _INPLACE_BINARY = {
 }
 
 
+def _source(x) -> str:
+    """Source text of a call argument (a name, or a list of names from a Tensor[] slot)."""
+    return "[" + ", ".join(map(_source, x)) + "]" if isinstance(x, list) else x
+
+
 class _Emitter:
     def __init__(self, graph: Graph, env: Mapping[str, int], device: str):
         self.graph = graph
@@ -107,7 +112,8 @@ class _Emitter:
             if node.opdef.has(Prop.CREATION):
                 kwargs["device"] = repr(self.device)
             fn = self.const(node.opdef.overload._op, f"k_{node.kind.split('.')[0].lstrip('_')}_")
-            expr = f"{fn}({', '.join(args + [f'{k}={v}' for k, v in kwargs.items()])})"
+            args = [_source(a) for a in args] + [f"{k}={_source(v)}" for k, v in kwargs.items()]
+            expr = f"{fn}({', '.join(args)})"
         self.lines.append(f"    {lhs} = {expr}")
 
     def special(self, index, node, ins, attrs, live) -> str | None:
