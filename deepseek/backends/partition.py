@@ -25,9 +25,12 @@ class Partition:
         return {"backend": self.backend.name, "nodes": len(self.graph.nodes), "device": self.device}
 
 
-def _subgraph(parent: Graph, nodes: list[Node], needed_later: set[int]) -> Graph:
+def _subgraph(parent: Graph, nodes: list[Node], needed_later: set[int], first: bool) -> Graph:
     sub = Graph()
     defined: set[int] = set()
+    if first:  # the first partition takes the graph's inputs, all of them, in order
+        sub.inputs, sub.input_names = list(parent.inputs), list(parent.input_names)
+        defined.update(id(v) for v in parent.inputs)
     for n in nodes:
         for v in n.input_values():
             if id(v) in defined:
@@ -63,7 +66,7 @@ def partition(graph: Graph, backend: Backend) -> list[Partition]:
         later = {id(v) for v in graph.outputs}
         for _, other in runs[k + 1:]:
             later.update(id(v) for n in other for v in n.input_values())
-        sub = _subgraph(graph, nodes, later)
+        sub = _subgraph(graph, nodes, later, first=k == 0)
         parts.append(Partition(b, sub, device=b.capabilities().device, nodes=nodes))
     return parts
 

@@ -70,7 +70,8 @@ class Engine:
         self._flat_call = (self._tensor_leaves == list(range(len(graph.inputs)))
                            and self._n_leaves == len(graph.inputs))
         self._checked: set[tuple] = set()
-        self._direct = len(self._parts) == 1 and self._parts[0].graph.outputs == graph.outputs
+        self._direct = len(self._parts) == 1 and self._parts[0].graph.outputs == graph.outputs \
+            and self._parts[0].graph.inputs == graph.inputs
 
     # --- calling ------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> Any:
