@@ -118,21 +118,8 @@ def available_backends() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def get_backend(name: str) -> Backend:
-    """The (shared) instance of a registered backend; ``"auto"`` picks the best available."""
-    discover()
-    if name == "auto":
-        best = None
-        for n in _FACTORIES:
-            b = get_backend(n)
-            if b.is_available() and (best is None or b.capabilities().priority
-                                     > best.capabilities().priority):
-                best = b
-        return best
-    if name not in _FACTORIES:
-        raise BackendError(f"unknown backend {name!r}; available: {available_backends()}. "
-                           "Third-party backends register through the 'deepseek.backends' "
-                           "entry point")
+def _instance(name: str) -> Backend:
+    """The shared instance of the registered backend ``name`` (created on first use)."""
     if name not in _INSTANCES:
         backend = _FACTORIES[name]()
         if not isinstance(backend, Backend):
@@ -140,7 +127,33 @@ def get_backend(name: str) -> Backend:
                                "not a deepseek.backends.Backend")
         backend.name = name
         _INSTANCES[name] = backend
-    backend = _INSTANCES[name]
+    return _INSTANCES[name]
+
+
+def get_backend(name: str) -> Backend:
+    """The (shared) instance of a registered backend; ``"auto"`` picks the best available."""
+    discover()
+    if name == "auto":
+        best, best_priority = None, 0
+        for n in list(_FACTORIES):
+            try:  # an unavailable or broken plug-in must not break "auto"
+                b = _instance(n)
+                if not b.is_available():
+                    continue
+                priority = b.capabilities().priority
+            except Exception as e:
+                log.warning("backend %r skipped by backend='auto': %s: %s", n, type(e).__name__, e)
+                continue
+            if best is None or priority > best_priority:
+                best, best_priority = b, priority
+        if best is None:
+            raise BackendError("no backend is available (backend='auto')")
+        return best
+    if name not in _FACTORIES:
+        raise BackendError(f"unknown backend {name!r}; available: {available_backends()}. "
+                           "Third-party backends register through the 'deepseek.backends' "
+                           "entry point")
+    backend = _instance(name)
     if not backend.is_available():
         raise BackendError(f"backend {name!r} is installed but not available on this machine")
     return backend

@@ -30,6 +30,13 @@ _INPLACE_UNARY = {
     Op.RELU: "torch.relu_", Op.SIGMOID: "torch.sigmoid_", Op.TANH: "torch.tanh_",
     Op.EXP: "torch.exp_", Op.NEG: "torch.neg_", Op.SILU: "torch._C._nn.silu_",
 }
+# unary ops oneDNN fuses into a convolution as a post-op: op -> (attr, scalars, algorithm)
+_CONV_POST_OPS = {
+    Op.RELU: ("relu", [], ""), Op.SIGMOID: ("sigmoid", [], ""), Op.TANH: ("tanh", [], ""),
+    Op.SILU: ("swish", [], ""), Op.HARDSWISH: ("hardswish", [], ""),
+}
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
 # binary element-wise ops with an in-place method; True where commutative
 _INPLACE_BINARY = {
     Op.ADD_TENSOR: ("add_", True), Op.MUL_TENSOR: ("mul_", True),
@@ -48,13 +55,18 @@ class _Emitter:
         self.env = env
         self.device = device
         self.names: dict[int, str] = {}
-        self.globals: dict[str, Any] = {"torch": torch, "F": torch.nn.functional}
+        self.globals: dict[str, Any] = {"torch": torch, "CL": torch.channels_last}
         self.lines: list[str] = []
         self.uses = {id(v): 0 for n in graph.nodes for v in n.input_values()}
         for n in graph.nodes:
             for v in n.input_values():
                 self.uses[id(v)] += 1
         self._storage_roots()
+        self.users: dict[int, list[Node]] = {}
+        for n in graph.nodes:
+            for v in n.input_values():
+                self.users.setdefault(id(v), []).append(n)
+        self.fused_into: dict[int, str] = {}  # post-op node id -> name of the fused result
 
     def _storage_roots(self) -> None:
         """Which values share storage (views), and the last node using each storage."""
@@ -105,6 +117,9 @@ class _Emitter:
         lhs = ", ".join(self.names[id(o)] for o in outs) + ("," if len(outs) == 1 and
                                                             node.opdef.n_outputs == -1 else "")
         live = [o for o in outs if self.uses.get(id(o)) or o in self.graph.outputs]
+        if id(node) in self.fused_into:  # already computed by its producer's fused kernel
+            self.lines.append(f"    {lhs} = {self.fused_into[id(node)]}")
+            return
         expr = self.special(index, node, ins, attrs, live)
         if expr is None:
             args, kwargs = node.opdef.call_args([self.name(x) for x in ins],
@@ -128,8 +143,12 @@ class _Emitter:
                 return f"{n(ins[0])}.{method}({n(ins[1])})"
             if commutative and isinstance(ins[1], Value) and self.can_overwrite(ins[1], index, out):
                 return f"{n(ins[1])}.{method}({n(ins[0])})"
-        if op in (Op.VIEW, Op.UNSAFE_VIEW):
-            return f"{n(ins[0])}.view({n(attrs['size'])})"
+        if op is Op.CONVOLUTION and _ONEDNN:
+            fused = self.onednn_conv(node, ins, attrs)
+            if fused is not None:
+                return fused
+        if op in (Op.VIEW, Op.UNSAFE_VIEW):  # reshape: inputs may be channels-last
+            return f"{n(ins[0])}.reshape({n(attrs['size'])})"
         if op is Op.PERMUTE:
             return f"{n(ins[0])}.permute({n(attrs['dims'])})"
         only_first = live == [out]
@@ -147,6 +166,34 @@ class _Emitter:
         if op is Op.SOFTMAX and not attrs["half_to_float"]:
             return f"torch.softmax({n(ins[0])}, {attrs['dim']})"
         return None
+
+    def onednn_conv(self, node: Node, ins, attrs) -> str | None:
+        """A 2-D float32 convolution as oneDNN with a pre-packed weight, channels-last
+        activations and the following unary op (ReLU, SiLU...) fused as a post-op."""
+        x, w, b = ins
+        g = self.graph
+        if (attrs["transposed"] or len(attrs["stride"]) != 2 or not g.is_constant(w)
+                or (b is not None and not g.is_constant(b)) or x.spec.dtype != torch.float32
+                or w.spec.dtype != torch.float32):
+            return None
+        shape = list(x.spec.concrete(self.env))
+        try:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                g.constants[w.name].to_mkldnn(), attrs["padding"], attrs["stride"],
+                attrs["dilation"], attrs["groups"], shape)
+        except RuntimeError:
+            return None
+        post, scalars, algo = "none", [], ""
+        out = node.outputs[0]
+        users = self.users.get(id(out), [])
+        if len(users) == 1 and users[0].op in _CONV_POST_OPS and out not in g.outputs:
+            post, scalars, algo = _CONV_POST_OPS[users[0].op]
+            self.fused_into[id(users[0])] = self.names[id(out)]
+        xs = self.name(x)
+        return (f"torch.ops.mkldnn._convolution_pointwise({xs}.contiguous(memory_format=CL), "
+                f"{self.const(packed, 'packed')}, {self.name(b) if b is not None else None}, "
+                f"{attrs['padding']}, {attrs['stride']}, {attrs['dilation']}, {attrs['groups']}, "
+                f"{post!r}, {scalars}, {algo!r})")
 
     def generate(self) -> Callable:
         g = self.graph
@@ -172,7 +219,8 @@ class _Emitter:
                     dying.setdefault(i, []).append(self.names[id(o)])
             if dying.get(i):
                 self.lines.append(f"    del {', '.join(dying[i])}")
-        self.lines.append(f"    return [{', '.join(self.names[id(v)] for v in g.outputs)}]")
+        # outputs leave in PyTorch's default layout, whatever layout was used inside
+        self.lines.append(f"    return [{', '.join(self.names[id(v)] + '.contiguous()' for v in g.outputs)}]")
         source = "\n".join(self.lines) + "\n"
         namespace = dict(self.globals)
         exec(compile(source, "<deepseek-cpu-plan>", "exec"), namespace)  # our own generated code
