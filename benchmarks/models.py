@@ -148,16 +148,12 @@ def bert_base(batch: int = 1, seq: int = 128):
     return model.eval(), (input_ids, attention_mask)
 
 
-def gpt2_small(batch: int = 1, seq: int = 128, attn_implementation: str = "eager"):
-    """GPT-2 small (124M).
+def gpt2_small(batch: int = 1, seq: int = 128, attn_implementation: str = "sdpa"):
+    """GPT-2 small (124M) with SDPA attention (transformers' default).
 
-    Defaults to eager attention: with "sdpa", ``torch.export.export`` succeeds
-    but ``ep.run_decompositions()`` with the default table fails ("Cannot view a
-    tensor with shape [B, S, 768] and strides ..."): the SDPA math decomposition
-    changes output strides, GPT-2 then ``.view``s the (elided-.contiguous())
-    reshape in Conv1D.  Upstream: pytorch/pytorch#136543, #141107.  Pass
-    ``attn_implementation="sdpa"`` to get the fused op if the consumer keeps
-    SDPA out of the decomposition table.
+    Deepseek keeps SDPA whole during capture; torch's default decomposition
+    table would split it and then fail on GPT-2's ``.view`` of the result
+    (pytorch/pytorch#136543).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -167,7 +167,9 @@ def _convert_call(node, name, graph, namer, attr, strict, unsupported):
         elif a.name in node.kwargs:
             raw = node.kwargs[a.name]
         else:
-            continue  # schema default
+            raw = a.default_value if a.has_default_value() else None
+            if next(x.kind for x in d.args if x.name == a.name) != "optional":
+                continue  # attribute defaults stay implicit
         kind = next(x.kind for x in d.args if x.name == a.name)
         value = attr(raw)
         if kind in ("list", "optional_list"):

@@ -43,6 +43,18 @@ def _dynamic_shapes(example_inputs: tuple, dynamic_dims: DynamicDims | None):
     return tuple(spec)
 
 
+def _decomposition_table() -> dict:
+    """Core ATen decompositions, minus the ops that have a better fused kernel whole."""
+    table = torch.export.default_decompositions()
+    for op in _KEEP_WHOLE:
+        table.pop(op, None)
+    return table
+
+
+# Attention stays one op: backends run it as a fused (flash/memory-efficient) kernel.
+_KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
 def capture(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor,
             dynamic_dims: DynamicDims | None = None, strict: bool = False,
             example_kwargs: dict | None = None) -> Graph:
@@ -70,7 +82,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor,
     try:
         ep = export(model, example_inputs, kwargs, dynamic_shapes=_dynamic_shapes(example_inputs,
                     dynamic_dims), strict=False)
-        ep = ep.run_decompositions()
+        ep = ep.run_decompositions(_decomposition_table())
     except Exception as e:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                            f"{type(e).__name__}: {e}") from e

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import time
+
 import torch
 
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop
 from deepseek.ir.types import bind
+from deepseek.timing import time_interleaved
 
 # unary element-wise ops with an in-place PyTorch form: op -> callable name
 _INPLACE_UNARY = {
@@ -42,6 +45,37 @@ _INPLACE_BINARY = {
     Op.ADD_TENSOR: ("add_", True), Op.MUL_TENSOR: ("mul_", True),
     Op.SUB_TENSOR: ("sub_", False), Op.DIV_TENSOR: ("div_", False),
 }
+
+
+def _onednn_is_faster(shape, weight, bias, packed, attrs, post, scalars, algo) -> bool:
+    """Time oneDNN (packed, fused) against ATen's convolution for this exact shape.
+
+    Small or odd convolutions (one input channel, say) run faster through
+    ATen's im2col path; the choice is made by measurement, once per plan.
+    """
+    x = torch.randn(shape)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    a = attrs
+    post_fn = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+               "swish": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish,
+               "none": lambda t: t}[post]
+
+    def onednn():
+        torch.ops.mkldnn._convolution_pointwise(xcl, packed, bias, a["padding"], a["stride"],
+                                                a["dilation"], a["groups"], post, scalars, algo)
+
+    def aten():
+        post_fn(torch.convolution(x, weight, bias, a["stride"], a["padding"], a["dilation"],
+                                  False, a["output_padding"], a["groups"]))
+
+    onednn()
+    t0 = time.perf_counter()
+    onednn()
+    first = time.perf_counter() - t0
+    if first > 0.02:  # a big convolution: oneDNN wins there, and timing would cost seconds
+        return True
+    times = time_interleaved({"onednn": onednn, "aten": aten}, iters=7, warmup=2)
+    return times["onednn"] <= times["aten"]
 
 
 def _source(x) -> str:
@@ -186,8 +220,13 @@ class _Emitter:
         post, scalars, algo = "none", [], ""
         out = node.outputs[0]
         users = self.users.get(id(out), [])
-        if len(users) == 1 and users[0].op in _CONV_POST_OPS and out not in g.outputs:
+        fuse = len(users) == 1 and users[0].op in _CONV_POST_OPS and out not in g.outputs
+        if fuse:
             post, scalars, algo = _CONV_POST_OPS[users[0].op]
+        bias = g.constants[b.name] if b is not None else None
+        if not _onednn_is_faster(shape, g.constants[w.name], bias, packed, attrs, post, scalars, algo):
+            return None
+        if fuse:
             self.fused_into[id(users[0])] = self.names[id(out)]
         xs = self.name(x)
         return (f"torch.ops.mkldnn._convolution_pointwise({xs}.contiguous(memory_format=CL), "

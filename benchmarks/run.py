@@ -1,0 +1,175 @@
+"""Side-by-side CPU benchmark: eager PyTorch, torch.compile, ONNX Runtime, OpenVINO, Deepseek.
+
+All contenders run in this one process on the same inputs, interleaved
+round-robin (so drift hits all alike); the medians and the ratios against
+eager are printed and written as JSON. Run on a quiet machine:
+
+    python -m benchmarks.run --threads 2 --out benchmarks/results/cpu.json
+    python -m benchmarks.run --models mnist_cnn --iters 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+import deepseek as ds
+from benchmarks.models import BENCHMARK_MODELS
+from deepseek.timing import time_interleaved
+
+CONFIGS = {  # (factory kwargs, iterations)
+    "mnist_cnn": (dict(batch=1), 400),
+    "resnet50": (dict(batch=1, image=224), 20),
+    "bert_base": (dict(batch=1, seq=128), 30),
+    "gpt2_small": (dict(batch=1, seq=128), 30),
+}
+
+
+def _first(x):
+    from torch.utils._pytree import tree_leaves
+
+    return tree_leaves(x)[0]
+
+
+def _rel_l2(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _onnxruntime(model, inputs, threads: int) -> Callable | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    names = [f"input{i}" for i in range(len(inputs))]
+    try:
+        torch.onnx.export(model, inputs, path, input_names=names, opset_version=17, dynamo=False)
+    except Exception as e:  # the exporter is torch's, not ours: report and go on
+        print(f"  onnxruntime: export failed ({type(e).__name__}: {str(e)[:120]})")
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feeds = {n: x.numpy() for n, x in zip([i.name for i in sess.get_inputs()], inputs)}
+    return lambda: torch.from_numpy(sess.run(None, feeds)[0])
+
+
+def _openvino(model, inputs) -> Callable | None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    compiled = ov.compile_model(ov.convert_model(model, example_input=inputs), "CPU")
+    return lambda: torch.from_numpy(compiled(list(inputs))[0])
+
+
+def bench_model(name: str, threads: int, iters: int | None, skip: set[str]) -> dict:
+    kwargs, default_iters = CONFIGS[name]
+    iters = iters or default_iters
+    model, inputs = BENCHMARK_MODELS[name](**kwargs)
+    with torch.no_grad():
+        ref = _first(model(*inputs))
+
+    def eager():
+        with torch.no_grad():
+            return model(*inputs)
+
+    contenders: dict[str, Callable] = {"eager": eager}
+    compile_s = {}
+    t0 = time.perf_counter()
+    engine = ds.compile(model, inputs, backend="cpu")
+    engine(*inputs)  # builds the plan (and its autotuning) for this shape
+    compile_s["deepseek"] = time.perf_counter() - t0
+    contenders["deepseek"] = lambda: engine(*inputs)
+    if "torch.compile" not in skip:
+        t0 = time.perf_counter()
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            compiled(*inputs)
+        compile_s["torch.compile"] = time.perf_counter() - t0
+
+        def inductor():
+            with torch.no_grad():
+                return compiled(*inputs)
+
+        contenders["torch.compile"] = inductor
+    if "onnxruntime" not in skip:
+        fn = _onnxruntime(model, inputs, threads)
+        if fn is not None:
+            contenders["onnxruntime"] = fn
+    if "openvino" not in skip:
+        fn = _openvino(model, inputs)
+        if fn is not None:
+            contenders["openvino"] = fn
+    errors = {k: _rel_l2(_first(fn()), ref) for k, fn in contenders.items()}
+    times = time_interleaved(contenders, iters=iters, warmup=3)
+    return {
+        "model": name, "config": kwargs, "iters": iters,
+        "median_ms": {k: v * 1e3 for k, v in times.items()},
+        "speedup_vs_eager": {k: times["eager"] / v for k, v in times.items()},
+        "deepseek_vs": {k: v / times["deepseek"] for k, v in times.items() if k != "deepseek"},
+        "rel_l2_vs_eager": errors,
+        "compile_seconds": compile_s,
+    }
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "deepseek": ds.__version__}
+    for mod in ("onnxruntime", "openvino"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
+            "versions": versions}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(CONFIGS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--skip", default="", help="contenders to skip, e.g. torch.compile,openvino")
+    p.add_argument("--out", default=None, help="write results as JSON here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    os.environ["DEEPSEEK_CPU_THREADS"] = str(a.threads)
+    info = machine()
+    info["threads"] = a.threads
+    print(f"machine: {info['cpu']}, {a.threads} threads, load {info['load_avg_at_start']}")
+    results = []
+    for name in a.models.split(","):
+        r = bench_model(name, a.threads, a.iters, set(filter(None, a.skip.split(","))))
+        results.append(r)
+        print(f"\n{name} {r['config']}  (median ms, speed-up vs eager, rel L2 vs eager)")
+        for k, ms in r["median_ms"].items():
+            print(f"  {k:<14} {ms:9.3f} ms  {r['speedup_vs_eager'][k]:5.2f}x  "
+                  f"{r['rel_l2_vs_eager'][k]:.1e}")
+        sys.stdout.flush()
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"machine": info, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
