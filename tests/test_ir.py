@@ -341,9 +341,6 @@ def test_verifier_rejects_inputs_the_op_refuses():
         verify(g)
 
 
-@pytest.mark.xfail(reason="BUG: verify() does not reject two distinct Values with the same name; "
-                          "the CPU codegen (v_<name>) and the .dsk format (values by name) break",
-                   strict=True)
 def test_verifier_rejects_duplicate_value_names():
     g = Graph()
     x = g.add_input("x", TensorSpec((3, 4), F32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Mapping
 
@@ -12,7 +13,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from deepseek.errors import CaptureError
 from deepseek.frontend.fx import SymbolNamer, convert_fx
 from deepseek.ir.graph import Graph, Value
-from deepseek.runtime.structure import flatten_inputs, spec_to_json
+from deepseek.runtime.structure import flatten_inputs, flatten_with_structure, spec_to_json
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +76,47 @@ def capture(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor,
         raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    args, params = _positional(model, tuple(example_inputs), dict(example_kwargs or {}))
     was_training = model.training
     model.eval()
     try:
-        ep = export(model, example_inputs, kwargs, dynamic_shapes=_dynamic_shapes(example_inputs,
-                    dynamic_dims), strict=False)
+        ep = export(model, args, {}, dynamic_shapes=_dynamic_shapes(args, dynamic_dims),
+                    strict=False)
         ep = ep.run_decompositions(_decomposition_table())
     except Exception as e:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                            f"{type(e).__name__}: {e}") from e
     finally:
         model.train(was_training)
-    return _from_exported(ep, example_inputs, kwargs, dynamic_dims or {}, strict)
+    graph = _from_exported(ep, args, {}, dynamic_dims or {}, strict)
+    graph.in_structure["params"] = params
+    graph.in_structure["spec"] = flatten_with_structure(args)[1]
+    return graph
+
+
+def _positional(model, args: tuple, kwargs: dict) -> tuple[tuple, list[str]]:
+    """The example call as positional arguments, and the names of those parameters.
+
+    Engines accept keyword arguments by these names, like the model does.
+    """
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        sig = None
+    kinds = {p.kind for p in sig.parameters.values()} if sig else set()
+    if sig is None or inspect.Parameter.VAR_POSITIONAL in kinds or \
+            inspect.Parameter.VAR_KEYWORD in kinds or inspect.Parameter.KEYWORD_ONLY in kinds:
+        if kwargs:
+            raise CaptureError("keyword example inputs need a forward() with named positional "
+                               "parameters; pass the inputs positionally")
+        return args, []
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from None
+    return tuple(bound.arguments.values()), list(bound.arguments)
+
+
 
 
 def _from_exported(ep, example_inputs, kwargs, dynamic_dims, strict) -> Graph:

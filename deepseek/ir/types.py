@@ -102,6 +102,11 @@ def _parse(expr: str) -> ast.Expression:
             ) or (isinstance(node, ast.Constant) and type(node.value) is int)
             if isinstance(node, ast.Call):
                 ok = isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+                # sizes are small powers at most; an unbounded exponent could hang evaluation
+                ok = isinstance(node.right, ast.Constant) and 0 <= node.right.value <= 8
+            if isinstance(node, ast.Constant) and type(node.value) is int and abs(node.value) > 2**62:
+                ok = False
             if not ok:
                 raise IRError(f"symbolic dim {expr!r} uses {type(node).__name__}, which is not allowed")
         _PARSED[expr] = tree

@@ -17,6 +17,10 @@ def verify(graph, check_types: bool = True) -> None:
     from deepseek.ir.interpreter import infer_specs
 
     defined = {id(v) for v in graph.inputs} | {id(v) for v in graph.const_values.values()}
+    names: dict[str, int] = {}
+    for v in [*graph.inputs, *graph.const_values.values(), *(o for n in graph.nodes for o in n.outputs)]:
+        if names.setdefault(v.name, id(v)) != id(v):  # (one value listed twice is caught below)
+            raise IRError(f"value name %{v.name} is used by two values; names must be unique")
     for v in graph.const_values.values():
         if v.name not in graph.constants:
             raise IRError(f"constant value %{v.name} has no tensor in graph.constants")

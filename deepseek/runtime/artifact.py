@@ -24,6 +24,7 @@ from deepseek.ir.graph import Graph, Value
 from deepseek.ir.ops import op_from_name
 from deepseek.ir.types import Sym, TensorSpec, dtype_from_name, dtype_name
 from deepseek.ir.verify import verify
+from deepseek.runtime.structure import check_structures
 
 FORMAT = "deepseek-graph"
 VERSION = 1
@@ -183,9 +184,36 @@ def graph_from_json(doc: Any, tensors: dict[str, torch.Tensor]) -> tuple[Graph, 
         g.outputs.append(values[name])
     g.in_structure = doc.get("in_structure")
     g.out_structure = doc.get("out_structure")
+    check_structures(g.in_structure, g.out_structure, len(g.inputs), len(g.outputs))
     verify(g, check_types=False)
-    report = doc.get("report") if isinstance(doc.get("report"), dict) else {}
-    return g, report
+    return g, _check_report(doc.get("report", {}))
+
+
+# the report's fields and their JSON types; anything else in a file is rejected
+_REPORT_TYPES = {"passes": list, "partitions": list, "fallback_nodes": list, "bytes_moved": dict,
+                 "peak_memory_bytes": dict, "arena_bytes": (int, type(None)), "nodes": dict,
+                 "backend": str, "opt_level": int}
+
+
+def _check_report(report: Any) -> dict:
+    if not isinstance(report, dict):
+        raise ArtifactError("report must be an object")
+    for k, v in report.items():
+        if k in _REPORT_TYPES and not isinstance(v, _REPORT_TYPES[k]):
+            raise ArtifactError(f"report field {k!r} has the wrong type")
+    for p in report.get("passes", []):
+        if not (isinstance(p, dict) and isinstance(p.get("name"), str)
+                and all(isinstance(p.get(k), (int, float)) for k in ("nodes_before", "nodes_after",
+                                                                     "seconds"))):
+            raise ArtifactError("report.passes entries need name, nodes_before, nodes_after, seconds")
+    for k in ("bytes_moved", "peak_memory_bytes"):
+        d = report.get(k, {})
+        if d and not all(isinstance(d.get(x), int) for x in ("unoptimized", "optimized")):
+            raise ArtifactError(f"report.{k} needs integer unoptimized/optimized")
+    nodes = report.get("nodes", {})
+    if not all(isinstance(v, int) for v in nodes.values()):
+        raise ArtifactError("report.nodes values must be integers")
+    return {k: v for k, v in report.items() if k in _REPORT_TYPES}
 
 
 def load_artifact(path: str) -> tuple[Graph, dict]:

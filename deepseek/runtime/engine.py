@@ -12,7 +12,20 @@ from deepseek.backends.partition import Partition, partition
 from deepseek.errors import InputError
 from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
-from deepseek.runtime.structure import flatten_inputs, unflatten
+from deepseek.runtime.structure import (bind_by_name, flatten_inputs, flatten_with_structure,
+                                        unflatten)
+
+
+def _describe(structure: dict) -> str:
+    """A short text of a structure tree: (leaf, {'x': leaf, 'y': leaf})."""
+    kind = structure.get("kind")
+    if kind in ("leaf", "none"):
+        return "tensor" if kind == "leaf" else "None"
+    items = [_describe(c) for c in structure.get("items", [])]
+    keys = structure.get("keys") or structure.get("fields")
+    if keys:
+        return "{" + ", ".join(f"{k!r}: {v}" for k, v in zip(keys, items)) + "}"
+    return "(" + ", ".join(items) + ")"
 
 
 @dataclass
@@ -89,7 +102,21 @@ class Engine:
         return unflatten(self.graph.out_structure, flat)
 
     def _tensors_from(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        leaves = flatten_inputs(args, kwargs)
+        ins = self.graph.in_structure or {}
+        params = ins.get("params")
+        if params:
+            try:
+                args = bind_by_name(params, args, kwargs)
+            except TypeError as e:
+                raise InputError(f"the engine takes ({', '.join(params)}) like the model: {e}") from None
+            kwargs = {}
+        leaves, spec = flatten_with_structure(args) if not kwargs else (None, None)
+        if "spec" in ins and spec is not None and spec != ins["spec"]:
+            raise InputError(f"the engine takes the model's inputs ({', '.join(self.graph.input_names)})"
+                             f" nested as at compile time: expected {_describe(ins['spec'])}, got "
+                             f"{_describe(spec)}")
+        if leaves is None:
+            leaves = flatten_inputs(args, kwargs)
         if len(leaves) != self._n_leaves:
             names = ", ".join(self.graph.input_names)
             raise InputError(f"the engine takes the model's inputs ({names}): {self._n_leaves} "
