@@ -71,9 +71,12 @@ def source_of(node: fx.Node) -> str:
 
 
 def _user_frame(node: fx.Node) -> str:
+    """Where a node came from, with the line of code: 'model.py:12 in forward (fc): y = f(x)'."""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+    code = lines[-1] if lines else ""
+    where = source_of(node)
+    return f"{where}: {code}" if where else code or "unknown source"
 
 
 def _target_name(target) -> str:
