@@ -64,8 +64,12 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
         raise DeepseekError(f"precision={precision!r} is not implemented yet in this version; "
                             "use precision='fp32'")
     if isinstance(model, (str, os.PathLike)):
-        raise DeepseekError(f"compiling a file ({model}) needs the ONNX importer, which this version "
-                            "does not have yet; pass an nn.Module")
+        if not str(model).endswith(".onnx"):
+            raise DeepseekError(f"cannot compile {model}: give an nn.Module, a Graph or a .onnx file "
+                                "(a .dsk file is loaded with ds.load)")
+        from deepseek.frontend.onnx_import import import_onnx
+
+        model = import_onnx(str(model), dynamic_dims=dynamic_dims)
     if isinstance(model, Graph):
         graph = model
         example = None

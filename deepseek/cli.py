@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -186,15 +187,20 @@ def cmd_bench(a) -> int:
     return _compare(model, engine, a.model, a.batch, a.iters)
 
 
+# Sub-commands that live with their part of the system: each module has
+# ``register(command)`` where ``command(name, fn, help, example) -> subparser``.
+EXTENSION_MODULES = ("deepseek.serving.cli", "deepseek.quantization.cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepseek", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log what the compiler does")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name, fn, help_):
+    def command(name, fn, help_, example=None):
         s = sub.add_parser(name, help=help_, description=help_,
-                           epilog=f"example:\n  {EXAMPLES_TEXT[name]}",
+                           epilog=f"example:\n  {example or EXAMPLES_TEXT[name]}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.set_defaults(fn=fn)
         return s
@@ -234,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto")
     s.add_argument("--opt-level", type=int, default=2)
     s.add_argument("--dim", action="append", help="NAME=SIZE for a symbolic dim (.dsk)")
+    for module in EXTENSION_MODULES:
+        package = module.rpartition(".")[0]
+        if importlib.util.find_spec(package) and importlib.util.find_spec(module):
+            importlib.import_module(module).register(command)
     return p
 
 

@@ -152,6 +152,12 @@ class Engine:
 
         save_artifact(path, self.graph, self._report)
 
+    def export_onnx(self, path: str, opset: int | None = None) -> None:
+        """Write the engine's graph as an ONNX model (checked by onnx.checker)."""
+        from deepseek.frontend.onnx_export import export_onnx
+
+        export_onnx(self.graph, path, opset=opset)
+
     def __repr__(self) -> str:
         return (f"Engine(backend={self.backend.name!r}, nodes={len(self.graph.nodes)}, "
                 f"inputs={[str(v.spec) for v in self.graph.inputs]})")
