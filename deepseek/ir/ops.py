@@ -35,6 +35,7 @@ class Prop(enum.Flag):
     CREATION = enum.auto()  # no tensor inputs; takes a device
     RANDOM = enum.auto()  # not deterministic: never fold or deduplicate
     MATMUL = enum.auto()  # GEMM / convolution class: compute-bound
+    QUANT = enum.auto()  # quantize / dequantize
 
 
 EW1 = Prop.ELEMENTWISE | Prop.UNARY
@@ -143,11 +144,28 @@ _TABLE: list[tuple[str, Prop]] = [
     ("rand.default", NEW | Prop.RANDOM), ("randn.default", NEW | Prop.RANDOM),
     ("bernoulli.p", Prop.RANDOM), ("native_dropout.default", Prop.RANDOM),
     ("rand_like.default", Prop.RANDOM), ("randn_like.default", Prop.RANDOM),
+    # quantize / dequantize (QDQ): what compression leaves and lowering turns into int8 kernels
+    *[(f"quantized_decomposed::{n}", Prop.ELEMENTWISE | Prop.QUANT) for n in (
+        "quantize_per_tensor.default", "dequantize_per_tensor.default",
+        "quantize_per_tensor.tensor", "dequantize_per_tensor.tensor",
+        "quantize_per_channel.default", "dequantize_per_channel.default",
+    )],
+    *[(f"quantized_decomposed::{n}", Prop.QUANT) for n in (
+        "quantize_per_channel_group.default", "dequantize_per_channel_group.default",
+        "quantize_per_token.default", "dequantize_per_token.default",
+    )],
 ]
 
 
+def _split(name: str) -> tuple[str, str, str]:
+    """("aten" | namespace, packet, overload) of a table name."""
+    namespace, _, rest = name.rpartition("::")
+    base, _, ov = rest.partition(".")
+    return namespace or "aten", base, ov
+
+
 def _member_name(overload_name: str) -> str:
-    base, _, ov = overload_name.partition(".")
+    _, base, ov = _split(overload_name)
     name = base if ov == "default" else f"{base}_{ov}"
     return name.lstrip("_").upper()
 
@@ -235,10 +253,12 @@ def _n_outputs(schema) -> int:
 
 
 def _build_registry() -> dict:
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines quantized_decomposed ops)
+
     registry = {}
     for op in Op:
-        base, _, ov = op.value.partition(".")
-        packet = getattr(aten, base, None)
+        namespace, base, ov = _split(op.value)
+        packet = getattr(getattr(torch.ops, namespace), base, None)
         overload = getattr(packet, ov, None) if packet is not None else None
         if overload is None:
             log.debug("op %s is not in this torch build; skipped", op.value)
