@@ -17,7 +17,7 @@ from deepseek.ir.verify import verify
 from deepseek.passes import optimize_graph, pipeline, run_passes
 from deepseek.runtime.artifact import load_artifact
 from deepseek.runtime.engine import Engine, Report
-from deepseek.runtime.plan import bytes_moved, peak_live_bytes
+from deepseek.runtime.plan import bytes_moved, plan_memory
 from deepseek.runtime.structure import flatten_inputs
 
 log = logging.getLogger(__name__)
@@ -89,17 +89,18 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
 
 def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, example) -> Engine:
     env = _example_env(graph, example)
-    nodes_before = len(graph.nodes)
     concrete = not graph.inputs or env or all(v.spec.is_static for v in graph.inputs)
-    unopt_bytes = bytes_moved(graph, env) if concrete else None
-    unopt_peak = peak_live_bytes(graph, env) if concrete else None
     optimized, records = run_passes(_copy_graph(graph), pipeline(opt_level), disable_passes)
     report = Report(passes=[r.to_dict() for r in records], backend="", opt_level=opt_level,
-                    nodes={"unoptimized": nodes_before, "optimized": len(optimized.nodes)})
-    if concrete:
-        report.bytes_moved = {"unoptimized": unopt_bytes, "optimized": bytes_moved(optimized, env)}
-        report.peak_memory_bytes = {"unoptimized": unopt_peak,
-                                    "optimized": peak_live_bytes(optimized, env)}
+                    nodes={"unoptimized": len(graph.nodes), "optimized": len(optimized.nodes)})
+    if concrete:  # accounting needs sizes: the example's, for symbolic graphs
+        before, after = plan_memory(graph, env), plan_memory(optimized, env)
+        report.bytes_moved = {"unoptimized": bytes_moved(graph, env),
+                              "optimized": bytes_moved(optimized, env)}
+        report.peak_memory_bytes = {"unoptimized": before.peak_live_bytes,
+                                    "optimized": after.peak_live_bytes}
+        report.arena_bytes = after.arena_bytes
+        report.memory = {"unoptimized": before.to_dict(), "optimized": after.to_dict()}
     b = get_backend(backend)
     report.backend = b.name
     return Engine(optimized, b, report)

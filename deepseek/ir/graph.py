@@ -46,6 +46,7 @@ class Node:
     outputs: list[Value]
     source: str = ""  # "file.py:123 (module.path)" the node came from
     fallback: str | None = None
+    reuse: int | None = None  # index of an input whose buffer the output may take (in-place)
 
     @property
     def opdef(self) -> OpDef:

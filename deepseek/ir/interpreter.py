@@ -91,7 +91,7 @@ def run_graph(graph: Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor
         args = [values[x] if isinstance(x, Value) else x for x in node.inputs]
         for o, t in zip(node.outputs, run_node(node, args, env)):
             values[o] = t
-        for v in node.input_values():
+        for v in set(node.input_values()):  # a value read twice by one node is freed once
             if last.get(v) == i and v not in graph.inputs and v.name not in graph.const_values:
                 del values[v]
     return [values[v] for v in graph.outputs]

@@ -32,6 +32,8 @@ def format_node(node) -> str:
     line = f"  {outs} = {node.kind}({', '.join(args)})  # {types}"
     if node.fallback is not None:
         line += "  [fallback]"
+    if node.reuse is not None:
+        line += f"  [in-place: input {node.reuse}]"
     return line
 
 

@@ -1,4 +1,4 @@
-"""Clean-up passes: constant folding and dead-code elimination."""
+"""Clean-up passes: constant folding, dead-code elimination, algebraic simplification."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from deepseek.ir.graph import Graph, Value
 from deepseek.ir.interpreter import run_node
-from deepseek.ir.ops import Prop
+from deepseek.ir.ops import Op, Prop
 from deepseek.ir.types import has_sym
 
 # Folding may grow a constant (expand, full) by at most this much.
@@ -59,3 +59,65 @@ def eliminate_dead_code(graph: Graph) -> Graph:
     graph.nodes = kept[::-1]
     graph.remove_unused_constants()
     return graph
+
+
+_IDENTITY_OPS = {Op.CLONE, Op.ALIAS, Op.DETACH, Op.LIFT_FRESH_COPY, Op.CONTIGUOUS}
+_VIEW_OPS = {Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE}
+_NEUTRAL = {  # op -> (position of the neutral operand, its value)
+    Op.MUL_TENSOR: 1, Op.MUL_SCALAR: 1, Op.DIV_TENSOR: 1, Op.DIV_SCALAR: 1,
+    Op.ADD_TENSOR: 0, Op.ADD_SCALAR: 0, Op.SUB_TENSOR: 0, Op.SUB_SCALAR: 0,
+}
+_INT_MAX = 2**63 - 1
+
+
+def _replacement(graph: Graph, node, producers) -> Value | None:
+    """The value ``node`` can be replaced by, or None (see simplify_algebra)."""
+    op, ins, attrs, out = node.op, node.inputs, node.attrs, node.outputs[0] if node.outputs else None
+    x = ins[0] if ins and isinstance(ins[0], Value) else None
+    if x is None or node.fallback is not None or len(node.outputs) != 1 or x.spec != out.spec:
+        return None  # every rewrite below keeps shape and dtype exactly
+    if op in _IDENTITY_OPS and not attrs.get("memory_format"):
+        return x
+    if op is Op.TO_COPY and set(attrs) <= {"dtype"}:
+        return x
+    if op in _NEUTRAL and len(ins) > 1 and not isinstance(ins[1], Value) \
+            and ins[1] == _NEUTRAL[op] and attrs.get("alpha", 1) == 1:
+        return x
+    if op in _VIEW_OPS or op is Op.EXPAND:
+        return x  # to its own shape
+    if op is Op.PERMUTE and list(attrs["dims"]) == list(range(x.spec.rank)):
+        return x
+    if op is Op.SLICE_TENSOR and attrs.get("step", 1) == 1:
+        return x  # same shape as its input: the full range
+    return None
+
+
+def simplify_algebra(graph: Graph) -> Graph:
+    """Remove ops that compute their input and collapse chains of layout ops.
+
+    * ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0`` (no broadcast, no dtype change) -> ``x``
+    * clone / alias / detach / same-dtype cast / view, expand or slice to the
+      same shape / identity permute -> ``x``
+    * ``view(view(x))`` -> ``view(x)``; ``permute(permute(x, p), q)`` -> one permute
+    """
+    producers = graph.producers()
+    kept = []
+    for node in graph.nodes:
+        new = _replacement(graph, node, producers)
+        if new is not None:
+            graph.replace_all_uses(node.outputs[0], new)
+            continue
+        src = producers.get(node.inputs[0]) if node.inputs and isinstance(node.inputs[0], Value) \
+            else None
+        if src is not None and node.op in _VIEW_OPS and src.op in _VIEW_OPS:
+            node.inputs[0] = src.inputs[0]  # view of a view: reshape the original
+        elif src is not None and node.op is Op.PERMUTE and src.op is Op.PERMUTE:
+            inner, outer = src.attrs["dims"], node.attrs["dims"]
+            node.inputs[0] = src.inputs[0]
+            node.attrs = {**node.attrs, "dims": [inner[d] for d in outer]}
+            if node.attrs["dims"] == list(range(len(outer))):
+                graph.replace_all_uses(node.outputs[0], src.inputs[0])
+                continue
+        kept.append(node)
+    graph.nodes = kept
+    return eliminate_dead_code(graph)

@@ -77,6 +77,7 @@ def graph_to_json(graph: Graph, report: dict | None = None) -> dict:
             "attrs": {k: _enc_attr(a) for k, a in n.attrs.items()},
             "outputs": [{"name": o.name, "spec": _enc_spec(o.spec)} for o in n.outputs],
             "source": n.source,
+            "reuse": n.reuse,
         } for n in graph.nodes],
         "outputs": [v.name for v in graph.outputs],
         "in_structure": graph.in_structure,
@@ -177,6 +178,11 @@ def graph_from_json(doc: Any, tensors: dict[str, torch.Tensor]) -> tuple[Graph, 
         node = Node(op, inputs, {str(k): _dec_attr(a) for k, a in attrs.items()},
                     [new_value(o) for o in e.get("outputs", [])], str(e.get("source", "")),
                     fallback if fallback is None else str(fallback))
+        reuse = e.get("reuse")
+        if reuse is not None and not (isinstance(reuse, int) and 0 <= reuse < len(inputs)
+                                      and isinstance(inputs[reuse], Value)):
+            raise ArtifactError(f"node %{node.name}: bad in-place input index {reuse!r}")
+        node.reuse = reuse
         g.nodes.append(node)
     for name in doc.get("outputs", []):
         if name not in values:
@@ -192,7 +198,7 @@ def graph_from_json(doc: Any, tensors: dict[str, torch.Tensor]) -> tuple[Graph, 
 # the report's fields and their JSON types; anything else in a file is rejected
 _REPORT_TYPES = {"passes": list, "partitions": list, "fallback_nodes": list, "bytes_moved": dict,
                  "peak_memory_bytes": dict, "arena_bytes": (int, type(None)), "nodes": dict,
-                 "backend": str, "opt_level": int}
+                 "backend": str, "opt_level": int, "memory": dict}
 
 
 def _check_report(report: Any) -> dict:

@@ -38,6 +38,7 @@ class Report:
     bytes_moved: dict[str, int] = field(default_factory=dict)
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
     arena_bytes: int | None = None
+    memory: dict[str, dict] = field(default_factory=dict)  # planner figures per graph version
     nodes: dict[str, int] = field(default_factory=dict)
     backend: str = ""
     opt_level: int = 2
@@ -56,7 +57,13 @@ class Report:
         for k in ("bytes_moved", "peak_memory_bytes"):
             d = getattr(self, k)
             if d:
-                lines.append(f"  {k}: {d['unoptimized'] / 1e6:.2f} MB -> {d['optimized'] / 1e6:.2f} MB")
+                change = 1 - d["optimized"] / d["unoptimized"] if d["unoptimized"] else 0.0
+                lines.append(f"  {k}: {d['unoptimized'] / 1e6:.2f} MB -> {d['optimized'] / 1e6:.2f} MB"
+                             f" ({change:.0%} less)")
+        if self.arena_bytes is not None and self.memory:
+            total = self.memory["optimized"]["total_bytes"]
+            lines.append(f"  arena_bytes: {self.arena_bytes / 1e6:.2f} MB for {total / 1e6:.2f} MB of "
+                         "intermediate tensors")
         if self.fallback_nodes:
             lines.append(f"  {len(self.fallback_nodes)} node(s) run through PyTorch (fallback):")
             lines += [f"    %{f['name']} {f['op']} at {f['source']}" for f in self.fallback_nodes]

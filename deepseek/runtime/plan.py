@@ -1,62 +1,90 @@
-"""Memory and traffic accounting of a graph for concrete shapes.
+"""The memory planner and the traffic accounting of a graph, for concrete shapes.
 
 ``bytes_moved``: every kernel reads each input once and writes each output
-once (views move nothing). ``peak_live_bytes``: the largest sum of live
-intermediate buffers when nodes run in order and each buffer is freed after
-the last use of any value that views it (graph inputs and weights excluded).
+once (views move nothing). ``plan_memory``: one arena for all intermediate
+buffers (views share their base's buffer; in-place ops share their input's).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Mapping
 
-from deepseek.ir.graph import Graph, Node
+from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Prop
+from deepseek.passes.memory import storage_last_use, storage_of
 
 
 def _is_view(n: Node) -> bool:
     return n.fallback is None and n.opdef.has(Prop.VIEW)
 
 
+def node_bytes(node: Node, env: Mapping[str, int]) -> int:
+    """Bytes one node's kernel reads plus writes (each input and output once; views 0)."""
+    if _is_view(node):
+        return 0
+    return (sum(v.spec.nbytes(env) for v in node.input_values())
+            + sum(o.spec.nbytes(env) for o in node.outputs))
+
+
 def bytes_moved(graph: Graph, env: Mapping[str, int]) -> int:
-    total = 0
-    for n in graph.nodes:
-        if not _is_view(n):
-            total += sum(v.spec.nbytes(env) for v in n.input_values())
-            total += sum(o.spec.nbytes(env) for o in n.outputs)
-    return total
+    return sum(node_bytes(n, env) for n in graph.nodes)
 
 
-def peak_live_bytes(graph: Graph, env: Mapping[str, int]) -> int:
-    root: dict[int, int] = {}  # value id -> id of the buffer-owning value, or -1
-    size: dict[int, int] = {}
-    for v in graph.inputs + list(graph.const_values.values()):
-        root[id(v)] = -1
-    for n in graph.nodes:
-        first = n.input_values()[0] if n.input_values() else None
+@dataclass
+class MemoryPlan:
+    """Offsets of every intermediate buffer in one arena (bytes)."""
+
+    offsets: dict[str, int] = field(default_factory=dict)  # owning value name -> offset
+    sizes: dict[str, int] = field(default_factory=dict)
+    arena_bytes: int = 0
+    total_bytes: int = 0  # sum of all intermediate buffers (no reuse at all)
+    peak_live_bytes: int = 0  # the lower bound any arena must reach
+
+    def to_dict(self) -> dict:
+        return {"arena_bytes": self.arena_bytes, "total_bytes": self.total_bytes,
+                "peak_live_bytes": self.peak_live_bytes, "buffers": len(self.offsets)}
+
+
+_ALIGN = 64
+
+
+def plan_memory(graph: Graph, env: Mapping[str, int]) -> MemoryPlan:
+    """Place every intermediate storage in one arena: greedy best fit by size.
+
+    Buffers are taken largest first; each goes at the lowest offset where it
+    overlaps no already-placed buffer whose lifetime overlaps its own (64-byte
+    aligned). ``arena_bytes`` is then the arena's size, ``peak_live_bytes``
+    the most bytes live at once (a lower bound), ``total_bytes`` what one
+    buffer per tensor would take.
+    """
+    root = storage_of(graph)
+    last = storage_last_use(graph, root)
+    first: dict[int, int] = {}
+    owner: dict[int, Value] = {}
+    for i, n in enumerate(graph.nodes):
         for o in n.outputs:
-            if _is_view(n) and first is not None:
-                root[id(o)] = root[id(first)]
-            else:
-                root[id(o)] = id(o)
-                size[id(o)] = o.spec.nbytes(env)
-    end = len(graph.nodes)
-    last: dict[int, int] = {r: i for i, n in enumerate(graph.nodes) for r in map(id, n.outputs)
-                            if r in size}
-    for i, n in enumerate(graph.nodes):
-        for v in n.input_values():
-            r = root[id(v)]
-            if r != -1:
-                last[r] = max(last[r], i)
-    for v in graph.outputs:
-        if root.get(id(v), -1) != -1:
-            last[root[id(v)]] = end
-    freed_at: dict[int, int] = {}
-    for r, s in size.items():
-        freed_at[last[r]] = freed_at.get(last[r], 0) + s
-    live = peak = 0
-    for i, n in enumerate(graph.nodes):
-        live += sum(size.get(id(o), 0) for o in n.outputs)
-        peak = max(peak, live)
-        live -= freed_at.get(i, 0)
-    return peak
+            if root[id(o)] == id(o):
+                first[id(o)] = i
+                owner[id(o)] = o
+    sizes = {r: -(-owner[r].spec.nbytes(env) // _ALIGN) * _ALIGN for r in first}
+    placed: list[tuple[int, int, int, int]] = []  # (offset, size, start, end)
+    plan = MemoryPlan(total_bytes=sum(sizes.values()))
+    for r in sorted(first, key=lambda r: (-sizes[r], first[r])):
+        start, end, size = first[r], last[r], sizes[r]
+        conflicts = sorted((o, o + s) for o, s, a, b in placed if a <= end and start <= b)
+        offset = 0
+        for lo, hi in conflicts:  # first gap that fits, scanning upward
+            if offset + size <= lo:
+                break
+            offset = max(offset, hi)
+        placed.append((offset, size, start, end))
+        plan.offsets[owner[r].name] = offset
+        plan.sizes[owner[r].name] = size
+        plan.arena_bytes = max(plan.arena_bytes, offset + size)
+    live = [0] * (len(graph.nodes) + 1)
+    for r in first:
+        for i in range(first[r], min(last[r], len(graph.nodes)) + 1):
+            live[i] += sizes[r]
+    plan.peak_live_bytes = max(live, default=0)
+    return plan

@@ -29,6 +29,11 @@ class CPUExecutable:
             plan = self.plans[key] = generate_plan(self.graph, env, "cpu")
         return plan
 
+    def instrumented(self, hook) -> "CPUExecutable":
+        """A twin running this executable's plans (same kernels and weights) that calls
+        ``hook(i)`` just before node i and ``hook(len(graph.nodes))`` at the end."""
+        return _InstrumentedExecutable(self, hook)
+
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
@@ -38,6 +43,21 @@ class CPUExecutable:
             return self.plan_for(inputs)(inputs)
         finally:
             torch.set_grad_enabled(prev)
+
+
+class _InstrumentedExecutable(CPUExecutable):
+    """The profiler's view of a CPUExecutable: each plan gets a ``hook(i)`` per node."""
+
+    def __init__(self, base: CPUExecutable, hook):
+        super().__init__(base.graph, base.threads)
+        self.base, self.hook = base, hook
+
+    def plan_for(self, inputs: Sequence[torch.Tensor]):
+        key = tuple(tuple(t.shape) for t in inputs)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = self.base.plan_for(inputs).instrumented(self.hook)
+        return plan
 
 
 class CPUBackend(Backend):

@@ -95,30 +95,11 @@ class _Emitter:
         for n in graph.nodes:
             for v in n.input_values():
                 self.uses[id(v)] += 1
-        self._storage_roots()
         self.users: dict[int, list[Node]] = {}
         for n in graph.nodes:
             for v in n.input_values():
                 self.users.setdefault(id(v), []).append(n)
         self.fused_into: dict[int, str] = {}  # post-op node id -> name of the fused result
-
-    def _storage_roots(self) -> None:
-        """Which values share storage (views), and the last node using each storage."""
-        g = self.graph
-        self.root: dict[int, int] = {}
-        for v in g.inputs + list(g.const_values.values()):
-            self.root[id(v)] = -1  # never written in place
-        for n in g.nodes:
-            first = n.input_values()[0] if n.input_values() else None
-            aliasing = n.opdef.has(Prop.VIEW) or n.fallback is not None
-            for o in n.outputs:
-                self.root[id(o)] = self.root[id(first)] if aliasing and first is not None else id(o)
-        self.root_last: dict[int, int] = {}
-        for i, n in enumerate(g.nodes):
-            for v in n.input_values():
-                self.root_last[self.root[id(v)]] = i
-        for v in g.outputs:
-            self.root_last[self.root[id(v)]] = len(g.nodes)
 
     def name(self, x) -> str:
         if isinstance(x, Value):
@@ -137,12 +118,6 @@ class _Emitter:
         name = f"{hint}{len(self.globals)}"
         self.globals[name] = obj
         return name
-
-    def can_overwrite(self, v, index: int, out: Value) -> bool:
-        r = self.root.get(id(v), -1) if isinstance(v, Value) else -1
-        return (r != -1 and r == id(v) and self.root_last.get(r) == index and self.uses[id(v)] == 1
-                and v.spec.concrete(self.env) == out.spec.concrete(self.env)
-                and v.spec.dtype == out.spec.dtype)
 
     def emit(self, index: int, node: Node) -> None:
         outs = node.outputs
@@ -169,14 +144,13 @@ class _Emitter:
         """A faster call for common ops, or None for the generic ATen call."""
         op, out = node.op, node.outputs[0]
         n = self.name
-        if op in _INPLACE_UNARY and self.can_overwrite(ins[0], index, out):
+        k = node.reuse  # set by schedule_inplace_ops: input k's buffer dies here
+        if k == 0 and op in _INPLACE_UNARY:
             return f"{_INPLACE_UNARY[op]}({n(ins[0])})"
-        if op in _INPLACE_BINARY and not attrs.get("alpha", 1) != 1:
+        if k is not None and op in _INPLACE_BINARY and attrs.get("alpha", 1) == 1:
             method, commutative = _INPLACE_BINARY[op]
-            if self.can_overwrite(ins[0], index, out):
-                return f"{n(ins[0])}.{method}({n(ins[1])})"
-            if commutative and isinstance(ins[1], Value) and self.can_overwrite(ins[1], index, out):
-                return f"{n(ins[1])}.{method}({n(ins[0])})"
+            if k == 0 or commutative:
+                return f"{n(ins[k])}.{method}({n(ins[1 - k])})"
         if op is Op.CONVOLUTION and _ONEDNN:
             fused = self.onednn_conv(node, ins, attrs)
             if fused is not None:
@@ -253,23 +227,52 @@ class _Emitter:
         for v, i in last.items():
             if i < len(g.nodes) and v not in g.inputs and not g.is_constant(v):
                 dying.setdefault(i, []).append(self.names[id(v)])
+        starts = []  # index in self.lines of each node's statement, then of the return
         for i, node in enumerate(g.nodes):
+            starts.append(len(self.lines))
             self.emit(i, node)
             for o in node.outputs:  # outputs nobody reads die at once
                 if id(o) not in self.uses and o not in g.outputs:
                     dying.setdefault(i, []).append(self.names[id(o)])
             if dying.get(i):
                 self.lines.append(f"    del {', '.join(dying[i])}")
+        starts.append(len(self.lines))
         # outputs leave in PyTorch's default layout, whatever layout was used inside
         self.lines.append(f"    return [{', '.join(self.names[id(v)] + '.contiguous()' for v in g.outputs)}]")
-        source = "\n".join(self.lines) + "\n"
-        namespace = dict(self.globals)
-        exec(compile(source, "<deepseek-cpu-plan>", "exec"), namespace)  # our own generated code
-        fn = namespace["plan"]
-        fn.source = source
-        return fn
+        fused = frozenset(i for i, n in enumerate(g.nodes) if id(n) in self.fused_into)
+        return _build(self.lines, self.globals, starts, fused, None)
 
 
-def generate_plan(graph: Graph, env: Mapping[str, int], device: str = "cpu") -> Callable:
-    """Compile ``graph`` for the symbol bindings ``env`` into ``plan(inputs) -> outputs``."""
-    return _Emitter(graph, env, device).generate()
+def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset,
+           hook: Callable[[int], object] | None) -> Callable:
+    """Exec the plan's source; with ``hook``, a ``_hook(i)`` line goes before node i's
+    statement (its ``del`` line stays with it) and ``_hook(len(nodes))`` before the return."""
+    if hook is not None:
+        lines = list(lines)
+        for i in reversed(range(len(starts))):
+            lines.insert(starts[i], f"    _hook({i})")
+    source = "\n".join(lines) + "\n"
+    namespace = dict(globals_)
+    if hook is not None:
+        namespace["_hook"] = hook
+    name = "<deepseek-cpu-plan>" if hook is None else "<deepseek-cpu-plan-instrumented>"
+    exec(compile(source, name, "exec"), namespace)  # our own generated code
+    fn = namespace["plan"]
+    fn.source = source
+    fn.fused_nodes = fused  # indices of nodes computed by their producer's kernel (post-ops)
+    if hook is None:  # the twin shares this plan's kernels, packed weights and choices
+        fn.instrumented = lambda h: _build(lines, globals_, starts, fused, h)
+    return fn
+
+
+def generate_plan(graph: Graph, env: Mapping[str, int], device: str = "cpu",
+                  instrument: Callable[[int], object] | None = None) -> Callable:
+    """Compile ``graph`` for the symbol bindings ``env`` into ``plan(inputs) -> outputs``.
+
+    With ``instrument``, the plan calls ``instrument(i)`` just before node i and
+    ``instrument(len(graph.nodes))`` after the last (the profiler's clock); without
+    it the code is exactly the plain plan. ``plan.instrumented(hook)`` makes such a
+    twin of a plan that already exists, with the same kernels and packed weights.
+    """
+    plan = _Emitter(graph, env, device).generate()
+    return plan if instrument is None else plan.instrumented(instrument)

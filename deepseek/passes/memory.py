@@ -1,0 +1,75 @@
+"""Memory passes: storage and liveness analysis, in-place scheduling.
+
+Buffers are tracked by *storage*: a view shares its base's storage, and a
+node that reuses an input's buffer (``node.reuse``) writes into that
+storage. A storage is live from the node that creates it to the last node
+reading any value stored in it; graph inputs and constants are never
+written and never planned.
+"""
+
+from __future__ import annotations
+
+from deepseek.ir.graph import Graph, Node, Value
+from deepseek.ir.ops import Prop
+
+
+def _aliases_input(n: Node) -> bool:
+    return n.fallback is not None or n.opdef.has(Prop.VIEW)
+
+
+def storage_of(graph: Graph) -> dict[int, int]:
+    """value id -> id of the value owning its storage (-1: an input or constant)."""
+    root: dict[int, int] = {}
+    for v in graph.inputs + list(graph.const_values.values()):
+        root[id(v)] = -1
+    for n in graph.nodes:
+        first = n.input_values()[0] if n.input_values() else None
+        for i, o in enumerate(n.outputs):
+            if _aliases_input(n) and first is not None:
+                root[id(o)] = root[id(first)]
+            elif n.reuse is not None and i == 0:
+                root[id(o)] = root[id(n.inputs[n.reuse])]
+            else:
+                root[id(o)] = id(o)
+    return root
+
+
+def storage_last_use(graph: Graph, root: dict[int, int]) -> dict[int, int]:
+    """storage id -> index of the last node reading it (len(nodes) for graph outputs)."""
+    last: dict[int, int] = {}
+    for i, n in enumerate(graph.nodes):
+        for o in n.outputs:
+            last.setdefault(root[id(o)], i)
+        for v in n.input_values():
+            last[root[id(v)]] = i
+    for v in graph.outputs:
+        last[root[id(v)]] = len(graph.nodes)
+    return last
+
+
+def schedule_inplace_ops(graph: Graph) -> Graph:
+    """Let an element-wise op write into an input whose storage dies at that op.
+
+    Sets ``node.reuse = k`` when input k (not a graph input or constant, not
+    read by any later node through any view, same shape and dtype as the
+    output, read once by this node) can hold the result. Backends with
+    in-place kernels use it; the memory planner gives both one buffer.
+    """
+    for n in graph.nodes:
+        n.reuse = None
+    is_view = {id(o) for n in graph.nodes if _aliases_input(n) for o in n.outputs}
+    root = storage_of(graph)
+    last = storage_last_use(graph, root)
+    for i, n in enumerate(graph.nodes):
+        if n.fallback is not None or not n.opdef.has(Prop.ELEMENTWISE) or len(n.outputs) != 1:
+            continue
+        out = n.outputs[0]
+        for k, v in enumerate(n.inputs):
+            if (isinstance(v, Value) and root[id(v)] != -1 and id(v) not in is_view
+                    and last.get(root[id(v)]) == i and v.spec == out.spec
+                    and sum(x is v for x in n.inputs) == 1):
+                n.reuse = k
+                root = storage_of(graph)  # the output now lives in v's storage
+                last = storage_last_use(graph, root)
+                break
+    return graph

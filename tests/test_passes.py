@@ -1,0 +1,215 @@
+"""Graph passes: each rewrite on small graphs (structure + numbers), and random graphs."""
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import deepseek as ds
+from deepseek.ir.graph import Graph
+from deepseek.ir.interpreter import run_graph
+from deepseek.ir.ops import Op
+from deepseek.ir.types import TensorSpec
+from deepseek.passes import (eliminate_common_subexpr, eliminate_dead_code, fold_constants,
+                             fuse_conv_bn, schedule_inplace_ops, simplify_algebra)
+from deepseek.runtime.plan import plan_memory
+from tests.conftest import rel_l2
+
+F32 = torch.float32
+
+
+def spec(*shape):
+    return TensorSpec(tuple(shape), F32)
+
+
+def kinds(g):
+    return [n.kind for n in g.nodes]
+
+
+def check_same_outputs(before_fn, g, inputs, tol=1e-6):
+    ref = run_graph(before_fn(), inputs)
+    got = run_graph(g, inputs)
+    for a, b in zip(got, ref):
+        assert rel_l2(a, b) < tol
+
+
+def test_cse_merges_identical_nodes_but_not_random_ones():
+    def build():
+        g = Graph()
+        x = g.add_input("x", spec(4, 5))
+        a = g.add_node(Op.RELU, [x], {}, [spec(4, 5)], name="a").outputs[0]
+        b = g.add_node(Op.RELU, [x], {}, [spec(4, 5)], name="b").outputs[0]
+        r1 = g.add_node(Op.RAND_LIKE, [x], {}, [spec(4, 5)], name="r1").outputs[0]
+        r2 = g.add_node(Op.RAND_LIKE, [x], {}, [spec(4, 5)], name="r2").outputs[0]
+        s = g.add_node(Op.ADD_TENSOR, [a, b], {}, [spec(4, 5)], name="s").outputs[0]
+        t = g.add_node(Op.SUB_TENSOR, [r1, r2], {}, [spec(4, 5)], name="t").outputs[0]
+        g.outputs = [s, t]
+        return g
+
+    g = eliminate_common_subexpr(build())
+    assert kinds(g) == ["relu", "rand_like", "rand_like", "add.Tensor", "sub.Tensor"]
+    add = g.nodes[3]
+    assert add.inputs[0] is add.inputs[1]  # both read the surviving relu
+    x = torch.randn(4, 5)
+    assert torch.equal(run_graph(g, [x])[0], 2 * torch.relu(x))
+    assert run_graph(g, [x])[1].abs().sum() > 0  # two different random tensors
+
+
+def test_simplify_algebra_removes_identities_and_collapses_chains():
+    def build():
+        g = Graph()
+        x = g.add_input("x", spec(2, 3, 4))
+        a = g.add_node(Op.MUL_TENSOR, [x, 1], {}, [spec(2, 3, 4)], name="a").outputs[0]
+        b = g.add_node(Op.ADD_TENSOR, [a, 0], {}, [spec(2, 3, 4)], name="b").outputs[0]
+        c = g.add_node(Op.CLONE, [b], {}, [spec(2, 3, 4)], name="c").outputs[0]
+        p1 = g.add_node(Op.PERMUTE, [c], {"dims": [2, 0, 1]}, [spec(4, 2, 3)], name="p1").outputs[0]
+        p2 = g.add_node(Op.PERMUTE, [p1], {"dims": [1, 2, 0]}, [spec(2, 3, 4)], name="p2").outputs[0]
+        v1 = g.add_node(Op.VIEW, [p2], {"size": [6, 4]}, [spec(6, 4)], name="v1").outputs[0]
+        v2 = g.add_node(Op.VIEW, [v1], {"size": [24]}, [spec(24)], name="v2").outputs[0]
+        out = g.add_node(Op.EXP, [v2], {}, [spec(24)], name="out").outputs[0]
+        g.outputs = [out]
+        return g
+
+    g = simplify_algebra(build())
+    assert kinds(g) == ["view", "exp"]
+    assert g.nodes[0].inputs[0] is g.inputs[0]
+    x = torch.randn(2, 3, 4)
+    check_same_outputs(build, g, [x])
+
+
+def test_simplify_keeps_broadcasting_and_casting_identities():
+    g = Graph()
+    x = g.add_input("x", spec(3, 1))
+    y = g.add_node(Op.ADD_TENSOR, [x, 0], {}, [spec(3, 1)], name="y").outputs[0]
+    z = g.add_node(Op.EXPAND, [y], {"size": [3, 4]}, [spec(3, 4)], name="z").outputs[0]
+    w = g.add_node(Op.TO_COPY, [z], {"dtype": torch.float64},
+                   [TensorSpec((3, 4), torch.float64)], name="w").outputs[0]
+    g.outputs = [w]
+    g = simplify_algebra(g)
+    assert kinds(g) == ["expand", "_to_copy"]
+
+
+def test_fold_constants_and_dce():
+    g = Graph()
+    x = g.add_input("x", spec(3, 4))
+    w = g.add_constant("w", torch.randn(4, 3))
+    wt = g.add_node(Op.PERMUTE, [w], {"dims": [1, 0]}, [spec(3, 4)], name="wt").outputs[0]
+    dead = g.add_node(Op.EXP, [x], {}, [spec(3, 4)], name="dead").outputs[0]
+    out = g.add_node(Op.MUL_TENSOR, [x, wt], {}, [spec(3, 4)], name="out").outputs[0]
+    g.outputs = [out]
+    x_val = torch.randn(3, 4)
+    ref = x_val * g.constants["w"].t()
+    g = eliminate_dead_code(fold_constants(g))
+    assert kinds(g) == ["mul.Tensor"] and dead is not None
+    assert g.nodes[0].inputs[1] is not wt and g.is_constant(g.nodes[0].inputs[1])
+    assert "w" not in g.constants  # the unfolded weight is gone
+    assert torch.allclose(run_graph(g, [x_val])[0], ref)
+
+
+def test_fuse_conv_bn_matches_and_removes_bn():
+    conv_bn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
+    conv_bn[1].running_mean.uniform_(-1, 1)
+    conv_bn[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 10, 10)
+    g = ds.capture(conv_bn, (x,))
+    fused = eliminate_dead_code(fuse_conv_bn(ds.capture(conv_bn, (x,))))
+    assert "_native_batch_norm_legit_no_training" in kinds(g)
+    assert kinds(fused) == ["convolution"]
+    x2 = torch.randn(2, 3, 10, 10)
+    assert rel_l2(run_graph(fused, [x2])[0], conv_bn(x2)) < 1e-5
+
+
+def test_schedule_inplace_respects_views_and_outputs():
+    g = Graph()
+    x = g.add_input("x", spec(4, 4))
+    a = g.add_node(Op.EXP, [x], {}, [spec(4, 4)], name="a").outputs[0]       # new buffer
+    t = g.add_node(Op.PERMUTE, [a], {"dims": [1, 0]}, [spec(4, 4)], name="t").outputs[0]
+    b = g.add_node(Op.RELU, [a], {}, [spec(4, 4)], name="b").outputs[0]      # a's view t lives on
+    c = g.add_node(Op.ADD_TENSOR, [b, t], {}, [spec(4, 4)], name="c").outputs[0]  # b dies here
+    d = g.add_node(Op.NEG, [c], {}, [spec(4, 4)], name="d").outputs[0]      # c dies here
+    g.outputs = [d, x]
+    g = schedule_inplace_ops(g)
+    reuse = {n.name: n.reuse for n in g.nodes}
+    assert reuse == {"a": None, "t": None, "b": None, "c": 0, "d": 0}
+    xv = torch.randn(4, 4)
+    engine = ds.compile(g, backend="cpu")
+    out, same_x = engine(xv)
+    ea = xv.exp()
+    assert torch.allclose(out, -(ea.relu() + ea.t()))
+    assert torch.equal(same_x, xv)
+
+
+def test_memory_plan_reuses_dead_buffers():
+    g = Graph()
+    x = g.add_input("x", spec(256))
+    v = x
+    for i in range(6):  # a chain: at most two buffers live at once
+        v = g.add_node(Op.EXP if i % 2 else Op.SIN, [v], {}, [spec(256)], name=f"n{i}").outputs[0]
+    g.outputs = [v]
+    plan = plan_memory(g, {})
+    assert plan.total_bytes == 6 * 1024
+    assert plan.arena_bytes == plan.peak_live_bytes == 2 * 1024
+    # buffers that are live together never overlap
+    offsets = sorted((plan.offsets[n.name], n.name) for n in g.nodes)
+    assert len({o for o, _ in offsets}) == 2
+
+
+def test_report_carries_memory_keys():
+    from deepseek.examples import mnist_cnn
+
+    model, inputs = mnist_cnn(2)
+    rep = ds.compile(model, inputs, backend="cpu").report().to_dict()
+    assert rep["arena_bytes"] >= rep["peak_memory_bytes"]["optimized"] > 0
+    assert rep["memory"]["optimized"]["total_bytes"] >= rep["arena_bytes"]
+
+
+# --- random graphs: passes preserve outputs ------------------------------------------------
+UNARY = [Op.RELU, Op.EXP, Op.NEG, Op.SIGMOID, Op.TANH, Op.SIN]
+BINARY = [Op.ADD_TENSOR, Op.MUL_TENSOR, Op.SUB_TENSOR, Op.MAXIMUM]
+
+
+@st.composite
+def random_graphs(draw):
+    g = Graph()
+    shape = (draw(st.integers(1, 4)), draw(st.integers(1, 5)))
+    values = [g.add_input(f"x{i}", spec(*shape)) for i in range(2)]
+    values.append(g.add_constant("c", torch.randn(shape)))
+    for i in range(draw(st.integers(1, 12))):
+        kind = draw(st.sampled_from(["unary", "binary", "identity", "scalar"]))
+        a = draw(st.sampled_from(values))
+        if kind == "unary":
+            node = g.add_node(draw(st.sampled_from(UNARY)), [a], {}, [spec(*shape)], name=f"n{i}")
+        elif kind == "binary":
+            b = draw(st.sampled_from(values))
+            node = g.add_node(draw(st.sampled_from(BINARY)), [a, b], {}, [spec(*shape)], name=f"n{i}")
+        elif kind == "identity":
+            node = g.add_node(Op.MUL_TENSOR, [a, 1], {}, [spec(*shape)], name=f"n{i}")
+        else:
+            node = g.add_node(Op.ADD_TENSOR, [a, draw(st.sampled_from([0, 0.5]))], {},
+                              [spec(*shape)], name=f"n{i}")
+        values.append(node.outputs[0])
+    g.outputs = draw(st.lists(st.sampled_from(values[3:] or values), min_size=1, max_size=3))
+    return g, shape
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_graphs(), st.sampled_from(["cse", "dce", "fold", "simplify", "all"]))
+def test_passes_preserve_outputs_on_random_graphs(case, which):
+    from deepseek.api import _copy_graph
+    from deepseek.passes import PIPELINES, run_passes
+
+    g, shape = case
+    xs = [torch.randn(shape), torch.randn(shape)]
+    ref = run_graph(g, xs)
+    passes = {"cse": [eliminate_common_subexpr], "dce": [eliminate_dead_code],
+              "fold": [fold_constants], "simplify": [simplify_algebra], "all": PIPELINES[2]}[which]
+    out, _ = run_passes(_copy_graph(g), passes)
+    from deepseek.ir.verify import verify
+
+    verify(out)
+    for a, b in zip(run_graph(out, xs), ref):
+        assert torch.allclose(a, b, atol=1e-6)
+    engine = ds.compile(g, backend="cpu")  # the full pipeline and the CPU code generator
+    for a, b in zip(engine.run_flat(xs), ref):
+        assert torch.allclose(a, b, atol=1e-6)
