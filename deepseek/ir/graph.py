@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 import torch
 
-from deepseek.errors import IRError
 from deepseek.ir.ops import Op, OpDef, opdef, resolve_aten, Arg, Prop
 from deepseek.ir.types import TensorSpec
 

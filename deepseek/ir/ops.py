@@ -36,6 +36,7 @@ class Prop(enum.Flag):
     RANDOM = enum.auto()  # not deterministic: never fold or deduplicate
     MATMUL = enum.auto()  # GEMM / convolution class: compute-bound
     QUANT = enum.auto()  # quantize / dequantize
+    FUSED = enum.auto()  # a fused kernel of several ops (deepseek::fused_*)
 
 
 EW1 = Prop.ELEMENTWISE | Prop.UNARY
@@ -144,6 +145,8 @@ _TABLE: list[tuple[str, Prop]] = [
     ("rand.default", NEW | Prop.RANDOM), ("randn.default", NEW | Prop.RANDOM),
     ("bernoulli.p", Prop.RANDOM), ("native_dropout.default", Prop.RANDOM),
     ("rand_like.default", Prop.RANDOM), ("randn_like.default", Prop.RANDOM),
+    # fused kernels made by the optimizer (deepseek/ir/fused.py)
+    ("deepseek::fused_pointwise.default", Prop.ELEMENTWISE | Prop.FUSED),
     # quantize / dequantize (QDQ): what compression leaves and lowering turns into int8 kernels
     *[(f"quantized_decomposed::{n}", Prop.ELEMENTWISE | Prop.QUANT) for n in (
         "quantize_per_tensor.default", "dequantize_per_tensor.default",
@@ -153,6 +156,10 @@ _TABLE: list[tuple[str, Prop]] = [
     *[(f"quantized_decomposed::{n}", Prop.QUANT) for n in (
         "quantize_per_channel_group.default", "dequantize_per_channel_group.default",
         "quantize_per_token.default", "dequantize_per_token.default",
+    )],
+    # integer kernels that quantization lowering emits (deepseek/quantization/kernels.py)
+    *[(f"deepseek_quant::{n}.default", MM) for n in (
+        "linear_int8", "conv2d_int8", "linear_weight_only",
     )],
 ]
 
@@ -254,6 +261,9 @@ def _n_outputs(schema) -> int:
 
 def _build_registry() -> dict:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines quantized_decomposed ops)
+
+    import deepseek.ir.fused  # noqa: F401  (defines deepseek::fused_pointwise)
+    import deepseek.quantization.kernels  # noqa: F401  (defines deepseek_quant::* int8 kernels)
 
     registry = {}
     for op in Op:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from deepseek.ir.graph import Graph, Node
-from deepseek.ir.ops import Op
+from deepseek.ir.fused import dump_program
+from deepseek.ir.graph import Graph, Node, Value
+from deepseek.ir.ops import Op, Prop
+from deepseek.ir.serialize import encode_attr
 
 
 def fuse_conv_bn(graph: Graph) -> Graph:
@@ -52,3 +54,74 @@ def _fold(graph: Graph, conv: Node, bn: Node, w, b, gamma, beta, mean, var) -> N
     new_b = ((bias - c[mean.name].double()) * scale + c[beta.name].double()).to(W.dtype)
     conv.inputs[1] = graph.add_constant(f"{w.name}_bn", new_w.contiguous())
     conv.inputs[2] = graph.add_constant(f"{conv.name}_bias_bn", new_b.contiguous())
+
+
+def _fusible(node: Node) -> bool:
+    if node.fallback is not None or len(node.outputs) != 1:
+        return False
+    d = node.opdef
+    return d.has(Prop.ELEMENTWISE) and not d.has(Prop.RANDOM | Prop.QUANT | Prop.FUSED)
+
+
+def fuse_elementwise(graph: Graph) -> Graph:
+    """Merge chains of element-wise ops into one ``fused_pointwise`` node each.
+
+    A producer joins its consumer's kernel when the consumer is its only
+    reader, it is not a graph output, and it has the consumer's output
+    shape (inputs of other shapes broadcast inside the kernel). Each kernel
+    then reads its external inputs once and writes one output: the
+    intermediates never reach memory.
+    """
+    users = graph.users()
+    producers = graph.producers()
+    outputs = {id(v) for v in graph.outputs}
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    group_of: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        if not _fusible(node):
+            continue
+        shape = node.outputs[0].spec.shape
+        group: list[Node] = []
+        for v in node.input_values():
+            p = producers.get(v)
+            if (p is not None and id(p) in group_of and len(users.get(v, [])) == 1
+                    and id(v) not in outputs and v.spec.shape == shape):
+                for member in group_of[id(p)]:
+                    if all(member is not m for m in group):
+                        group.append(member)
+        group.append(node)
+        group.sort(key=lambda n: position[id(n)])
+        for member in group:
+            group_of[id(member)] = group
+    fused: dict[int, Node] = {}  # id(last member) -> the fused node replacing the group
+    members: set[int] = set()
+    for group in {id(g): g for g in group_of.values()}.values():
+        if len(group) < 2:
+            continue
+        fused[id(group[-1])] = _fused_node(graph, group)
+        members.update(id(n) for n in group)
+    graph.nodes = [fused.get(id(n), n) for n in graph.nodes
+                   if id(n) not in members or id(n) in fused]
+    return graph
+
+
+def _fused_node(graph: Graph, group: list[Node]) -> Node:
+    inside = {id(o): j for j, n in enumerate(group) for o in n.outputs}
+    externals: list = []
+
+    def ref(x):
+        if isinstance(x, Value):
+            if id(x) in inside:
+                return f"#{inside[id(x)]}"
+            for i, e in enumerate(externals):
+                if e is x:
+                    return f"${i}"
+            externals.append(x)
+            return f"${len(externals) - 1}"
+        return x
+
+    steps = [(n.op.value, [ref(x) for x in n.inputs], {k: encode_attr(v) for k, v in n.attrs.items()})
+             for n in group]
+    last = group[-1]
+    return Node(Op.FUSED_POINTWISE, externals, {"program": dump_program(steps)}, last.outputs,
+                source=last.source)

@@ -52,7 +52,8 @@ def schedule_inplace_ops(graph: Graph) -> Graph:
 
     Sets ``node.reuse = k`` when input k (not a graph input or constant, not
     read by any later node through any view, same shape and dtype as the
-    output, read once by this node) can hold the result. Backends with
+    output, read once by this node, and no other input of the node a view of
+    its storage) can hold the result. Backends with
     in-place kernels use it; the memory planner gives both one buffer.
     """
     for n in graph.nodes:
@@ -67,7 +68,9 @@ def schedule_inplace_ops(graph: Graph) -> Graph:
         for k, v in enumerate(n.inputs):
             if (isinstance(v, Value) and root[id(v)] != -1 and id(v) not in is_view
                     and last.get(root[id(v)]) == i and v.spec == out.spec
-                    and sum(x is v for x in n.inputs) == 1):
+                    and sum(x is v for x in n.inputs) == 1
+                    and not any(root.get(id(x)) == root[id(v)] for x in n.input_values()
+                                if x is not v)):  # another input viewing v's storage
                 n.reuse = k
                 root = storage_of(graph)  # the output now lives in v's storage
                 last = storage_last_use(graph, root)

@@ -10,7 +10,6 @@ or foreign file raises ArtifactError instead of misbehaving later.
 from __future__ import annotations
 
 import json
-import math
 import zipfile
 import zlib
 from typing import Any
@@ -22,6 +21,7 @@ from safetensors.torch import save as st_save
 from deepseek.errors import ArtifactError, DeepseekError
 from deepseek.ir.graph import Graph, Value
 from deepseek.ir.ops import op_from_name
+from deepseek.ir.serialize import decode_attr, encode_attr
 from deepseek.ir.types import Sym, TensorSpec, dtype_from_name, dtype_name
 from deepseek.ir.verify import verify
 from deepseek.runtime.structure import check_structures
@@ -29,37 +29,16 @@ from deepseek.runtime.structure import check_structures
 FORMAT = "deepseek-graph"
 VERSION = 1
 _MAX_JSON_BYTES = 512 << 20
-_MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format,
-                   "channels_last": torch.channels_last,
-                   "channels_last_3d": torch.channels_last_3d,
-                   "preserve_format": torch.preserve_format}
-
 
 # --- encoding ------------------------------------------------------------------
-def _enc_attr(x: Any) -> Any:
-    if isinstance(x, Sym):
-        return {"sym": x.expr}
-    if isinstance(x, torch.dtype):
-        return {"dtype": dtype_name(x)}
-    if isinstance(x, torch.memory_format):
-        return {"memory_format": str(x).removeprefix("torch.")}
-    if isinstance(x, float) and not math.isfinite(x):
-        return {"float": repr(x)}
-    if isinstance(x, (list, tuple)):
-        return [_enc_attr(v) for v in x]
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    raise ArtifactError(f"cannot serialize attribute value {x!r} ({type(x).__name__})")
-
-
 def _enc_spec(s: TensorSpec) -> dict:
-    return {"shape": [_enc_attr(d) for d in s.shape], "dtype": dtype_name(s.dtype)}
+    return {"shape": [encode_attr(d) for d in s.shape], "dtype": dtype_name(s.dtype)}
 
 
 def _enc_input(x) -> Any:
     if isinstance(x, Value):
         return {"v": x.name}
-    return {"lit": _enc_attr(x)}
+    return {"lit": encode_attr(x)}
 
 
 def graph_to_json(graph: Graph, report: dict | None = None) -> dict:
@@ -74,7 +53,7 @@ def graph_to_json(graph: Graph, report: dict | None = None) -> dict:
             "op": None if n.op is None else n.op.value,
             "fallback": n.fallback,
             "inputs": [_enc_input(x) for x in n.inputs],
-            "attrs": {k: _enc_attr(a) for k, a in n.attrs.items()},
+            "attrs": {k: encode_attr(a) for k, a in n.attrs.items()},
             "outputs": [{"name": o.name, "spec": _enc_spec(o.spec)} for o in n.outputs],
             "source": n.source,
             "reuse": n.reuse,
@@ -95,29 +74,10 @@ def save_artifact(path: str, graph: Graph, report) -> None:
 
 
 # --- decoding --------------------------------------------------------------------
-def _dec_attr(x: Any) -> Any:
-    if isinstance(x, list):
-        return [_dec_attr(v) for v in x]
-    if isinstance(x, dict):
-        if set(x) == {"sym"} and isinstance(x["sym"], str):
-            Sym(x["sym"]).symbols()  # parses and whitelists the expression now
-            return Sym(x["sym"])
-        if set(x) == {"dtype"}:
-            return dtype_from_name(x["dtype"])
-        if set(x) == {"memory_format"} and x["memory_format"] in _MEMORY_FORMATS:
-            return _MEMORY_FORMATS[x["memory_format"]]
-        if set(x) == {"float"} and x["float"] in ("inf", "-inf", "nan"):
-            return float(x["float"])
-        raise ArtifactError(f"unknown attribute encoding {x!r}")
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    raise ArtifactError(f"bad attribute value {x!r}")
-
-
 def _dec_spec(s: Any) -> TensorSpec:
     if not isinstance(s, dict) or not isinstance(s.get("shape"), list):
         raise ArtifactError(f"bad tensor spec {s!r}")
-    shape = tuple(_dec_attr(d) for d in s["shape"])
+    shape = tuple(decode_attr(d) for d in s["shape"])
     if not all(isinstance(d, Sym) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
                for d in shape):
         raise ArtifactError(f"bad shape {s['shape']!r}")
@@ -167,7 +127,7 @@ def graph_from_json(doc: Any, tensors: dict[str, torch.Tensor]) -> tuple[Graph, 
                     raise ArtifactError(f"node input %{x['v']} is not defined before its use")
                 inputs.append(values[x["v"]])
             elif isinstance(x, dict) and set(x) == {"lit"}:
-                inputs.append(_dec_attr(x["lit"]))
+                inputs.append(decode_attr(x["lit"]))
             else:
                 raise ArtifactError(f"bad node input {x!r}")
         attrs = e.get("attrs", {})
@@ -175,7 +135,7 @@ def graph_from_json(doc: Any, tensors: dict[str, torch.Tensor]) -> tuple[Graph, 
             raise ArtifactError(f"bad attrs {attrs!r}")
         from deepseek.ir.graph import Node
 
-        node = Node(op, inputs, {str(k): _dec_attr(a) for k, a in attrs.items()},
+        node = Node(op, inputs, {str(k): decode_attr(a) for k, a in attrs.items()},
                     [new_value(o) for o in e.get("outputs", [])], str(e.get("source", "")),
                     fallback if fallback is None else str(fallback))
         reuse = e.get("reuse")

@@ -23,8 +23,10 @@ import time
 
 import torch
 
+from deepseek.ir.fused import parse_program, run_steps
 from deepseek.ir.graph import Graph, Node, Value
-from deepseek.ir.ops import Op, Prop
+from deepseek.ir.ops import Op, Prop, op_from_name, opdef
+from deepseek.ir.serialize import decode_attr
 from deepseek.ir.types import bind
 from deepseek.timing import time_interleaved
 
@@ -151,6 +153,8 @@ class _Emitter:
             method, commutative = _INPLACE_BINARY[op]
             if k == 0 or commutative:
                 return f"{n(ins[k])}.{method}({n(ins[1 - k])})"
+        if op is Op.FUSED_POINTWISE:
+            return self.fused_chain(node, ins)
         if op is Op.CONVOLUTION and _ONEDNN:
             fused = self.onednn_conv(node, ins, attrs)
             if fused is not None:
@@ -176,6 +180,46 @@ class _Emitter:
         if op is Op.SOFTMAX and not attrs["half_to_float"]:
             return f"torch.softmax({n(ins[0])}, {attrs['dim']})"
         return None
+
+    def fused_chain(self, node: Node, ins) -> str:
+        """A fused element-wise kernel as a chain of PyTorch ops, each step after the
+        first writing into a buffer that dies there (one allocation per kernel)."""
+        steps = parse_program(node.attrs["program"])
+        meta = [torch.empty(v.spec.concrete(self.env), dtype=v.spec.dtype, device="meta")
+                if isinstance(v, Value) else v for v in ins]
+        dtypes = [r.dtype for r in run_steps(meta, node.attrs["program"])]
+        base = self.names[id(node.outputs[0])]
+        last = {}
+        for j, (_, args, _) in enumerate(steps):
+            for a in args:
+                if isinstance(a, str) and a[:1] in "#$":
+                    last[a] = j
+        reusable = {f"${node.reuse}"} if node.reuse is not None else set()
+        for j, (opname, args, attrs) in enumerate(steps):
+            src = [self.name(ins[int(a[1:])]) if isinstance(a, str) and a[:1] == "$"
+                   else f"{base}_{a[1:]}" if isinstance(a, str) and a[:1] == "#"
+                   else self.name(a) for a in args]
+            dying = [k for k, a in enumerate(args) if isinstance(a, str) and last.get(a) == j
+                     and (a[:1] == "#" and dtypes[int(a[1:])] == dtypes[j] or a in reusable)]
+            op = op_from_name(opname)
+            expr = None
+            if op in _INPLACE_UNARY and 0 in dying:
+                expr = f"{_INPLACE_UNARY[op]}({src[0]})"
+            elif op in _INPLACE_BINARY and attrs.get("alpha", 1) == 1 and len(src) == 2:
+                method, commutative = _INPLACE_BINARY[op]
+                k = 0 if 0 in dying else 1 if commutative and 1 in dying else None
+                if k is not None:
+                    expr = f"{src[k]}.{method}({src[1 - k]})"
+            if expr is None:
+                d = opdef(op)
+                call_args, kwargs = d.call_args(src, {k: self.name(decode_attr(v))
+                                                      for k, v in attrs.items()})
+                fn = self.const(d.overload._op, f"k_{opname.split('.')[0].lstrip('_')}_")
+                expr = f"{fn}({', '.join(list(call_args) + [f'{k}={v}' for k, v in kwargs.items()])})"
+            target = base if j == len(steps) - 1 else f"{base}_{j}"
+            if j < len(steps) - 1:
+                self.lines.append(f"    {target} = {expr}")
+        return expr
 
     def onednn_conv(self, node: Node, ins, attrs) -> str | None:
         """A 2-D float32 convolution as oneDNN with a pre-packed weight, channels-last

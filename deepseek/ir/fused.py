@@ -1,0 +1,65 @@
+"""Fused element-wise kernels: one IR node that computes a chain of element-wise ops.
+
+A fused node is ``deepseek::fused_pointwise(Tensor?[] inputs, str program)``:
+``program`` is JSON, a list of steps ``[op, args, attrs]`` where ``op`` is an
+IR op name (``"mul.Tensor"``), each arg is ``"$i"`` (fused input i), ``"#j"``
+(the result of step j) or a literal number, and the last step is the
+output. It is plain data (printable, serializable); its reference kernel
+runs the steps with the ops' own reference kernels, so its semantics are
+exactly those of the ops it replaced. Backends compile it as one kernel
+(a Triton kernel on CUDA); the CPU backend runs it as an in-place chain.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import torch
+
+_LIB = torch.library.Library("deepseek", "DEF")  # noqa: TOR901  (our op namespace)
+_LIB.define("fused_pointwise(Tensor?[] inputs, str program) -> Tensor")
+
+Step = tuple[str, list, dict]
+
+
+def parse_program(program: str) -> list[Step]:
+    steps = json.loads(program)
+    if not isinstance(steps, list) or not steps:
+        raise ValueError("a fused program is a non-empty list of steps")
+    return [(str(op), list(args), dict(attrs)) for op, args, attrs in steps]
+
+
+def dump_program(steps: Sequence[Step]) -> str:
+    return json.dumps([[op, list(args), dict(attrs)] for op, args, attrs in steps],
+                      separators=(",", ":"))
+
+
+def run_steps(inputs: Sequence[Any], program: str) -> list[Any]:
+    """Every step's result (on meta tensors: their dtypes and shapes)."""
+    from deepseek.ir.ops import op_from_name, opdef
+    from deepseek.ir.serialize import decode_attr
+
+    results: list[Any] = []
+
+    def arg(a):
+        if isinstance(a, str) and a[:1] == "$":
+            return inputs[int(a[1:])]
+        if isinstance(a, str) and a[:1] == "#":
+            return results[int(a[1:])]
+        return a
+
+    for op, args, attrs in parse_program(program):
+        d = opdef(op_from_name(op))
+        results.append(d.reference([arg(a) for a in args],
+                                   {k: decode_attr(v) for k, v in attrs.items()}))
+    return results
+
+
+def run_program(inputs: Sequence[Any], program: str) -> torch.Tensor:
+    """The reference semantics: each step through its op's reference kernel."""
+    return run_steps(inputs, program)[-1]
+
+
+_LIB.impl("fused_pointwise", run_program, "CompositeExplicitAutograd")
+_LIB.impl("fused_pointwise", run_program, "Meta")
