@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Iterable, Mapping
@@ -15,6 +16,7 @@ from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
 from deepseek.ir.verify import verify
 from deepseek.passes import optimize_graph, pipeline, run_passes
+from deepseek.passes.precision import PRECISION_DTYPES, map_to_tensorcore
 from deepseek.runtime.artifact import load_artifact
 from deepseek.runtime.engine import Engine, Report
 from deepseek.runtime.plan import bytes_moved, plan_memory
@@ -60,9 +62,9 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
     """
     if precision not in PRECISIONS:
         raise DeepseekError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "fp32":
-        raise DeepseekError(f"precision={precision!r} is not implemented yet in this version; "
-                            "use precision='fp32'")
+    if precision == "fp8":
+        raise DeepseekError("precision='fp8' needs the CUDA fp8 GEMM lowering, which this version "
+                            "does not have; use 'bf16', 'fp16', 'tf32', 'fp32' or 'int8'")
     if isinstance(model, (str, os.PathLike)):
         if not str(model).endswith(".onnx"):
             raise DeepseekError(f"cannot compile {model}: give an nn.Module, a Graph or a .onnx file "
@@ -84,13 +86,27 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
         leaves = flatten_inputs(tuple(example_inputs), dict(example_kwargs or {}))
         example = [x for x in leaves if isinstance(x, torch.Tensor)]
     verify(graph)
-    return _build_engine(graph, backend, opt_level, disable_passes, example)
+    if precision == "int8":
+        from deepseek.quantization.lowering import has_qdq
+
+        if not has_qdq(graph):
+            raise DeepseekError("precision='int8' needs a quantized model (quantize/dequantize "
+                                "nodes): quantize it first with deepseek.quantization.Quantizer"
+                                "(config).quantize(model, calibration_data), or give a QDQ ONNX file")
+    return _build_engine(graph, backend, opt_level, disable_passes, example, precision)
 
 
-def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, example) -> Engine:
+def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, example,
+                  precision: str = "fp32") -> Engine:
     env = _example_env(graph, example)
     concrete = not graph.inputs or env or all(v.spec.is_static for v in graph.inputs)
-    optimized, records = run_passes(_copy_graph(graph), pipeline(opt_level), disable_passes)
+    b = get_backend(backend)
+    passes = list(pipeline(opt_level, graph))
+    if precision in PRECISION_DTYPES:  # stage 3 first, so fusion sees the final dtypes
+        target = b.capabilities().device.split(":")[0]
+        passes.insert(0, functools.partial(map_to_tensorcore, precision=precision, target=target))
+        passes[0].__name__ = "map_to_tensorcore"
+    optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
     report = Report(passes=[r.to_dict() for r in records], backend="", opt_level=opt_level,
                     nodes={"unoptimized": len(graph.nodes), "optimized": len(optimized.nodes)})
     if concrete:  # accounting needs sizes: the example's, for symbolic graphs
@@ -101,9 +117,8 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
                                     "optimized": after.peak_live_bytes}
         report.arena_bytes = after.arena_bytes
         report.memory = {"unoptimized": before.to_dict(), "optimized": after.to_dict()}
-    b = get_backend(backend)
     report.backend = b.name
-    return Engine(optimized, b, report)
+    return Engine(optimized, b, report, precision)
 
 
 def load(path: str, backend: str = "auto") -> Engine:
@@ -112,7 +127,7 @@ def load(path: str, backend: str = "auto") -> Engine:
     report = Report(**{k: v for k, v in saved.items() if k in Report.__dataclass_fields__})
     b = get_backend(backend)
     report.backend = b.name
-    return Engine(graph, b, report)
+    return Engine(graph, b, report, report.precision)
 
 
 __all__ = ["compile", "load", "capture", "optimize_graph"]

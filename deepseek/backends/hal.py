@@ -91,9 +91,11 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
 
 def _builtin() -> None:
     from deepseek.backends.cpu import CPUBackend
+    from deepseek.backends.cuda import CUDABackend
     from deepseek.backends.reference import ReferenceBackend
 
     _FACTORIES.setdefault("cpu", CPUBackend)
+    _FACTORIES.setdefault("cuda", CUDABackend)
     _FACTORIES.setdefault("reference", ReferenceBackend)
 
 

@@ -19,7 +19,9 @@ from deepseek.ir.verify import verify
 from deepseek.passes.cse import eliminate_common_subexpr
 from deepseek.passes.fusion import fuse_conv_bn, fuse_elementwise
 from deepseek.passes.memory import schedule_inplace_ops
+from deepseek.passes.precision import map_to_tensorcore
 from deepseek.passes.simplify import eliminate_dead_code, fold_constants, simplify_algebra
+from deepseek.quantization.lowering import has_qdq, lower_quantized_ops
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,25 @@ class PassRecord:
         return dict(self.__dict__)
 
 
-def pipeline(opt_level: int) -> list[Pass]:
+# Passes that run only where the graph calls for them: (pass, predicate on the graph).
+# Lowering runs first, before constant folding could turn int8 weights back into float.
+CONDITIONAL_PASSES: list[tuple[Pass, Callable[[Graph], bool]]] = [(lower_quantized_ops, has_qdq)]
+
+
+def pipeline(opt_level: int, graph: Graph | None = None) -> list[Pass]:
+    """The passes of ``opt_level``; given ``graph``, preceded by the conditional passes it needs."""
     if opt_level not in PIPELINES:
         raise ValueError(f"opt_level must be one of {sorted(PIPELINES)}, got {opt_level!r}")
-    return PIPELINES[opt_level]
+    if graph is None or opt_level == 0:
+        return PIPELINES[opt_level]
+    return [p for p, wanted in CONDITIONAL_PASSES if wanted(graph)] + PIPELINES[opt_level]
 
 
 def run_passes(graph: Graph, passes: Iterable[Pass], disabled: Iterable[str] = ()) -> tuple[Graph, list[PassRecord]]:
     """Run ``passes`` in order (skipping names in ``disabled``); returns the graph and records."""
     skip = set(disabled)
-    unknown = skip - {p.__name__ for ps in PIPELINES.values() for p in ps}
+    unknown = skip - {p.__name__ for ps in PIPELINES.values() for p in ps} - {"map_to_tensorcore"} \
+        - {p.__name__ for p, _ in CONDITIONAL_PASSES}
     if unknown:
         raise ValueError(f"disable_passes names unknown passes {sorted(unknown)}")
     records = []
@@ -86,9 +97,9 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
     ``memory_budget`` and ``target`` are accepted for the memory and hardware
     stages; this version runs the fusion and clean-up stage only.
     """
-    return run_passes(graph, pipeline(opt_level))[0]
+    return run_passes(graph, pipeline(opt_level, graph))[0]
 
 
 __all__ = ["fuse_conv_bn", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
-           "eliminate_common_subexpr", "schedule_inplace_ops", "run_passes",
+           "eliminate_common_subexpr", "schedule_inplace_ops", "map_to_tensorcore", "run_passes",
            "pipeline", "optimize_graph", "PassRecord", "PIPELINES"]

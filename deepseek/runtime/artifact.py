@@ -158,7 +158,7 @@ def graph_from_json(doc: Any, tensors: dict[str, torch.Tensor]) -> tuple[Graph, 
 # the report's fields and their JSON types; anything else in a file is rejected
 _REPORT_TYPES = {"passes": list, "partitions": list, "fallback_nodes": list, "bytes_moved": dict,
                  "peak_memory_bytes": dict, "arena_bytes": (int, type(None)), "nodes": dict,
-                 "backend": str, "opt_level": int, "memory": dict}
+                 "backend": str, "opt_level": int, "memory": dict, "precision": str}
 
 
 def _check_report(report: Any) -> dict:

@@ -42,6 +42,7 @@ class Report:
     nodes: dict[str, int] = field(default_factory=dict)
     backend: str = ""
     opt_level: int = 2
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -73,13 +74,15 @@ class Report:
 class Engine:
     """A model compiled for a backend; ``engine(*inputs)`` returns what the model returns."""
 
-    def __init__(self, graph: Graph, backend: Backend, report: Report):
+    def __init__(self, graph: Graph, backend: Backend, report: Report, precision: str = "fp32"):
         self.graph = graph
         self.backend = backend
+        self.precision = precision
         self._report = report
+        report.precision = precision
         self._parts: list[Partition] = partition(graph, backend)
         for p in self._parts:
-            p.executable = p.backend.compile(p.graph)
+            p.executable = p.backend.compile(p.graph, precision)
         self._report.partitions = [p.to_dict() for p in self._parts]
         self._report.fallback_nodes = [{"name": n.name, "op": n.kind, "source": n.source}
                                        for n in graph.fallback_nodes()]

@@ -86,10 +86,12 @@ def _source(x) -> str:
 
 
 class _Emitter:
-    def __init__(self, graph: Graph, env: Mapping[str, int], device: str):
+    def __init__(self, graph: Graph, env: Mapping[str, int], device: str,
+                 constants: Mapping[str, torch.Tensor] | None = None):
         self.graph = graph
         self.env = env
         self.device = device
+        self.constants = graph.constants if constants is None else constants
         self.names: dict[int, str] = {}
         self.globals: dict[str, Any] = {"torch": torch, "CL": torch.channels_last}
         self.lines: list[str] = []
@@ -154,8 +156,12 @@ class _Emitter:
             if k == 0 or commutative:
                 return f"{n(ins[k])}.{method}({n(ins[1 - k])})"
         if op is Op.FUSED_POINTWISE:
+            if self.device != "cpu":
+                kernel = self.triton_kernel(node, ins)
+                if kernel is not None:
+                    return kernel
             return self.fused_chain(node, ins)
-        if op is Op.CONVOLUTION and _ONEDNN:
+        if op is Op.CONVOLUTION and _ONEDNN and self.device == "cpu":
             fused = self.onednn_conv(node, ins, attrs)
             if fused is not None:
                 return fused
@@ -180,6 +186,19 @@ class _Emitter:
         if op is Op.SOFTMAX and not attrs["half_to_float"]:
             return f"torch.softmax({n(ins[0])}, {attrs['dim']})"
         return None
+
+    def triton_kernel(self, node: Node, ins) -> str | None:
+        """A fused element-wise node as one generated Triton kernel (GPU backends)."""
+        from deepseek.backends.cuda.triton_pointwise import PointwiseKernel
+
+        meta = [torch.empty(v.spec.concrete(self.env), dtype=v.spec.dtype, device="meta")
+                if isinstance(v, Value) else v for v in ins]
+        out = node.outputs[0].spec
+        program = node.attrs["program"]
+        if not PointwiseKernel.supported(program, meta, out.dtype):
+            return None
+        kernel = PointwiseKernel(program, meta, out.concrete(self.env), out.dtype)
+        return f"{self.const(kernel, 'triton')}({', '.join(self.name(v) for v in ins)})"
 
     def fused_chain(self, node: Node, ins) -> str:
         """A fused element-wise kernel as a chain of PyTorch ops, each step after the
@@ -259,7 +278,7 @@ class _Emitter:
         for v in g.inputs:
             self.names[id(v)] = f"i_{v.name}"
         for name, v in g.const_values.items():
-            self.names[id(v)] = self.const(g.constants[name], "c")
+            self.names[id(v)] = self.const(self.constants[name], "c")
         for n in g.nodes:
             for o in n.outputs:
                 self.names[id(o)] = f"v_{o.name}"
@@ -310,13 +329,15 @@ def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset
 
 
 def generate_plan(graph: Graph, env: Mapping[str, int], device: str = "cpu",
-                  instrument: Callable[[int], object] | None = None) -> Callable:
+                  instrument: Callable[[int], object] | None = None,
+                  constants: Mapping[str, torch.Tensor] | None = None) -> Callable:
     """Compile ``graph`` for the symbol bindings ``env`` into ``plan(inputs) -> outputs``.
 
     With ``instrument``, the plan calls ``instrument(i)`` just before node i and
     ``instrument(len(graph.nodes))`` after the last (the profiler's clock); without
     it the code is exactly the plain plan. ``plan.instrumented(hook)`` makes such a
     twin of a plan that already exists, with the same kernels and packed weights.
+    ``constants`` replaces the graph's weights (e.g. copies on the backend's device).
     """
-    plan = _Emitter(graph, env, device).generate()
+    plan = _Emitter(graph, env, device, constants).generate()
     return plan if instrument is None else plan.instrumented(instrument)

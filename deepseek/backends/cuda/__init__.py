@@ -1,0 +1,122 @@
+"""The CUDA backend: generated straight-line plans over cuBLAS/cuDNN (through PyTorch)
+and Triton kernels for fused element-wise chains, replayed as one CUDA graph per shape.
+
+AMD GPUs run the same code on PyTorch's ROCm build (device type "cuda",
+Triton's AMD target); that path is untested here.
+
+Settings (environment): ``DEEPSEEK_CUDA_GRAPHS=0`` turns graph capture off
+(plans then launch kernel by kernel); ``precision="tf32"`` in ``ds.compile``
+enables TF32 matmuls and convolutions while this backend executes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+
+from deepseek.backends.cpu.codegen import generate_plan
+from deepseek.backends.hal import Backend, Capabilities
+from deepseek.ir.graph import Graph
+from deepseek.ir.interpreter import bind_inputs
+
+log = logging.getLogger(__name__)
+
+
+class _GraphReplay:
+    """One captured CUDA graph: static inputs in, static outputs out."""
+
+    def __init__(self, plan, inputs: Sequence[torch.Tensor]):
+        self.plan = plan
+        self.static_in = [t.clone() for t in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: Triton/cuBLAS pick kernels, allocate workspaces
+            for _ in range(2):
+                plan(self.static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = plan(self.static_in)
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        for dst, src in zip(self.static_in, inputs):
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        # the next replay overwrites the static outputs: hand out copies
+        return [t.clone() for t in self.static_out]
+
+
+class CUDAExecutable:
+    """A compiled partition: weights on the device, a plan and a CUDA graph per shape."""
+
+    def __init__(self, graph: Graph, device: torch.device, tf32: bool, cuda_graphs: bool):
+        self.graph = graph
+        self.device = device
+        self.tf32 = tf32
+        self.cuda_graphs = cuda_graphs
+        self.constants = {n: t.to(device) for n, t in graph.constants.items()}
+        self.runners: dict[tuple, object] = {}
+
+    def _runner(self, inputs: Sequence[torch.Tensor]):
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        runner = self.runners.get(key)
+        if runner is None:
+            env = bind_inputs(self.graph, inputs)
+            plan = generate_plan(self.graph, env, str(self.device), constants=self.constants)
+            runner = plan
+            if self.cuda_graphs:
+                try:
+                    runner = _GraphReplay(plan, inputs)
+                except RuntimeError as e:  # e.g. an op that synchronizes with the host
+                    log.warning("CUDA graph capture failed (%s); running kernel by kernel", e)
+            self.runners[key] = runner
+        return runner
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        prev = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            with torch.cuda.device(self.device):
+                return self._runner(inputs)(inputs)
+        finally:
+            torch.set_grad_enabled(prev)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+class CUDABackend(Backend):
+    """NVIDIA (and, through ROCm builds, AMD) GPUs."""
+
+    name = "cuda"
+
+    def __init__(self, device: int | None = None, tf32: bool = False):
+        self.index = device if device is not None else 0
+        self.tf32 = tf32
+        self.cuda_graphs = os.environ.get("DEEPSEEK_CUDA_GRAPHS", "1") != "0"
+
+    def is_available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device=f"cuda:{self.index}", priority=20,
+                            dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16,
+                                              torch.int8, torch.int32, torch.int64, torch.bool}))
+
+    def supports(self, node) -> bool:
+        return node.fallback is None
+
+    def compile(self, graph: Graph, target: str | None = None) -> CUDAExecutable:
+        return CUDAExecutable(graph, torch.device(f"cuda:{self.index}"),
+                              tf32=self.tf32 or target == "tf32", cuda_graphs=self.cuda_graphs)
+
+    def execute(self, executable: CUDAExecutable, inputs, outputs=None) -> list[torch.Tensor]:
+        results = executable(inputs)
+        if outputs is not None:
+            for dst, src in zip(outputs, results):
+                dst.copy_(src)
+            return list(outputs)
+        return results
