@@ -1,0 +1,286 @@
+"""Integer kernels that quantization lowering emits: PyTorch custom ops ``deepseek_quant::*``.
+
+Each op is defined by its reference formula (``reference_*`` below, in float32),
+which is also its fallback. The fast paths:
+
+- CPU: oneDNN's int8 convolution and linear (``torch.ops.onednn.qconv2d_pointwise``
+  and ``qlinear_pointwise``, the kernels of PyTorch's x86 quantization), with
+  the int8 weight pre-packed once and cached on the weight tensor itself, so a
+  graph holds plain int8 constants (safetensors) and still runs pre-packed.
+- CUDA: ``torch._int_mm`` (int8 x int8 -> int32) for linear; convolution and
+  shapes ``_int_mm`` refuses take the reference path.
+
+This module imports nothing from Deepseek: the op registry (``deepseek.ir.ops``)
+imports it so that these ops exist before the registry is built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAMESPACE = "deepseek_quant"
+_LIB = torch.library.Library(NAMESPACE, "DEF")
+_LIB.define(
+    "linear_int8(Tensor x, float x_scale, int x_zero_point, Tensor weight, Tensor weight_scale, "
+    "Tensor? weight_zero_point, Tensor? bias, str post_op, float output_scale, "
+    "int output_zero_point, ScalarType? output_dtype) -> Tensor")
+_LIB.define(
+    "conv2d_int8(Tensor x, float x_scale, int x_zero_point, Tensor weight, Tensor weight_scale, "
+    "Tensor? weight_zero_point, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+    "int groups, str post_op, float output_scale, int output_zero_point, "
+    "ScalarType? output_dtype) -> Tensor")
+_LIB.define(
+    "linear_weight_only(Tensor x, Tensor weight, Tensor weight_scale, Tensor? weight_zero_point, "
+    "Tensor? bias, int bits, int group_size) -> Tensor")
+
+POST_OPS = ("none", "relu")
+_QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+# --- reference semantics ---------------------------------------------------------
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      bits: int = 8, group_size: int = 0) -> torch.Tensor:
+    """Float32 weight ``(q - zero_point) * scale``; scale is per tensor ([1] or []), per
+    output channel ([N]) or per group ([N, K / group_size]). ``bits == 4`` means
+    ``weight`` holds two 4-bit values a byte (see :func:`pack_int4`)."""
+    q = unpack_int4(weight) if bits == 4 else weight
+    n = q.shape[0]
+    q2 = q.reshape(n, -1).float()
+    s = scale.float()
+    z = zero_point.float() if zero_point is not None else None
+    if group_size:
+        g = q2.reshape(n, -1, group_size)
+        zz = z.reshape(n, -1, 1) if z is not None else 0.0
+        w = ((g - zz) * s.reshape(n, -1, 1)).reshape(n, -1)
+    else:
+        s = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(())
+        zz = (z.reshape(-1, 1) if z.numel() > 1 else z.reshape(())) if z is not None else 0.0
+        w = (q2 - zz) * s
+    return w.reshape(q.shape)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit values ([-8, 7], in an int8 tensor [N, K], K even) a byte:
+    column 2j in the low nibble of byte j, 2j+1 in the high one, each stored as q + 8."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 [N, K] tensor that :func:`pack_int4` packed."""
+    lo = (packed & 0xF).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+
+
+def _finish(y: torch.Tensor, post_op: str, out_scale: float, out_zp: int, out_dtype) -> torch.Tensor:
+    if post_op == "relu":
+        y = torch.relu(y)
+    if out_dtype is None or out_dtype == torch.float32:
+        return y
+    qmin, qmax = _QRANGE[out_dtype]
+    return torch.clamp(torch.round(y * (1.0 / out_scale)) + out_zp, qmin, qmax).to(out_dtype)
+
+
+def reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                          post_op, output_scale, output_zero_point, output_dtype):
+    """``finish(linear((x - x_zp) * x_scale, dequantize(weight), bias))``, where finish applies
+    ``post_op`` and, for an integer ``output_dtype``, quantizes with the output scale/zero point."""
+    xd = (x.float() - x_zero_point) * x_scale
+    y = F.linear(xd, dequantize_weight(weight, weight_scale, weight_zero_point), bias)
+    return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
+
+
+def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                          stride, padding, dilation, groups, post_op, output_scale,
+                          output_zero_point, output_dtype):
+    """As :func:`reference_linear_int8`, for a 2-D convolution."""
+    xd = (x.float() - x_zero_point) * x_scale
+    w = dequantize_weight(weight, weight_scale, weight_zero_point)
+    y = F.conv2d(xd, w, bias, stride, padding, dilation, groups)
+    return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
+
+
+def reference_linear_weight_only(x, weight, weight_scale, weight_zero_point, bias, bits, group_size):
+    """``linear(x, dequantize(weight), bias)`` in x's dtype."""
+    w = dequantize_weight(weight, weight_scale, weight_zero_point, bits, group_size)
+    return F.linear(x, w.to(x.dtype), bias if bias is None else bias.to(x.dtype))
+
+
+# --- caches on the weight tensor ---------------------------------------------------
+def _cached(owner: torch.Tensor, key: tuple, build):
+    """``build()`` computed once per ``key`` and per version of ``owner``; kept on ``owner``.
+
+    The codegen passes the same constant tensor object on every call, so the
+    pre-packed weight is made on the first call only; an in-place change of
+    the weight (a new ``_version``) invalidates it.
+    """
+    cache = owner.__dict__.get("_deepseek_quant_cache")
+    if cache is None or cache[0] != owner._version:
+        cache = (owner._version, {})
+        owner.__dict__["_deepseek_quant_cache"] = cache
+    hit = cache[1].get(key)
+    if hit is None:
+        hit = cache[1][key] = build()
+    return hit
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple:
+    return (None,) if t is None else (id(t), t._version)
+
+
+def _channel_params(weight, weight_scale, weight_zero_point) -> tuple:
+    """(float32 scales [N], int64 zeros [N], has a non-zero weight zero point)."""
+    n = weight.shape[0]
+
+    def build():
+        s = weight_scale.float().reshape(-1).expand(n).contiguous()
+        nonzero = weight_zero_point is not None and bool(weight_zero_point.ne(0).any())
+        return s, torch.zeros(n, dtype=torch.long), nonzero
+
+    return _cached(weight, ("channel", *_tensor_key(weight_scale), *_tensor_key(weight_zero_point)),
+                   build)
+
+
+def _zero_point_term(weight, weight_scale, weight_zero_point) -> torch.Tensor:
+    """``scale * zero_point`` per output channel: what a weight zero point subtracts."""
+    n = weight.shape[0]
+    return _cached(weight, ("zp_term", *_tensor_key(weight_scale), *_tensor_key(weight_zero_point)),
+                   lambda: (weight_scale.float().reshape(-1).expand(n)
+                            * weight_zero_point.float().reshape(-1).expand(n)).contiguous())
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def _onednn_ok(x, weight, weight_scale) -> bool:
+    return (_ONEDNN and x.dtype in (torch.uint8, torch.int8) and weight.dtype == torch.int8
+            and weight_scale.numel() in (1, weight.shape[0]))
+
+
+# --- CPU -----------------------------------------------------------------------------
+def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                     post_op, output_scale, output_zero_point, output_dtype):
+    if not _onednn_ok(x, weight, weight_scale) or weight.dim() != 2:
+        return reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale,
+                                     weight_zero_point, bias, post_op, output_scale,
+                                     output_zero_point, output_dtype)
+    scales, zeros, zp = _channel_params(weight, weight_scale, weight_zero_point)
+    packed = _cached(weight, ("qlinear",), lambda: torch.ops.onednn.qlinear_prepack(weight, None))
+    fuse = not zp  # a weight zero point is corrected for after the kernel, before post-ops
+    quant_out = output_dtype is not None and output_dtype != torch.float32
+    y = torch.ops.onednn.qlinear_pointwise(
+        x.contiguous(), x_scale, x_zero_point, packed, scales, zeros,
+        None if bias is None else bias.float(), output_scale if fuse and quant_out else 1.0,
+        output_zero_point if fuse and quant_out else 0,
+        output_dtype if fuse and quant_out else torch.float32, post_op if fuse else "none", [], "")
+    if fuse:
+        return y
+    rowsum = ((x.float() - x_zero_point) * x_scale).sum(-1, keepdim=True)
+    y = y - rowsum * _zero_point_term(weight, weight_scale, weight_zero_point)
+    return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
+
+
+def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                     stride, padding, dilation, groups, post_op, output_scale, output_zero_point,
+                     output_dtype):
+    if not _onednn_ok(x, weight, weight_scale) or weight.dim() != 4 or x.dim() != 4:
+        return reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale,
+                                     weight_zero_point, bias, stride, padding, dilation, groups,
+                                     post_op, output_scale, output_zero_point, output_dtype)
+    if x.dtype == torch.int8:  # oneDNN convolutions read uint8: x + 128, exactly, as a bit flip
+        x = torch.bitwise_xor(x.view(torch.uint8), 128)
+        x_zero_point = x_zero_point + 128
+    scales, zeros, zp = _channel_params(weight, weight_scale, weight_zero_point)
+    packed = _cached(weight, ("qconv", x_scale, x_zero_point, tuple(stride), tuple(padding),
+                              tuple(dilation), groups, *_tensor_key(weight_scale)),
+                     lambda: torch.ops.onednn.qconv_prepack(weight, scales, x_scale, x_zero_point,
+                                                            stride, padding, dilation, groups,
+                                                            None))
+    fuse = not zp
+    quant_out = output_dtype is not None and output_dtype != torch.float32
+    y = torch.ops.onednn.qconv2d_pointwise(
+        x, x_scale, x_zero_point, packed, scales, zeros, None if bias is None else bias.float(),
+        stride, padding, dilation, groups, output_scale if fuse and quant_out else 1.0,
+        output_zero_point if fuse and quant_out else 0,
+        output_dtype if fuse and quant_out else torch.float32, post_op if fuse else "none", [], "")
+    if fuse:
+        return y
+    # the zero point term: per output position, the sum of the dequantized inputs it reads
+    xd = (x.float() - x_zero_point) * x_scale
+    ones = torch.ones(groups, weight.shape[1], *weight.shape[2:])
+    window = F.conv2d(xd, ones, None, stride, padding, dilation, groups)  # (B, groups, Ho, Wo)
+    window = window.repeat_interleave(weight.shape[0] // groups, dim=1)
+    y = y - window * _zero_point_term(weight, weight_scale, weight_zero_point).view(1, -1, 1, 1)
+    return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
+
+
+def _linear_weight_only(x, weight, weight_scale, weight_zero_point, bias, bits, group_size):
+    # PyTorch's CPU weight-only GEMMs (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) measured
+    # 5-100x slower than float32 here: the weight is de-quantized once and cached instead.
+    w = _cached(weight, ("dequant", x.dtype, *_tensor_key(weight_scale),
+                         *_tensor_key(weight_zero_point)),
+                lambda: dequantize_weight(weight, weight_scale, weight_zero_point, bits,
+                                          group_size).to(x.dtype))
+    return F.linear(x, w, bias if bias is None else bias.to(x.dtype))
+
+
+# --- CUDA (hook: exercised on a GPU machine, never in CPU CI) ---------------------------
+def _linear_int8_cuda(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                      post_op, output_scale, output_zero_point, output_dtype):
+    m = x.numel() // x.shape[-1]
+    k, n = weight.shape[1], weight.shape[0]
+    if not (m > 16 and k % 8 == 0 and n % 8 == 0 and weight.dtype == torch.int8
+            and x.dtype in (torch.uint8, torch.int8) and weight_scale.numel() in (1, n)):
+        return reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale,
+                                     weight_zero_point, bias, post_op, output_scale,
+                                     output_zero_point, output_dtype)
+    x2 = x.reshape(m, k)
+    zp = x_zero_point
+    if x.dtype == torch.uint8:  # _int_mm takes int8: x - 128, with the zero point moved alike
+        x2 = torch.bitwise_xor(x2, 128).view(torch.int8)
+        zp = x_zero_point - 128
+    wt = weight.t()  # (K, N), column-major: the layout cuBLASLt wants
+    colsum = _cached(weight, ("colsum",), lambda: weight.sum(1, dtype=torch.int32).float())
+    acc = torch._int_mm(x2, wt).float()  # (M, N) int32 -> float
+    acc = acc - zp * colsum
+    s = weight_scale.float().reshape(-1) * x_scale
+    y = acc * s
+    if weight_zero_point is not None:
+        rowsum = ((x2.float() - zp)).sum(-1, keepdim=True)
+        y = y - rowsum * x_scale * _zero_point_term(weight, weight_scale, weight_zero_point)
+    if bias is not None:
+        y = y + bias.float()
+    y = y.reshape(*x.shape[:-1], n)
+    return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
+
+
+# --- shapes (meta) ---------------------------------------------------------------------
+def _linear_meta(x, x_scale, x_zero_point, weight, *rest):
+    output_dtype = rest[-1]
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=output_dtype or torch.float32)
+
+
+def _conv_meta(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, stride,
+               padding, dilation, groups, post_op, output_scale, output_zero_point, output_dtype):
+    out = F.conv2d(torch.empty(x.shape, device="meta"),
+                   torch.empty(weight.shape, device="meta"), None, stride, padding, dilation, groups)
+    return x.new_empty(out.shape, dtype=output_dtype or torch.float32)
+
+
+def _weight_only_meta(x, weight, weight_scale, weight_zero_point, bias, bits, group_size):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_LIB.impl("linear_int8", _linear_int8_cpu, "CPU")
+_LIB.impl("linear_int8", _linear_int8_cuda, "CUDA")
+_LIB.impl("linear_int8", _linear_meta, "Meta")
+_LIB.impl("conv2d_int8", _conv2d_int8_cpu, "CPU")
+_LIB.impl("conv2d_int8", reference_conv2d_int8, "CUDA")
+_LIB.impl("conv2d_int8", _conv_meta, "Meta")
+_LIB.impl("linear_weight_only", _linear_weight_only, "CPU")
+_LIB.impl("linear_weight_only", _linear_weight_only, "CUDA")
+_LIB.impl("linear_weight_only", _weight_only_meta, "Meta")
+
+OPS = ("linear_int8", "conv2d_int8", "linear_weight_only")
