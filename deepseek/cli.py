@@ -24,7 +24,7 @@ EXAMPLES_TEXT = {
     "compile": "deepseek compile mnist_cnn -o mnist.dsk --dynamic-batch\n"
                "  deepseek compile mypkg.models:make_model -o model.dsk --backend cpu",
     "run": "deepseek run mnist.dsk --dim batch=4",
-    "info": "deepseek info mnist.dsk --graph",
+    "info": "deepseek info mnist.dsk --graph\n  deepseek info mnist.dsk --memory --dim batch=8",
     "bench": "deepseek bench mnist_cnn --batch 1 --iters 200 --threads 2",
 }
 
@@ -167,7 +167,32 @@ def cmd_info(a) -> int:
     print(engine.report())
     if a.graph:
         print(engine.graph)
+    if a.memory:
+        _print_memory(engine, _parse_dims(a.dim))
     return 0
+
+
+def _print_memory(engine, dims: dict[str, int]) -> None:
+    """Per kernel: bytes read + written and FLOPs, with totals (the optimized graph)."""
+    from deepseek.profiler.flops import node_flops
+    from deepseek.runtime.plan import node_bytes, plan_memory
+
+    g = engine.graph
+    try:
+        for v in g.inputs:
+            v.spec.concrete(dims)
+    except DeepseekError:
+        raise DeepseekError("the graph has symbolic dims: give their sizes with --dim NAME=SIZE")
+    print(f"\n{'kernel':<40} {'op':<34} {'bytes moved':>14} {'FLOPs':>14}")
+    total_b = total_f = 0
+    for n in g.nodes:
+        b, f = node_bytes(n, dims), node_flops(n, dims)
+        total_b, total_f = total_b + b, total_f + f
+        print(f"%{n.name[:39]:<39} {n.kind[:34]:<34} {b:>14,} {f:>14,}")
+    plan = plan_memory(g, dims)
+    print(f"{'total':<75} {total_b:>14,} {total_f:>14,}")
+    print(f"memory plan: arena {plan.arena_bytes:,} B, peak live {plan.peak_live_bytes:,} B, "
+          f"{plan.total_bytes:,} B if every tensor had its own buffer")
 
 
 def cmd_bench(a) -> int:
@@ -231,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--graph", action="store_true", help="print the IR")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--memory", action="store_true", help="bytes moved and FLOPs of every kernel, "
+                   "and the memory plan")
+    s.add_argument("--dim", action="append", help="NAME=SIZE for a symbolic dim (with --memory)")
 
     s = command("bench", cmd_bench, "time Deepseek against eager PyTorch, side by side")
     s.add_argument("model")

@@ -100,7 +100,7 @@ _TABLE: list[tuple[str, Prop]] = [
     ("convolution.default", MM), ("scaled_dot_product_attention.default", MM),
     ("_scaled_dot_product_flash_attention_for_cpu.default", MM),
     # pooling, resampling, padding
-    ("max_pool2d_with_indices.default", Prop.NONE), ("max_pool3d_with_indices.default", Prop.NONE),
+    ("max_pool2d_with_indices.default", Prop.NONE), ("max_pool2d.default", Prop.NONE), ("max_pool3d_with_indices.default", Prop.NONE),
     ("avg_pool1d.default", Prop.NONE), ("avg_pool2d.default", Prop.NONE),
     ("avg_pool3d.default", Prop.NONE), ("_adaptive_avg_pool2d.default", Prop.NONE),
     ("_adaptive_avg_pool3d.default", Prop.NONE), ("adaptive_max_pool2d.default", Prop.NONE),

@@ -99,10 +99,16 @@ def simplify_algebra(graph: Graph) -> Graph:
     * clone / alias / detach / same-dtype cast / view, expand or slice to the
       same shape / identity permute -> ``x``
     * ``view(view(x))`` -> ``view(x)``; ``permute(permute(x, p), q)`` -> one permute
+    * max pooling whose indices nobody reads -> max pooling without indices
     """
     producers = graph.producers()
+    users = graph.users()
+    outputs = {id(v) for v in graph.outputs}
     kept = []
     for node in graph.nodes:
+        if node.op is Op.MAX_POOL2D_WITH_INDICES and not users.get(node.outputs[1]) \
+                and id(node.outputs[1]) not in outputs:
+            node.op, node.outputs = Op.MAX_POOL2D, node.outputs[:1]  # nobody reads the indices
         new = _replacement(graph, node, producers)
         if new is not None:
             graph.replace_all_uses(node.outputs[0], new)

@@ -170,13 +170,12 @@ class _Emitter:
         if op is Op.PERMUTE:
             return f"{n(ins[0])}.permute({n(attrs['dims'])})"
         only_first = live == [out]
-        if op is Op.MAX_POOL2D_WITH_INDICES and only_first:
+        if op is Op.MAX_POOL2D:
             a = attrs
             # pooling is 3x faster on channels-last activations (vectorized over channels)
             return (f"torch.max_pool2d({n(ins[0])}.contiguous(memory_format=CL), {a['kernel_size']}, "
-                    f"{a.get('stride', [])}, "
-                    f"{a.get('padding', 0)}, {a.get('dilation', 1)}, {a.get('ceil_mode', False)})"
-                    + ", None")
+                    f"{a.get('stride', [])}, {a.get('padding', 0)}, {a.get('dilation', 1)}, "
+                    f"{a.get('ceil_mode', False)})")
         if op is Op.NATIVE_LAYER_NORM and only_first:
             return (f"torch.layer_norm({n(ins[0])}, {attrs['normalized_shape']}, {n(ins[1])}, "
                     f"{n(ins[2])}, {attrs['eps']!r}), None, None")

@@ -1,0 +1,146 @@
+"""GPU benchmark: Deepseek's CUDA backend side by side with PyTorch, in one process.
+
+Contenders (all bf16 weights and activations): eager PyTorch; eager replayed
+as a hand-captured CUDA graph; torch.compile (default, and max-autotune with
+--max-autotune); Deepseek (precision="bf16"). Each call is timed with CUDA
+events; rounds interleave the contenders; medians after warm-up.
+
+    python -m benchmarks.gpu --out benchmarks/results/gpu_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import deepseek as ds
+from benchmarks.models import BENCHMARK_MODELS
+
+CASES = [  # (model, factory kwargs, items per call)
+    ("resnet50", dict(batch=256, image=224), 256),
+    ("resnet50", dict(batch=1, image=224), 1),
+    ("bert_base", dict(batch=128, seq=128), 128),
+    ("bert_base", dict(batch=1, seq=128), 1),
+]
+
+
+def _cuda_graph(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def time_cuda(contenders: dict, iters: int, warmup: int = 5) -> dict[str, float]:
+    """Median milliseconds per call, CUDA events around each call, interleaved rounds."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    torch.cuda.synchronize()
+    samples = {k: [] for k in contenders}
+    names = list(contenders)
+    for r in range(iters):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            contenders[k]()
+            end.record()
+            end.synchronize()
+            samples[k].append(start.elapsed_time(end))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _first(x):
+    from torch.utils._pytree import tree_leaves
+
+    return tree_leaves(x)[0]
+
+
+def bench(name, kwargs, items, iters, max_autotune) -> dict:
+    model, inputs = BENCHMARK_MODELS[name](**kwargs)
+    model = model.cuda().to(torch.bfloat16).eval()
+    inputs = tuple(x.cuda().to(torch.bfloat16) if x.is_floating_point() else x.cuda()
+                   for x in inputs)
+    fp32_model, _ = BENCHMARK_MODELS[name](**kwargs)
+    fp32_model = fp32_model.cuda().eval()
+    fp32_inputs = tuple(x.float() if x.is_floating_point() else x for x in inputs)
+
+    @torch.no_grad()
+    def eager():
+        return model(*inputs)
+
+    contenders = {"eager_bf16": eager, "eager_bf16_cudagraph": _cuda_graph(eager)}
+    compile_s = {}
+    for mode in ["default"] + (["max-autotune"] if max_autotune else []):
+        t0 = time.perf_counter()
+        compiled = torch.compile(model, mode=None if mode == "default" else mode)
+        with torch.no_grad():
+            compiled(*inputs)
+        torch.cuda.synchronize()
+        compile_s[f"torch.compile_{mode}"] = time.perf_counter() - t0
+        contenders[f"torch.compile_{mode}"] = (lambda c=compiled: c(*inputs))
+    t0 = time.perf_counter()
+    engine = ds.compile(fp32_model, fp32_inputs, backend="cuda", precision="bf16")
+    engine(*fp32_inputs)
+    torch.cuda.synchronize()
+    compile_s["deepseek"] = time.perf_counter() - t0
+    contenders["deepseek_bf16"] = lambda: engine(*fp32_inputs)
+    with torch.no_grad():
+        ref = _first(fp32_model(*fp32_inputs)).float()
+    err = {k: float((_first(fn()).float() - ref).norm() / ref.norm()) for k, fn in contenders.items()}
+    ms = time_cuda(contenders, iters)
+    return {"model": name, "config": kwargs, "median_ms": ms,
+            "items_per_s": {k: items / (v / 1e3) for k, v in ms.items()},
+            "deepseek_speedup_vs": {k: v / ms["deepseek_bf16"] for k, v in ms.items()},
+            "rel_l2_vs_fp32": err, "compile_seconds": compile_s}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--max-autotune", action="store_true")
+    p.add_argument("--cases", default="all", help="comma-separated indices into CASES")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    idx = range(len(CASES)) if a.cases == "all" else [int(i) for i in a.cases.split(",")]
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "driver": os.popen(
+                "nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(info)
+    results = []
+    for i in idx:
+        name, kwargs, items = CASES[i]
+        r = bench(name, kwargs, items, a.iters, a.max_autotune)
+        results.append(r)
+        print(f"\n{name} {kwargs}")
+        for k, ms in r["median_ms"].items():
+            print(f"  {k:<26} {ms:9.3f} ms  {r['items_per_s'][k]:10.1f}/s  "
+                  f"deepseek {r['deepseek_speedup_vs'][k]:.2f}x  relL2 {r['rel_l2_vs_fp32'][k]:.1e}")
+        sys.stdout.flush()
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"machine": info, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
