@@ -5,7 +5,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import deepseek as ds
-from deepseek.ir.ops import Op
+from deepseek.ir.ops import Op, Prop
 from tests.conftest import rel_l2
 from tests.model_zoo import ZOO
 
@@ -16,8 +16,9 @@ def test_bf16_matches_fp32_eager_within_bf16_tolerance(name):
     model, inputs = ZOO[name]()
     engine = ds.compile(model, inputs, backend="cpu", precision="bf16")
     assert engine.report().passes[0]["name"] == "map_to_tensorcore"
-    weights = [t for t in engine.graph.constants.values() if t.is_floating_point()]
-    assert weights and all(t.dtype == torch.bfloat16 for t in weights)
+    matmuls = [n for n in engine.graph.nodes if n.opdef.has(Prop.MATMUL)]
+    assert matmuls and all(x.spec.dtype == torch.bfloat16 for n in matmuls
+                           for x in n.input_values() if x.spec.dtype.is_floating_point)
     with torch.no_grad():
         ref = tree_leaves(model(*inputs))[0]
     got = tree_leaves(engine(*inputs))[0]

@@ -36,7 +36,10 @@ def _dynamic_shapes(example_inputs: tuple, dynamic_dims: DynamicDims | None):
         bad = [d for d in want if not 0 <= d < x.dim()]
         if bad:
             raise CaptureError(f"dynamic_dims: input {i} has rank {x.dim()}, no dim {bad[0]}")
-        spec.append({d: dims.setdefault(name, Dim(name)) for d, name in want.items()})
+        # CUDA kernels bound grid dims at 65535: without that bound export refuses CUDA models
+        bound = {"max": 65535} if any(isinstance(t, torch.Tensor) and t.is_cuda
+                                      for t in example_inputs) else {}
+        spec.append({d: dims.setdefault(name, Dim(name, **bound)) for d, name in want.items()})
     extra = set(dynamic_dims) - set(range(len(example_inputs)))
     if extra:
         raise CaptureError(f"dynamic_dims names inputs {sorted(extra)}, but the model gets "

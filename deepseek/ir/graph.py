@@ -126,7 +126,8 @@ class Graph:
 
     def add_constant(self, name: str, tensor: torch.Tensor) -> Value:
         v = Value(self.fresh_name(name), TensorSpec.of(tensor))
-        self.constants[v.name] = tensor.detach()
+        self.constants[v.name] = tensor.detach().cpu()  # graphs hold weights on the host;
+        # each backend moves its partition's weights to its device
         self.const_values[v.name] = v
         return v
 

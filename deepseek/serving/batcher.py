@@ -15,13 +15,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
-from deepseek.serving.policy import (BatchConfig, LatencyModel, Pending, bucket_key,
-                                     bucket_length, next_batch)
+from deepseek.serving.policy import (
+    BatchConfig,
+    LatencyModel,
+    Pending,
+    bucket_key,
+    bucket_length,
+    next_batch,
+)
 from deepseek.serving.protocol import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -52,7 +58,7 @@ class Rejected(Exception):
 class _Job:
     """A request's data and its one-shot answer callback."""
 
-    __slots__ = ("tensors", "env", "on_done", "_answered")
+    __slots__ = ("_answered", "env", "on_done", "tensors")
     _lock = threading.Lock()
 
     def __init__(self, tensors: list[torch.Tensor], env: dict, on_done: Callable[[Outcome], None]):
@@ -148,9 +154,9 @@ class ModelWorker:
                 raise Rejected(429, "queue_full", f"model {sig.name!r} has {len(self._queue)} "
                                                   f"requests queued (limit {self.queue_limit}); "
                                                   "retry later")
-            if deadline is not None:
+            if deadline is not None and self.config.deadline_aware:  # hopeless: refuse now
                 start = max(now, self._busy_until)
-                need = self._cost(rows, key)
+                need = self.latency.best_latency(self.config.executed_size(rows), key)
                 if start + need > deadline:
                     raise Rejected(504, "deadline_refused", self._deadline_text(
                         deadline - now, start - now + need))
@@ -184,7 +190,7 @@ class ModelWorker:
                 while True:
                     now = self.clock()
                     d = next_batch(self._queue, now, self.config, self.latency.estimate_latency,
-                                   drain=self._draining)
+                                   drain=self._draining, best=self.latency.best_latency)
                     if d.take or d.refuse:
                         gone = {id(p) for p in d.take} | {id(p) for p in d.refuse}
                         self._queue = [p for p in self._queue if id(p) not in gone]
@@ -199,7 +205,8 @@ class ModelWorker:
                 if self.metrics:
                     self.metrics.refusal(self.sig.name, "deadline")
                 self._refuse(p, "deadline_refused", self._deadline_text(
-                    p.deadline - now, self._cost(p.rows, p.bucket)))
+                    p.deadline - now, self.latency.best_latency(
+                        self.config.executed_size(p.rows), p.bucket)))
             if d.take:
                 self._run(d.take)
 
@@ -272,8 +279,8 @@ class ModelWorker:
         return results
 
     def _warm(self) -> None:
-        """Run each batch size the policy will use once or twice, to seed the latency
-        model (and warm caches) before the model reports ready."""
+        """Run each batch size the policy will use (four times), to build the engine's
+        plans and seed the latency model before the model reports ready."""
         sig = self.sig
         skip = 1 if sig.batch_symbol else 0
         shapes = []
@@ -291,14 +298,17 @@ class ModelWorker:
         sizes = {1}
         if sig.batch_symbol:
             sizes |= {self.config.executed_size(n) for n in
-                      (*self.config.preferred_batch_sizes, self.config.max_batch_size)}
+                      (1, *self.config.preferred_batch_sizes, self.config.max_batch_size)}
+            sizes |= set(self.config.batch_buckets)
         key = tuple(tuple(s) for s in shapes)
         for n in sorted(sizes):
             inputs = [torch.zeros(((n,) if skip else ()) + tuple(s), dtype=info.dtype)
                       for s, info in zip(shapes, sig.inputs)]
-            for _ in range(2):
+            self.engine.run_flat(inputs)  # the first call of a shape builds its plan
+            times = []
+            for _ in range(3):
                 t0 = self.clock()
                 self.engine.run_flat(inputs)
-                t1 = self.clock()
-            self.latency.observe(n, t1 - t0, key if sig.batch_symbol else ())
+                times.append(self.clock() - t0)
+            self.latency.observe(n, sorted(times)[1], key)  # the median resists noise
         log.info("%s latency (s) by batch size: %s", sig.name, self.latency.table())

@@ -4,7 +4,8 @@ Names (all labelled by ``model``):
 
 - ``deepseek_requests_total{outcome}``: every answered infer request, once, by outcome
   (``ok``, ``deadline_refused``, ``queue_full``, ``unavailable``, ``bad_request``,
-  ``error``; ``model="_unknown"`` for a model name the server does not have)
+  ``unauthorized``, ``error``; ``model="_unknown"`` for a model name the server does not
+  have)
 - ``deepseek_request_queue_seconds``, ``deepseek_request_compute_seconds``,
   ``deepseek_request_total_seconds``: latency histograms of served requests
 - ``deepseek_batch_size``: executed batch sizes (rows, after padding)
@@ -23,12 +24,19 @@ import threading
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the server)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the server)
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-OUTCOMES = ("ok", "deadline_refused", "queue_full", "unavailable", "bad_request", "error")
+OUTCOMES = ("ok", "deadline_refused", "queue_full", "unavailable", "bad_request", "unauthorized",
+            "error")
 
 
 class BusyWindow:

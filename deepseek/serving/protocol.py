@@ -100,7 +100,7 @@ class ModelSignature:
 
     @staticmethod
     def from_engine(engine, name: str, max_batch_size: int = 64,
-                    length_buckets: tuple[int, ...] = ()) -> "ModelSignature":
+                    length_buckets: tuple[int, ...] = ()) -> ModelSignature:
         """Read an engine's graph. The model batches if every input and output has the
         same plain symbol as dim 0 (and nowhere else); a symbolic dim other than that
         is padded to length buckets if a ``*mask*`` input carries it and it appears
@@ -109,8 +109,8 @@ class ModelSignature:
         names = g.input_names if len(g.input_names) == len(g.inputs) else [v.name for v in g.inputs]
         for v in list(g.inputs) + list(g.outputs):
             if v.spec.dtype not in TORCH_TO_KSERVE:
-                raise ProtocolError(500, f"model {name!r}: tensor {v.name} has dtype "
-                                         f"{v.spec.dtype}, which KServe v2 cannot carry")
+                raise DeepseekError(f"cannot serve model {name!r}: tensor {v.name} has dtype "
+                                    f"{v.spec.dtype}, which KServe v2 cannot carry")
         inputs = [TensorInfo(n, v.spec.dtype, tuple(v.spec.shape)) for n, v in zip(names, g.inputs)]
         outputs = [TensorInfo(n, v.spec.dtype, tuple(v.spec.shape))
                    for n, v in zip(_output_names(g.out_structure, len(g.outputs)), g.outputs)]

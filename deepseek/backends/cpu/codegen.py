@@ -170,7 +170,7 @@ class _Emitter:
         if op is Op.PERMUTE:
             return f"{n(ins[0])}.permute({n(attrs['dims'])})"
         only_first = live == [out]
-        if op is Op.MAX_POOL2D:
+        if op is Op.MAX_POOL2D and self.device == "cpu":
             a = attrs
             # pooling is 3x faster on channels-last activations (vectorized over channels)
             return (f"torch.max_pool2d({n(ins[0])}.contiguous(memory_format=CL), {a['kernel_size']}, "
