@@ -39,8 +39,13 @@ def _cuda_graph(fn):
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return g.replay
+        out = fn()
+
+    def replay():
+        g.replay()
+        return out
+
+    return replay
 
 
 def time_cuda(contenders: dict, iters: int, warmup: int = 5) -> dict[str, float]:

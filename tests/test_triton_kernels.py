@@ -96,4 +96,15 @@ def test_source_is_cached_on_disk(tmp_path, monkeypatch):
     xs = [torch.randn(5, 7, device=DEVICE)]
     PointwiseKernel(program, xs, (5, 7), torch.float32)(*xs)
     files = list(tmp_path.rglob("pointwise_*.py"))
-    assert len(files) == 1 and "@triton.jit" in files[0].read_text()
+    # the strided kernel for rank 2 and the flat one for dense same-layout inputs
+    assert len(files) == 2 and all("@triton.jit" in f.read_text() for f in files)
+
+
+def test_channels_last_inputs_keep_their_layout():
+    program = dump_program(PROGRAMS["bias_residual_gelu"])
+    xs = [torch.randn(2, 6, 5, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
+          for _ in range(3)]
+    ref = run_program(xs, program)
+    got = PointwiseKernel(program, xs, ref.shape, torch.float32)(*xs)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

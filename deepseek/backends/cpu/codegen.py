@@ -161,6 +161,16 @@ class _Emitter:
                 if kernel is not None:
                     return kernel
             return self.fused_chain(node, ins)
+        if op is Op.CONVOLUTION and self.device != "cpu" and len(attrs["stride"]) == 2 \
+                and self.graph.is_constant(ins[1]):
+            # cuDNN's tensor-core convolutions want channels-last activations and weights
+            w = self.const(self.constants[ins[1].name].contiguous(memory_format=torch.channels_last),
+                           "wcl")
+            args = ", ".join(n(v) for v in (attrs["stride"], attrs["padding"], attrs["dilation"],
+                                            attrs["transposed"], attrs["output_padding"],
+                                            attrs["groups"]))
+            return (f"torch.convolution({n(ins[0])}.contiguous(memory_format=CL), {w}, "
+                    f"{n(ins[2]) if ins[2] is not None else None}, {args})")
         if op is Op.CONVOLUTION and _ONEDNN and self.device == "cpu":
             fused = self.onednn_conv(node, ins, attrs)
             if fused is not None:

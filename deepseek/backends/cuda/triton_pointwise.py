@@ -176,8 +176,12 @@ class PointwiseKernel:
     def __init__(self, program: str, inputs: Sequence[torch.Tensor | float], out_shape, out_dtype):
         self.shape = tuple(out_shape)
         self.out_dtype = out_dtype
+        self.n_inputs = len(inputs)
         self.source = generate_source(program, len(inputs), len(self.shape))
         self.kernel = load_kernel(self.source) if self.source else None
+        # inputs all of the output's shape and one dense layout: index memory directly
+        flat = generate_source(program, len(inputs), 1)
+        self.flat_kernel = load_kernel(flat) if flat else None
 
     @staticmethod
     def supported(program: str, inputs: Sequence, out_dtype) -> bool:
@@ -188,6 +192,16 @@ class PointwiseKernel:
     def __call__(self, *inputs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         import triton
 
+        first = inputs[0]
+        if all(x.shape == self.shape and x.stride() == first.stride() for x in inputs) and (
+                first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last)):
+            # same dense layout everywhere (channels-last included): a flat loop, layout kept
+            out = torch.empty_like(first, dtype=self.out_dtype) if out is None else out
+            n = out.numel()
+            if n:
+                self.flat_kernel[(triton.cdiv(n, self.BLOCK),)](
+                    *inputs, out, n, n, *([1] * self.n_inputs), BLOCK=self.BLOCK)
+            return out
         if out is None:
             out = torch.empty(self.shape, dtype=self.out_dtype, device=inputs[0].device)
         strides = []
