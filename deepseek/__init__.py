@@ -13,6 +13,23 @@ from deepseek.ir.types import Sym, TensorSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "load", "capture", "optimize_graph", "Graph", "Node", "Value", "TensorSpec",
-           "Sym", "DeepseekError", "ArtifactError", "BackendError", "CaptureError", "InputError",
-           "IRError", "UnsupportedOpError", "__version__"]
+
+def profile(engine, **options):
+    """Profile an Engine while a ``with`` block runs; ``prof.report()`` explains the result.
+
+        with ds.profile(engine) as prof:
+            for _ in range(20):
+                engine(x)
+        prof.report().print()   # operators by time, hotspots on the roofline, suggestions
+
+    Options (``warmup``, ``kernels``, ``peaks``, ``hotspot_share``): see
+    :class:`deepseek.profiler.Profile`. The profiler is imported on first use.
+    """
+    from deepseek.profiler.trace import Profile
+
+    return Profile(engine, **options)
+
+
+__all__ = ["compile", "load", "capture", "optimize_graph", "profile", "Graph", "Node", "Value",
+           "TensorSpec", "Sym", "DeepseekError", "ArtifactError", "BackendError", "CaptureError",
+           "InputError", "IRError", "UnsupportedOpError", "__version__"]

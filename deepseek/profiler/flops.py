@@ -1,7 +1,8 @@
 """Floating-point operations of one node, for concrete shapes.
 
 Counts follow the usual convention: a multiply-add is 2 FLOPs; an
-element-wise op is 1 FLOP per output element; a reduction 1 per input
+element-wise op is 1 FLOP per output element (a fused chain, one per
+step); a reduction 1 per input
 element; normalizations and softmax a small constant per element. Data
 movement (views, copies, gathers, concatenation, padding) is 0. These are
 estimates for placing an op on the roofline, not exact instruction counts.
@@ -9,6 +10,7 @@ estimates for placing an op on the roofline, not exact instruction counts.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Mapping
 
@@ -69,6 +71,11 @@ def node_flops(node: Node, env: Mapping[str, int]) -> int:
     if op in _POOL_WINDOW:
         return _numel(out) * _numel(node.attrs.get("kernel_size", [1]))
     props = node.opdef.props
+    if props & Prop.ELEMENTWISE and "program" in node.attrs:  # a fused chain: one FLOP per step
+        try:
+            return _numel(out) * len(json.loads(node.attrs["program"]))
+        except (TypeError, ValueError):
+            return _numel(out)
     if props & Prop.ELEMENTWISE:
         return _numel(out) if op not in (Op.CLONE, Op.LIFT_FRESH_COPY, Op.TO_COPY) else 0
     if props & Prop.REDUCTION:

@@ -149,7 +149,8 @@ class Profile:
         self.warmup = warmup
         self.peaks = peaks
         self.hotspot_share = hotspot_share
-        self.name = name or repr(engine)
+        self.name = name or (f"engine ({engine.backend.name}, {len(engine.graph.nodes)} nodes, "
+                             f"inputs {', '.join(str(v.spec) for v in engine.graph.inputs)})")
         self.device = engine.backend.capabilities().device
         gpu = any(p.device.startswith("cuda") for p in engine._parts)
         self.kernels = gpu if kernels is None else kernels
@@ -163,9 +164,10 @@ class Profile:
         self._torch_profiler = None
         self._active = False
         self._t0 = 0
+        self.unrecorded = 0
 
     # --- attaching ------------------------------------------------------------
-    def __enter__(self) -> "Profile":
+    def __enter__(self) -> Profile:
         if self._active:
             raise RuntimeError("this profile is already active")
         if "run_flat" in vars(self.engine):
@@ -225,18 +227,24 @@ class Profile:
 
         def run_flat(tensors):
             start = time.perf_counter_ns()
-            out = original(tensors)
-            end = time.perf_counter_ns()
-            self._record(tensors, start, end, [p.stamps for p in probes])
-            for p in probes:
-                p.stamps.clear()
-            self._call_index[0] += 1
+            try:
+                out = original(tensors)
+                end = time.perf_counter_ns()
+                self._record(tensors, start, end, [p.stamps for p in probes])
+            finally:  # a call that raised leaves no half-filled stamps behind
+                for p in probes:
+                    p.stamps.clear()
+                self._call_index[0] += 1
             return out
 
         engine.run_flat = run_flat  # an instance attribute shadows the method until detached
 
     def _detach(self) -> None:
         vars(self.engine).pop("run_flat", None)
+        self.unrecorded = sum(1 for p in self.probes if p.stamps)
+        if self.unrecorded:
+            log.warning("the engine ran outside engine(...)/engine.run_flat looked up inside the "
+                        "profile (a bound method taken before it?): those calls are not recorded")
         for probe in self.probes:
             exe = probe.executable
             for plan in getattr(exe, "plans", {}).values():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import re
 import time
 
 import torch
@@ -80,6 +81,11 @@ def _onednn_is_faster(shape, weight, bias, packed, attrs, post, scalars, algo) -
     return times["onednn"] <= times["aten"]
 
 
+def _kernel_hint(kind: str) -> str:
+    """A Python identifier prefix for an op's kernel ("quantized_decomposed::x.y" too)."""
+    return "k_" + re.sub(r"\W", "_", kind.split(".")[0]).lstrip("_") + "_"
+
+
 def _source(x) -> str:
     """Source text of a call argument (a name, or a list of names from a Tensor[] slot)."""
     return "[" + ", ".join(map(_source, x)) + "]" if isinstance(x, list) else x
@@ -139,7 +145,7 @@ class _Emitter:
                                                 {k: self.name(a) for k, a in attrs.items()})
             if node.opdef.has(Prop.CREATION):
                 kwargs["device"] = repr(self.device)
-            fn = self.const(node.opdef.overload._op, f"k_{node.kind.split('.')[0].lstrip('_')}_")
+            fn = self.const(node.opdef.overload._op, _kernel_hint(node.kind))
             args = [_source(a) for a in args] + [f"{k}={_source(v)}" for k, v in kwargs.items()]
             expr = f"{fn}({', '.join(args)})"
         self.lines.append(f"    {lhs} = {expr}")
@@ -161,6 +167,11 @@ class _Emitter:
                 if kernel is not None:
                     return kernel
             return self.fused_chain(node, ins)
+        if op is Op.NATIVE_GROUP_NORM and self.device != "cpu":  # CUDA's kernel wants NCHW
+            d = node.opdef
+            args, kwargs = d.call_args([f"{n(ins[0])}.contiguous()"] + [n(v) for v in ins[1:]],
+                                       {k: n(a) for k, a in attrs.items()})
+            return f"{self.const(d.overload._op, 'k_group_norm')}({', '.join(args)})"
         if op is Op.CONVOLUTION and self.device != "cpu" and len(attrs["stride"]) == 2 \
                 and self.graph.is_constant(ins[1]):
             # cuDNN's tensor-core convolutions want channels-last activations and weights
@@ -242,7 +253,7 @@ class _Emitter:
                 d = opdef(op)
                 call_args, kwargs = d.call_args(src, {k: self.name(decode_attr(v))
                                                       for k, v in attrs.items()})
-                fn = self.const(d.overload._op, f"k_{opname.split('.')[0].lstrip('_')}_")
+                fn = self.const(d.overload._op, _kernel_hint(opname))
                 expr = f"{fn}({', '.join(list(call_args) + [f'{k}={v}' for k, v in kwargs.items()])})"
             target = base if j == len(steps) - 1 else f"{base}_{j}"
             if j < len(steps) - 1:

@@ -11,6 +11,7 @@ enables TF32 matmuls and convolutions while this backend executes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Sequence
@@ -59,13 +60,21 @@ class CUDAExecutable:
         self.cuda_graphs = cuda_graphs
         self.constants = {n: t.to(device) for n, t in graph.constants.items()}
         self.runners: dict[tuple, object] = {}
+        self.hook = None  # the profiler's per-node hook
+
+    def instrumented(self, hook) -> "CUDAExecutable":
+        """Profiler twin: same weights; plans run kernel by kernel (no CUDA graph)."""
+        twin = copy.copy(self)
+        twin.cuda_graphs, twin.runners, twin.hook = False, {}, hook
+        return twin
 
     def _runner(self, inputs: Sequence[torch.Tensor]):
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         runner = self.runners.get(key)
         if runner is None:
             env = bind_inputs(self.graph, inputs)
-            plan = generate_plan(self.graph, env, str(self.device), constants=self.constants)
+            plan = generate_plan(self.graph, env, str(self.device), constants=self.constants,
+                                 instrument=self.hook)
             runner = plan
             if self.cuda_graphs:
                 try:
