@@ -60,6 +60,9 @@ def _onnxruntime(model, inputs, threads: int) -> Callable | None:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no busy-waiting between runs: spinning threads would steal the cores from the
+    # contender timed next (interleaved timing)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     feeds = {n: x.numpy() for n, x in zip([i.name for i in sess.get_inputs()], inputs)}
     return lambda: torch.from_numpy(sess.run(None, feeds)[0])
