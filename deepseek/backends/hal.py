@@ -69,8 +69,19 @@ class Backend:
 
     def execute(self, executable: Any, inputs: Sequence[torch.Tensor],
                 outputs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Run an executable; writes into ``outputs`` when given, returns the outputs."""
-        raise NotImplementedError(f"backend {self.name!r} needs execute(executable, inputs)")
+        """Run an executable; writes into ``outputs`` when given, returns the outputs.
+
+        The default calls ``executable(inputs)``: backends whose executables are
+        callables need not override it.
+        """
+        if not callable(executable):
+            raise NotImplementedError(f"backend {self.name!r} needs execute(executable, inputs)")
+        results = executable(inputs)
+        if outputs is None:
+            return results
+        for dst, src in zip(outputs, results):
+            dst.copy_(src)
+        return list(outputs)
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {}

@@ -84,11 +84,3 @@ class CPUBackend(Backend):
 
     def compile(self, graph: Graph, target: str | None = None) -> CPUExecutable:
         return CPUExecutable(graph, self.threads)
-
-    def execute(self, executable: CPUExecutable, inputs, outputs=None) -> list[torch.Tensor]:
-        results = executable(inputs)
-        if outputs is not None:
-            for dst, src in zip(outputs, results):
-                dst.copy_(src)
-            return list(outputs)
-        return results

@@ -121,11 +121,3 @@ class CUDABackend(Backend):
     def compile(self, graph: Graph, target: str | None = None) -> CUDAExecutable:
         return CUDAExecutable(graph, torch.device(f"cuda:{self.index}"),
                               tf32=self.tf32 or target == "tf32", cuda_graphs=self.cuda_graphs)
-
-    def execute(self, executable: CUDAExecutable, inputs, outputs=None) -> list[torch.Tensor]:
-        results = executable(inputs)
-        if outputs is not None:
-            for dst, src in zip(outputs, results):
-                dst.copy_(src)
-            return list(outputs)
-        return results
