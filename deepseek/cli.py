@@ -1,8 +1,8 @@
-"""The ``deepseek`` command: demo, compile, run, info, bench.
+"""The ``deepseek`` command: demo, compile, export, run, info, bench.
 
 A MODEL argument is one of: a built-in example name (``mnist_cnn``), a
 ``package.module:factory`` whose factory returns ``(model, example_inputs)``
-(your own code, imported as Python would), or a ``.dsk`` file.
+(your own code, imported as Python would), a ``.onnx`` file, or a ``.dsk`` file.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ EXAMPLES_TEXT = {
     "run": "deepseek run mnist.dsk --dim batch=4",
     "info": "deepseek info mnist.dsk --graph\n  deepseek info mnist.dsk --memory --dim batch=8",
     "bench": "deepseek bench mnist_cnn --batch 1 --iters 200 --threads 2",
+    "export": "deepseek export mnist_cnn --onnx mnist.onnx --dynamic-batch\n"
+              "  deepseek export mnist.dsk --onnx mnist.onnx --opset 18",
 }
 
 
@@ -129,14 +131,32 @@ def cmd_demo(a) -> int:
     return _compare(model, engine, "mnist_cnn", a.batch, a.iters)
 
 
-def cmd_compile(a) -> int:
+def _onnx_dynamic_batch(path: str) -> dict:
+    """dynamic_dims making dim 0 of every (non-scalar) input of an ONNX file symbolic."""
+    from deepseek.frontend.onnx_import import load_model_proto
+
+    proto = load_model_proto(path)
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    return {k: {0: "batch"} for k, i in enumerate(inputs) if len(i.type.tensor_type.shape.dim)}
+
+
+def _compile_any(a):
+    """An Engine for a MODEL argument (.onnx file, built-in example or package.module:factory)."""
     import deepseek as ds
 
+    if a.model.endswith(".onnx"):
+        dyn = _onnx_dynamic_batch(a.model) if a.dynamic_batch else None
+        return ds.compile(a.model, backend=a.backend, opt_level=a.opt_level, dynamic_dims=dyn)
     model, inputs = load_model(a.model, a.batch)
     dyn = {i: {0: "batch"} for i, x in enumerate(inputs)
            if isinstance(x, torch.Tensor) and x.dim() > 0} if a.dynamic_batch else None
-    engine = ds.compile(model, inputs, backend=a.backend, opt_level=a.opt_level,
-                        dynamic_dims=dyn, strict=a.strict)
+    return ds.compile(model, inputs, backend=a.backend, opt_level=a.opt_level,
+                      dynamic_dims=dyn, strict=a.strict)
+
+
+def cmd_compile(a) -> int:
+    engine = _compile_any(a)
     engine.save(a.output)
     print(engine.report())
     print(f"saved {a.output}")
@@ -153,6 +173,18 @@ def cmd_run(a) -> int:
     for v, t in zip(engine.graph.outputs, flat):
         print(f"{v.name}: shape {tuple(t.shape)} {t.dtype}  mean {t.double().mean():.5g} "
               f"std {t.double().std() if t.numel() > 1 else 0:.5g}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    import deepseek as ds
+
+    if not a.onnx:
+        raise DeepseekError("deepseek export needs a target format: --onnx PATH")
+    engine = ds.load(a.model, backend=a.backend) if a.model.endswith(".dsk") else _compile_any(a)
+    engine.export_onnx(a.onnx, opset=a.opset)
+    print(f"exported {len(engine.graph.nodes)} IR nodes of {a.model} to {a.onnx} "
+          f"(ONNX opset {a.opset or 17}, checked by onnx.checker)")
     return 0
 
 
@@ -244,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
     s.add_argument("--dynamic-batch", action="store_true", help="make dim 0 of every input "
                    "symbolic ('batch'); use an example batch of 2 or more")
+    s.add_argument("--strict", action="store_true", help="fail on ops without a Deepseek kernel")
+
+    s = command("export", cmd_export, "export a model (example, factory, .onnx or .dsk) to ONNX")
+    s.add_argument("model")
+    s.add_argument("--onnx", metavar="PATH", help="write an ONNX model (checked by onnx.checker)")
+    s.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    s.add_argument("--backend", default="cpu")
+    s.add_argument("--opt-level", type=int, default=2)
+    s.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
+    s.add_argument("--dynamic-batch", action="store_true", help="make dim 0 of every input "
+                   "symbolic ('batch', a dim_param in the ONNX file)")
     s.add_argument("--strict", action="store_true", help="fail on ops without a Deepseek kernel")
 
     s = command("run", cmd_run, "run a .dsk artifact on random inputs and summarize the outputs")

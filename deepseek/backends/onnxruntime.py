@@ -141,11 +141,4 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"ONNX Runtime rejects the exported partition: {e}") from e
         return OrtExecutable(session, [i.name for i in model.graph.input],
                              [o.name for o in model.graph.output], len(data))
-
-    def execute(self, executable: OrtExecutable, inputs, outputs=None) -> list[torch.Tensor]:
-        results = executable(inputs)
-        if outputs is not None:
-            for dst, src in zip(outputs, results):
-                dst.copy_(src)
-            return list(outputs)
-        return results
+    # execute(): the base class calls the OrtExecutable

@@ -68,10 +68,11 @@ _TABLE: list[tuple[str, Prop]] = [
         "bitwise_and", "bitwise_or", "bitwise_xor",
     ) for o in ("Tensor", "Scalar")],
     *[(f"{n}.default", EW2) for n in (
-        "maximum", "minimum", "atan2", "logical_and", "logical_or", "logical_xor", "copysign",
+        "maximum", "minimum", "atan2", "logical_and", "logical_or", "logical_xor",
         "floor_divide", "hypot", "fmax", "fmin",
     )],
-    ("xlogy.Tensor", EW2), ("rsub.Tensor", EW2), ("rsub.Scalar", EW2), ("div.Tensor_mode", EW2), ("div.Scalar_mode", EW2),
+    ("copysign.Tensor", EW2), ("copysign.Scalar", EW2), ("xlogy.Tensor", EW2),
+    ("rsub.Tensor", EW2), ("rsub.Scalar", EW2), ("div.Tensor_mode", EW2), ("div.Scalar_mode", EW2),
     ("pow.Tensor_Tensor", EW2), ("pow.Scalar", EW2),
     ("bitwise_left_shift.Tensor", EW2), ("bitwise_right_shift.Tensor", EW2),
     ("where.self", Prop.ELEMENTWISE), ("lerp.Scalar", Prop.ELEMENTWISE),
@@ -223,6 +224,7 @@ class OpDef:
         n_list = len(inputs) - n_fixed
         it = iter(inputs)
         args, kwargs = [], {}
+        skipped = False  # after a skipped defaulted argument, later ones go by keyword
         for a in self.args:
             if a.kind in ("list", "optional_list"):
                 value = [next(it) for _ in range(n_list)]
@@ -231,10 +233,11 @@ class OpDef:
             elif a.name in attrs:
                 value = attrs[a.name]
             elif a.name in _DROPPED_ATTRS or a.has_default:
+                skipped = True
                 continue
             else:
                 raise IRError(f"{self.name}: missing attribute {a.name!r}")
-            if a.kwarg_only:
+            if a.kwarg_only or skipped:
                 kwargs[a.name] = value
             else:
                 args.append(value)

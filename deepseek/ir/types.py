@@ -31,7 +31,14 @@ DTYPES: dict[str, torch.dtype] = {
     "complex64": torch.complex64,
     "float8_e4m3fn": torch.float8_e4m3fn,
     "float8_e5m2": torch.float8_e5m2,
+    "float8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "float8_e5m2fnuz": torch.float8_e5m2fnuz,
+    "uint16": torch.uint16,
+    "uint32": torch.uint32,
+    "uint64": torch.uint64,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # newer torch only
+    DTYPES["float8_e8m0fnu"] = torch.float8_e8m0fnu
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
