@@ -49,6 +49,10 @@ class QuantConfig:
     percentile: float = 99.99  # for calibration="percentile"
     weight_search: str = "minmax"  # "minmax" | "mse": clip weight ranges to the least error
     fold_batch_norm: bool = True  # fold BatchNorm into the convolution before it first
+    # weights only: "symmetric" | "asymmetric"; None follows ``method``. oneDNN's int8 kernels
+    # take no weight zero point (asymmetric weights cost a correction after the GEMM), so
+    # method="asymmetric", weight_method="symmetric" is the fastest CPU scheme
+    weight_method: str | None = None
     progress: bool = True  # a progress bar over calibration batches (on a terminal)
 
     def __post_init__(self) -> None:
@@ -57,7 +61,12 @@ class QuantConfig:
 
     @property
     def symmetric(self) -> bool:
+        """Whether activations (and, unless ``weight_method`` says otherwise, weights) are."""
         return self.method == "symmetric"
+
+    @property
+    def weight_symmetric(self) -> bool:
+        return (self.weight_method or self.method) == "symmetric"
 
     def validate(self) -> None:
         def bad(what: str) -> QuantizationError:
@@ -71,6 +80,9 @@ class QuantConfig:
                       f"{self.activation_bits!r}")
         if self.method not in METHODS:
             raise bad(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.weight_method is not None and self.weight_method not in METHODS:
+            raise bad(f"weight_method must be one of {METHODS} or None, got "
+                      f"{self.weight_method!r}")
         if self.granularity not in GRANULARITIES:
             raise bad(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not isinstance(self.group_size, int) or self.group_size < 2:

@@ -16,6 +16,8 @@ imports it so that these ops exist before the registry is built.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +76,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
 
 
-def _finish(y: torch.Tensor, post_op: str, out_scale: float, out_zp: int, out_dtype) -> torch.Tensor:
+def _finish(y: torch.Tensor, post_op: str, out_scale: float, out_zp: int,
+            out_dtype) -> torch.Tensor:
     if post_op == "relu":
         y = torch.relu(y)
     if out_dtype is None or out_dtype == torch.float32:
@@ -102,27 +105,34 @@ def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight
     return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
 
 
-def reference_linear_weight_only(x, weight, weight_scale, weight_zero_point, bias, bits, group_size):
+def reference_linear_weight_only(x, weight, weight_scale, weight_zero_point, bias, bits,
+                                 group_size):
     """``linear(x, dequantize(weight), bias)`` in x's dtype."""
     w = dequantize_weight(weight, weight_scale, weight_zero_point, bits, group_size)
     return F.linear(x, w.to(x.dtype), bias if bias is None else bias.to(x.dtype))
 
 
 # --- caches on the weight tensor ---------------------------------------------------
+_CACHE: dict[int, tuple] = {}  # id(owner) -> (weakref to owner, owner._version, {key: value})
+
+
 def _cached(owner: torch.Tensor, key: tuple, build):
-    """``build()`` computed once per ``key`` and per version of ``owner``; kept on ``owner``.
+    """``build()`` computed once per ``key`` and per version of ``owner`` (a weight).
 
     The codegen passes the same constant tensor object on every call, so the
-    pre-packed weight is made on the first call only; an in-place change of
-    the weight (a new ``_version``) invalidates it.
+    pre-packed weight is made on the first call only; an in-place change of the
+    weight (a new ``_version``) invalidates it, and it is dropped with the
+    weight. (Kept beside the tensor, not on it: an opaque oneDNN tensor in its
+    ``__dict__`` would break ``copy.deepcopy`` and ``torch.save`` of the weight.)
     """
-    cache = owner.__dict__.get("_deepseek_quant_cache")
-    if cache is None or cache[0] != owner._version:
-        cache = (owner._version, {})
-        owner.__dict__["_deepseek_quant_cache"] = cache
-    hit = cache[1].get(key)
+    i = id(owner)
+    entry = _CACHE.get(i)
+    if entry is None or entry[0]() is not owner or entry[1] != owner._version:
+        ref = weakref.ref(owner, lambda _, i=i: _CACHE.pop(i, None))
+        entry = _CACHE[i] = (ref, owner._version, {})
+    hit = entry[2].get(key)
     if hit is None:
-        hit = cache[1][key] = build()
+        hit = entry[2][key] = build()
     return hit
 
 
@@ -166,6 +176,9 @@ def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
         return reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale,
                                      weight_zero_point, bias, post_op, output_scale,
                                      output_zero_point, output_dtype)
+    if x.dtype == torch.int8:  # oneDNN's int8-activation GEMM is a slow reference path (~5000x
+        x = torch.bitwise_xor(x.view(torch.uint8), 128)  # here): x + 128 as uint8, exactly
+        x_zero_point = x_zero_point + 128
     scales, zeros, zp = _channel_params(weight, weight_scale, weight_zero_point)
     packed = _cached(weight, ("qlinear",), lambda: torch.ops.onednn.qlinear_prepack(weight, None))
     fuse = not zp  # a weight zero point is corrected for after the kernel, before post-ops
@@ -264,8 +277,8 @@ def _linear_meta(x, x_scale, x_zero_point, weight, *rest):
 
 def _conv_meta(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, stride,
                padding, dilation, groups, post_op, output_scale, output_zero_point, output_dtype):
-    out = F.conv2d(torch.empty(x.shape, device="meta"),
-                   torch.empty(weight.shape, device="meta"), None, stride, padding, dilation, groups)
+    out = F.conv2d(torch.empty(x.shape, device="meta"), torch.empty(weight.shape, device="meta"),
+                   None, stride, padding, dilation, groups)
     return x.new_empty(out.shape, dtype=output_dtype or torch.float32)
 
 

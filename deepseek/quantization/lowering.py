@@ -31,6 +31,7 @@ from deepseek.quantization.kernels import pack_int4
 
 _DQ_ACT = {Op.DEQUANTIZE_PER_TENSOR, Op.DEQUANTIZE_PER_TENSOR_TENSOR}
 _Q_ACT = {Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR}
+_RESHAPES = {Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE}
 _FULL_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
@@ -69,7 +70,8 @@ class _Matcher:
         if self.graph.is_constant(v):
             return self.graph.constants[v.name]
         p = self.producers.get(v)
-        if p is not None and p.op is not None and p.opdef.has(Prop.CREATION) and not p.input_values():
+        if (p is not None and p.op is not None and p.opdef.has(Prop.CREATION)
+                and not p.input_values()):
             try:
                 return p.opdef.reference(list(p.inputs), p.attrs, device="cpu")
             except Exception:
@@ -88,7 +90,8 @@ class _Matcher:
     def act(self, v) -> _Act | None:
         """A per-tensor de-quantized uint8/int8 activation feeding a kernel."""
         p = self.producers.get(v) if isinstance(v, Value) else None
-        if p is None or p.op not in _DQ_ACT or p.attrs.get("out_dtype") not in (None, torch.float32):
+        if (p is None or p.op not in _DQ_ACT
+                or p.attrs.get("out_dtype") not in (None, torch.float32)):
             return None
         x = p.inputs[0]
         if not isinstance(x, Value) or x.spec.dtype not in (torch.uint8, torch.int8):
@@ -96,12 +99,19 @@ class _Matcher:
         params = self.qparams(p)
         return _Act(x, *params) if params is not None else None
 
-    def weight(self, v, rank: int) -> _Weight | None:
-        """A constant integer weight de-quantized per tensor, channel (axis 0) or group."""
+    def weight(self, v, rank: int, axis: int = 0) -> _Weight | None:
+        """A constant integer weight de-quantized per tensor, per channel along ``axis``
+        (the output channels) or per group; uint8 weights become int8 (q - 128, zp - 128)."""
         p = self.producers.get(v) if isinstance(v, Value) else None
+        if p is not None and p.op in _RESHAPES and p.inputs[0].spec.shape == v.spec.shape:
+            p = self.producers.get(p.inputs[0])  # a reshape to the same shape: no-op
         if p is None or p.op is None:
             return None
         q = self.const(p.inputs[0])
+        if q is None and self.producers.get(p.inputs[0]) is not None:  # a reshaped constant
+            r = self.producers[p.inputs[0]]
+            base = self.const(r.inputs[0]) if r.op in _RESHAPES else None
+            q = base.reshape(p.inputs[0].spec.shape) if base is not None else None
         if q is None or q.dtype not in (torch.int8, torch.uint8) or q.dim() != rank:
             return None
         qmin, qmax = int(p.attrs["quant_min"]), int(p.attrs["quant_max"])
@@ -110,27 +120,43 @@ class _Matcher:
             params = self.qparams(p)
             if params is None:
                 return None
-            return _Weight(q, torch.tensor([params[0]]), torch.tensor([params[1]], dtype=torch.int32)
-                           if params[1] else None, bits, 0)
-        if p.op is Op.DEQUANTIZE_PER_CHANNEL and p.attrs.get("axis") == 0:
+            w = _Weight(q, torch.tensor([params[0]]), torch.tensor([params[1]], dtype=torch.int32),
+                        bits, 0)
+        elif p.op is Op.DEQUANTIZE_PER_CHANNEL and p.attrs.get("axis") == axis:
             s, z = self.const(p.inputs[1]), p.inputs[2]
             zt = self.const(z) if z is not None else None
-            if s is None or (z is not None and zt is None) or s.numel() != q.shape[0]:
+            if s is None or (z is not None and zt is None) or s.numel() != q.shape[axis]:
                 return None
-            return _Weight(q, s, zt if zt is not None and bool(zt.ne(0).any()) else None, bits, 0)
-        if p.op is Op.DEQUANTIZE_PER_CHANNEL_GROUP and rank == 2:
+            w = _Weight(q, s, zt, bits, 0)
+        elif p.op is Op.DEQUANTIZE_PER_CHANNEL_GROUP and rank == 2 and axis == 0:
             s, z = self.const(p.inputs[1]), p.inputs[2]
             zt = self.const(z) if z is not None else None
             if s is None or (z is not None and zt is None):
                 return None
             return _Weight(q, s, zt, bits, int(p.attrs["group_size"]))
-        return None
+        else:
+            return None
+        if q.dtype == torch.uint8:  # the same values in int8, exactly
+            zp = w.zero_point if w.zero_point is not None else torch.zeros(1, dtype=torch.int32)
+            w.q = (q.to(torch.int16) - 128).to(torch.int8)
+            w.zero_point = zp.to(torch.int32) - 128
+        if w.zero_point is not None and not bool(w.zero_point.ne(0).any()):
+            w.zero_point = None
+        return w
 
     def transposed_weight(self, v) -> _Weight | None:
+        """The (N, K) integer weight behind a GEMM's right operand: ``permute`` of an
+        (N, K) weight (``F.linear``), or an (K, N) weight itself (ONNX MatMul / Gemm)."""
         p = self.producers.get(v) if isinstance(v, Value) else None
-        if p is None or not (p.op is Op.T or (p.op is Op.PERMUTE and list(p.attrs["dims"]) == [1, 0])):
+        transpose = p is not None and (
+            p.op is Op.T or (p.op is Op.PERMUTE and list(p.attrs["dims"]) == [1, 0]))
+        if transpose:
+            return self.weight(p.inputs[0], 2)
+        w = self.weight(v, 2, axis=1)  # (K, N), as ONNX MatMul / Gemm weights are
+        if w is None or w.group_size:
             return None
-        return self.weight(p.inputs[0], 2)
+        w.q = w.q.t().contiguous()
+        return w
 
     def sole_user(self, v: Value) -> Node | None:
         us = self.users.get(v, [])
@@ -162,31 +188,39 @@ def _lower_conv(m: _Matcher, node: Node) -> list[Node] | None:
     return [Node(Op.CONV2D_INT8, inputs, attrs, list(node.outputs), node.source)]
 
 
-def _lower_linear(m: _Matcher, node: Node) -> list[Node] | None:
+def _lower_linear(m: _Matcher, node: Node, removed: set[int]) -> list[Node] | None:
     if node.op is Op.ADDMM:
         if node.attrs.get("beta", 1) != 1 or node.attrs.get("alpha", 1) != 1:
             return None
         bias, x, wt = node.inputs
-    else:
+    else:  # mm, or matmul of a (..., K) input by a 2-D weight
         bias, (x, wt) = None, node.inputs
+        if node.op is Op.MATMUL and (not isinstance(x, Value) or x.spec.rank < 2
+                                     or wt.spec.rank != 2):
+            return None
     w = m.transposed_weight(wt)
     if w is None:
         return None
     view = m.producers.get(x) if isinstance(x, Value) else None
-    viewed = view is not None and view.op in (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE)
+    viewed = view is not None and view.op in _RESHAPES
     act = m.act(view.inputs[0] if viewed else x)
     if act is None or w.group_size or w.q.dtype != torch.int8:
         return _lower_weight_only(m, node, x, w, bias)
     pre: list[Node] = []
-    xq = act.q
-    if viewed:
+    xq, outputs = act.q, list(node.outputs)
+    back = m.sole_user(node.outputs[0])
+    if viewed and back is not None and back.op in _RESHAPES and \
+            back.outputs[0].spec.shape == (*xq.spec.shape[:-1], w.q.shape[0]):
+        outputs = list(back.outputs)  # (B, T, K) -> (B*T, K) -> mm -> (B, T, N): one N-D kernel
+        removed.add(id(back))
+    elif viewed:
         out = Value(m.graph.fresh_name(f"{xq.name}_view"), TensorSpec(x.spec.shape, xq.spec.dtype))
         pre.append(Node(view.op, [xq], dict(view.attrs), [out], view.source))
         xq = out
     inputs = [xq] + _int8_inputs(m, w, bias)
     attrs = {"x_scale": act.scale, "x_zero_point": act.zero_point, "post_op": "none",
              "output_scale": 1.0, "output_zero_point": 0, "output_dtype": None}
-    return pre + [Node(Op.LINEAR_INT8, inputs, attrs, list(node.outputs), node.source)]
+    return pre + [Node(Op.LINEAR_INT8, inputs, attrs, outputs, node.source)]
 
 
 def _lower_weight_only(m: _Matcher, node: Node, x, w: _Weight, bias) -> list[Node] | None:
@@ -220,7 +254,8 @@ def _fuse_epilogue(m: _Matcher, kernel: Node, removed: set[int]) -> None:
         return
     dtype = user.attrs.get("dtype")
     params = m.qparams(user)
-    if params is None or _FULL_RANGE.get(dtype) != (user.attrs["quant_min"], user.attrs["quant_max"]):
+    qrange = (user.attrs["quant_min"], user.attrs["quant_max"])
+    if params is None or _FULL_RANGE.get(dtype) != qrange:
         return
     kernel.attrs.update(output_scale=params[0], output_zero_point=params[1], output_dtype=dtype)
     kernel.outputs = list(user.outputs)
@@ -251,8 +286,8 @@ def lower_quantized_ops(graph: Graph) -> Graph:
             continue
         if node.op is Op.CONVOLUTION:
             new = _lower_conv(m, node)
-        elif node.op in (Op.ADDMM, Op.MM):
-            new = _lower_linear(m, node)
+        elif node.op in (Op.ADDMM, Op.MM, Op.MATMUL):
+            new = _lower_linear(m, node, removed)
         else:
             continue
         if new is None:

@@ -44,7 +44,8 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero_point", None if symmetric and granularity != "per_tensor"
                              else zp.to(torch.int32).contiguous())
-        self.bits, self.symmetric, self.granularity, self.group_size = bits, symmetric, granularity, group_size
+        self.bits, self.symmetric = bits, symmetric
+        self.granularity, self.group_size = granularity, group_size
         self.qmin, self.qmax = r.qmin, r.qmax
 
     def forward(self) -> torch.Tensor:
@@ -53,9 +54,10 @@ class QuantizedWeight(nn.Module):
             return qd.dequantize_per_tensor.tensor(q, s, z, self.qmin, self.qmax, torch.int8)
         if self.granularity == "per_channel":
             return qd.dequantize_per_channel(q, s, z, 0, self.qmin, self.qmax, torch.int8)
-        w = qd.dequantize_per_channel_group(q.reshape(q.shape[0], -1), s, z, self.qmin, self.qmax,
-                                            torch.int8, self.group_size, torch.float32)
-        return w.reshape(q.shape)
+        q2 = q if q.dim() == 2 else q.reshape(q.shape[0], -1)
+        w = qd.dequantize_per_channel_group(q2, s, z, self.qmin, self.qmax, torch.int8,
+                                            self.group_size, torch.float32)
+        return w if q.dim() == 2 else w.reshape(q.shape)
 
     def extra_repr(self) -> str:
         sym = "symmetric" if self.symmetric else "asymmetric"
@@ -116,7 +118,8 @@ class QuantizedConv2d(nn.Module):
         super().__init__()
         self.input_quant = input_quant
         self.weight = weight
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        bias = conv.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.groups = conv.groups
 

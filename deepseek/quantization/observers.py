@@ -59,7 +59,8 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, r: QRange,
     return scale, zp
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, r: QRange) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+             r: QRange) -> torch.Tensor:
     """``clamp(round(x / scale) + zero_point)`` with broadcasting scale/zero point."""
     q = torch.round(x.float() * (1.0 / scale)) + zero_point
     return torch.clamp(q, r.qmin, r.qmax).to(r.dtype)

@@ -67,7 +67,8 @@ class FakeQuantize(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         if self.weight:
             g = effective_granularity(x, self.granularity, self.group_size)
-            self.set_qparams(*weight_qparams(x.detach(), self.r, self.symmetric, g, self.group_size))
+            self.set_qparams(*weight_qparams(x.detach(), self.r, self.symmetric, g,
+                                             self.group_size))
             return
         lo, hi = x.detach().min(), x.detach().max()
         if not self.initialized:
@@ -80,7 +81,8 @@ class FakeQuantize(nn.Module):
                                          self.symmetric))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing and (self.training or not self.initialized) and \
+        # weights: qparams follow the current weight; activations: observed while training
+        if self.observing and (self.weight or self.training or not self.initialized) and \
                 not (self.learnable and self.initialized):
             self._observe(x)
         s, z = self.scale, self.zero_point.float()
@@ -136,7 +138,8 @@ def prepare_qat(quantizer, model: nn.Module, calibration_data: Iterable | None,
         "per_channel" if c.granularity == "per_group" else c.granularity)
     for n in names:
         m = float_model.get_submodule(n)
-        wfq = FakeQuantize(qrange(c.weight_bits, c.symmetric, weight=True), c.symmetric, True,
+        wfq = FakeQuantize(qrange(c.weight_bits, c.weight_symmetric, weight=True),
+                           c.weight_symmetric, True,
                            granularity, c.group_size, learnable_scales)
         wfq(m.weight)  # initial qparams from the trained weight
         wfq.observing = not learnable_scales
@@ -168,7 +171,7 @@ def convert(quantizer, model: nn.Module) -> nn.Module:
             if wfq.observing:
                 wfq._observe(m.weight)
             g = effective_granularity(m.weight, wfq.granularity, wfq.group_size)
-            weight = QuantizedWeight(m.weight, c.weight_bits, c.symmetric, g, c.group_size,
+            weight = QuantizedWeight(m.weight, c.weight_bits, c.weight_symmetric, g, c.group_size,
                                      qparams=(wfq.scale.abs().clamp_min(1e-12), wfq.zero_point))
             act = None
             if afq is not None:

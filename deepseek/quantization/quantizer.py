@@ -51,7 +51,8 @@ class QuantReport:
         lines = [f"{self.mode} quantization: {len(self.quantized)} layers quantized, "
                  f"{len(self.kept_float)} kept in float"]
         if self.mixed_precision:
-            lines.append(f"  kept in float for the accuracy budget: {', '.join(self.mixed_precision)}")
+            lines.append("  kept in float for the accuracy budget: "
+                         + ", ".join(self.mixed_precision))
         if self.metric_float is not None and self.metric_quantized is not None:
             lines.append(f"  metric: float {self.metric_float:.4f} -> quantized "
                          f"{self.metric_quantized:.4f}")
@@ -130,7 +131,8 @@ class Quantizer:
         returns ``{name: Calibrator}``."""
         c = self.config
         r = qrange(c.activation_bits, c.symmetric, weight=False)
-        calibrators = {n: make_calibrator(c.calibration, r, c.symmetric, c.percentile) for n in names}
+        calibrators = {n: make_calibrator(c.calibration, r, c.symmetric, c.percentile)
+                       for n in names}
         hooks = []
         for n in names:
             def hook(module, args, cal=calibrators[n]):
@@ -158,7 +160,7 @@ class Quantizer:
         granularity = c.granularity
         if granularity == "per_group" and calibrator is not None:
             granularity = "per_channel"  # int8 kernels take per-channel weight scales
-        weight = QuantizedWeight(module.weight, c.weight_bits, c.symmetric, granularity,
+        weight = QuantizedWeight(module.weight, c.weight_bits, c.weight_symmetric, granularity,
                                  c.group_size, c.weight_search)
         act = None
         if calibrator is not None:

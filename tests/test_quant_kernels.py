@@ -1,0 +1,105 @@
+"""The integer kernel ops (deepseek_quant::*) against their reference formulae."""
+
+import copy
+
+import pytest
+import torch
+
+import deepseek.ir.ops  # noqa: F401  (the registry imports the kernel ops)
+from deepseek.quantization import kernels as K
+
+dq = torch.ops.deepseek_quant
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small kernels: one intra-op thread is fastest, and fair to a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def _weight(n, k, asym, per_tensor=False):
+    w = torch.randint(-127 if not asym else -128, 128, (n, k), dtype=torch.int8)
+    s = torch.rand(1 if per_tensor else n) * 0.02 + 1e-3
+    z = torch.randint(-4, 5, s.shape, dtype=torch.int32) if asym else None
+    return w, s, z
+
+
+def _close_quantized(out, ref, quantum_ok=1):
+    """Equal, or one step apart where fp rounding differs at a .5 boundary (rare)."""
+    diff = (out.int() - ref.int()).abs()
+    assert int(diff.max()) <= quantum_ok
+    assert float((diff > 0).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("act", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("asym_w", [False, True])
+@pytest.mark.parametrize("post", ["none", "relu"])
+@pytest.mark.parametrize("out_dtype", [None, torch.uint8, torch.int8])
+def test_linear_int8_matches_reference(act, asym_w, post, out_dtype):
+    lo, hi = (0, 256) if act == torch.uint8 else (-128, 128)
+    x = torch.randint(lo, hi, (3, 7, 48), dtype=act)
+    w, s, z = _weight(24, 48, asym_w, per_tensor=asym_w and post == "relu")
+    b = torch.randn(24)
+    xz = 131 if act == torch.uint8 else 0
+    oz = 7 if out_dtype == torch.uint8 else 0
+    args = (x, 0.013, xz, w, s, z, b, post, 0.05, oz, out_dtype)
+    out, ref = dq.linear_int8(*args), K.reference_linear_int8(*args)
+    assert out.shape == (3, 7, 24) and out.dtype == (out_dtype or torch.float32)
+    if out_dtype is None:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    else:
+        _close_quantized(out, ref)
+
+
+@pytest.mark.parametrize("act", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("asym_w", [False, True])
+@pytest.mark.parametrize("geometry", [(1, 1, 1, 1), (2, 0, 1, 2), (1, 2, 2, 8)])
+def test_conv2d_int8_matches_reference(act, asym_w, geometry):
+    stride, padding, dilation, groups = geometry
+    lo, hi = (0, 256) if act == torch.uint8 else (-128, 128)
+    x = torch.randint(lo, hi, (2, 8, 11, 10), dtype=act)
+    w, s, z = _weight(16, 8 // groups * 9, asym_w)
+    w = w.reshape(16, 8 // groups, 3, 3)
+    b = torch.randn(16)
+    args = (x, 0.02, 5 if act == torch.uint8 else 0, w, s, z, b, [stride] * 2, [padding] * 2,
+            [dilation] * 2, groups, "relu", 1.0, 0, None)
+    out, ref = dq.conv2d_int8(*args), K.reference_conv2d_int8(*args)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    meta = dq.conv2d_int8(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    assert meta.shape == out.shape and meta.dtype == out.dtype
+
+
+def test_prepacked_weight_is_cached_and_refreshed_on_change():
+    x = torch.randint(0, 256, (4, 32), dtype=torch.uint8)
+    w, s, _ = _weight(8, 32, False)
+    first = dq.linear_int8(x, 0.1, 128, w, s, None, None, "none", 1.0, 0, None)
+    assert id(w) in K._CACHE
+    copy.deepcopy(w)  # the cache lives beside the weight, which stays copyable
+    w.mul_(-1)  # in place: the packed copy must not be reused
+    second = dq.linear_int8(x, 0.1, 128, w, s, None, None, "none", 1.0, 0, None)
+    torch.testing.assert_close(second, -first, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 16), (4, 0), (8, 16)])
+def test_linear_weight_only(bits, group):
+    q = torch.randint(-8, 8, (12, 64), dtype=torch.int8) if bits == 4 else \
+        torch.randint(-128, 128, (12, 64), dtype=torch.int8)
+    s = torch.rand(12, 64 // group) * 0.1 if group else torch.rand(12) * 0.1
+    z = torch.randint(-2, 3, s.shape, dtype=torch.int32)
+    stored = K.pack_int4(q) if bits == 4 else q
+    assert stored.numel() == q.numel() // (2 if bits == 4 else 1)
+    x = torch.randn(5, 64)
+    out = dq.linear_weight_only(x, stored, s, z, None, bits, group)
+    w = (q.float().reshape(12, -1, group or 64) - z.float().reshape(12, -1, 1)) * \
+        s.reshape(12, -1, 1)
+    torch.testing.assert_close(out, x @ w.reshape(12, 64).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_packing_round_trips():
+    q = torch.randint(-8, 8, (7, 30), dtype=torch.int8)
+    packed = K.pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 15)
+    assert torch.equal(K.unpack_int4(packed), q)
