@@ -50,32 +50,21 @@ _INPLACE_BINARY = {
 }
 
 
-def _onednn_is_faster(shape, weight, bias, packed, attrs, post, scalars, algo) -> bool:
-    """Time oneDNN (packed, fused) against ATen's convolution for this exact shape.
+_POST_FNS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+             "swish": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish,
+             "none": lambda t: t}
 
-    Small or odd convolutions (one input channel, say) run faster through
-    ATen's im2col path; the choice is made by measurement, once per plan.
+
+def _onednn_is_faster(onednn: Callable[[], object], aten: Callable[[], object]) -> bool:
+    """Whether the oneDNN candidate beats ATen's kernel, measured for this exact shape.
+
+    Small or odd shapes (a convolution with one input channel, a GEMM with one
+    row) run faster through ATen; big ones through oneDNN. Decided once per plan.
     """
-    x = torch.randn(shape)
-    xcl = x.contiguous(memory_format=torch.channels_last)
-    a = attrs
-    post_fn = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-               "swish": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish,
-               "none": lambda t: t}[post]
-
-    def onednn():
-        torch.ops.mkldnn._convolution_pointwise(xcl, packed, bias, a["padding"], a["stride"],
-                                                a["dilation"], a["groups"], post, scalars, algo)
-
-    def aten():
-        post_fn(torch.convolution(x, weight, bias, a["stride"], a["padding"], a["dilation"],
-                                  False, a["output_padding"], a["groups"]))
-
     onednn()
     t0 = time.perf_counter()
     onednn()
-    first = time.perf_counter() - t0
-    if first > 0.02:  # a big convolution: oneDNN wins there, and timing would cost seconds
+    if time.perf_counter() - t0 > 0.02:  # big: oneDNN wins there, and timing would cost seconds
         return True
     times = time_interleaved({"onednn": onednn, "aten": aten}, iters=7, warmup=2)
     return times["onednn"] <= times["aten"]
@@ -182,6 +171,10 @@ class _Emitter:
                                             attrs["groups"]))
             return (f"torch.convolution({n(ins[0])}.contiguous(memory_format=CL), {w}, "
                     f"{n(ins[2]) if ins[2] is not None else None}, {args})")
+        if op in (Op.ADDMM, Op.MM) and _ONEDNN and self.device == "cpu":
+            fused = self.onednn_linear(node, ins, attrs)
+            if fused is not None:
+                return fused
         if op is Op.CONVOLUTION and _ONEDNN and self.device == "cpu":
             fused = self.onednn_conv(node, ins, attrs)
             if fused is not None:
@@ -283,7 +276,15 @@ class _Emitter:
         if fuse:
             post, scalars, algo = _CONV_POST_OPS[users[0].op]
         bias = g.constants[b.name] if b is not None else None
-        if not _onednn_is_faster(shape, g.constants[w.name], bias, packed, attrs, post, scalars, algo):
+        xr = torch.randn(shape)
+        xcl, a = xr.contiguous(memory_format=torch.channels_last), attrs
+        if not _onednn_is_faster(
+                lambda: torch.ops.mkldnn._convolution_pointwise(
+                    xcl, packed, bias, a["padding"], a["stride"], a["dilation"], a["groups"], post,
+                    scalars, algo),
+                lambda: _POST_FNS[post](torch.convolution(
+                    xr, g.constants[w.name], bias, a["stride"], a["padding"], a["dilation"], False,
+                    a["output_padding"], a["groups"]))):
             return None
         if fuse:
             self.fused_into[id(users[0])] = self.names[id(out)]
@@ -292,6 +293,33 @@ class _Emitter:
                 f"{self.const(packed, 'packed')}, {self.name(b) if b is not None else None}, "
                 f"{attrs['padding']}, {attrs['stride']}, {attrs['dilation']}, {attrs['groups']}, "
                 f"{post!r}, {scalars}, {algo!r})")
+
+    def onednn_linear(self, node: Node, ins, attrs) -> str | None:
+        """A float32 GEMM with a constant weight as oneDNN's linear on a weight in its own
+        blocked layout (2-3x MKL's sgemm on AMD CPUs), chosen by measurement."""
+        g = self.graph
+        if node.op is Op.ADDMM:
+            b, x, w = ins
+            if attrs.get("beta", 1) != 1 or attrs.get("alpha", 1) != 1:
+                return None
+        else:
+            (x, w), b = ins, None
+        if not (isinstance(x, Value) and g.is_constant(w) and x.spec.dtype == torch.float32
+                and w.spec.dtype == torch.float32 and x.spec.rank == 2 and w.spec.rank == 2):
+            return None
+        if b is not None and not (g.is_constant(b) and b.spec.shape == (w.spec.shape[1],)
+                                  and b.spec.dtype == torch.float32):
+            return None
+        wt = self.constants[w.name]  # (K, N)
+        weight = wt.t().contiguous().to_mkldnn()  # (N, K), oneDNN's layout
+        bias = self.constants[b.name] if b is not None else None
+        xr = torch.randn(x.spec.concrete(self.env))
+        if not _onednn_is_faster(
+                lambda: torch.ops.mkldnn._linear_pointwise(xr, weight, bias, "none", [], ""),
+                lambda: torch.addmm(bias, xr, wt) if bias is not None else torch.mm(xr, wt)):
+            return None
+        return (f"torch.ops.mkldnn._linear_pointwise({self.name(x)}, {self.const(weight, 'wdnn')}, "
+                f"{self.name(b) if b is not None else None}, 'none', [], '')")
 
     def generate(self) -> Callable:
         g = self.graph
