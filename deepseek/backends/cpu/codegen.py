@@ -171,7 +171,7 @@ class _Emitter:
                                             attrs["groups"]))
             return (f"torch.convolution({n(ins[0])}.contiguous(memory_format=CL), {w}, "
                     f"{n(ins[2]) if ins[2] is not None else None}, {args})")
-        if op in (Op.ADDMM, Op.MM) and _ONEDNN and self.device == "cpu":
+        if op in (Op.ADDMM, Op.MM, Op.MATMUL) and _ONEDNN and self.device == "cpu":
             fused = self.onednn_linear(node, ins, attrs)
             if fused is not None:
                 return fused
@@ -305,7 +305,8 @@ class _Emitter:
         else:
             (x, w), b = ins, None
         if not (isinstance(x, Value) and g.is_constant(w) and x.spec.dtype == torch.float32
-                and w.spec.dtype == torch.float32 and x.spec.rank == 2 and w.spec.rank == 2):
+                and w.spec.dtype == torch.float32 and x.spec.rank >= 2 and w.spec.rank == 2
+                and (x.spec.rank == 2 or node.op is Op.MATMUL)):
             return None
         if b is not None and not (g.is_constant(b) and b.spec.shape == (w.spec.shape[1],)
                                   and b.spec.dtype == torch.float32):
@@ -313,13 +314,17 @@ class _Emitter:
         wt = self.constants[w.name]  # (K, N)
         weight = wt.t().contiguous().to_mkldnn()  # (N, K), oneDNN's layout
         bias = self.constants[b.name] if b is not None else None
-        xr = torch.randn(x.spec.concrete(self.env))
+        shape = x.spec.concrete(self.env)  # (..., K): leading dims fold into the GEMM's rows
+        xr = torch.randn(-(-x.spec.nbytes(self.env) // 4 // shape[-1]), shape[-1])
         if not _onednn_is_faster(
                 lambda: torch.ops.mkldnn._linear_pointwise(xr, weight, bias, "none", [], ""),
                 lambda: torch.addmm(bias, xr, wt) if bias is not None else torch.mm(xr, wt)):
             return None
-        return (f"torch.ops.mkldnn._linear_pointwise({self.name(x)}, {self.const(weight, 'wdnn')}, "
+        rows = self.name(x) + (f".reshape(-1, {shape[-1]})" if len(shape) > 2 else "")
+        call = (f"torch.ops.mkldnn._linear_pointwise({rows}, {self.const(weight, 'wdnn')}, "
                 f"{self.name(b) if b is not None else None}, 'none', [], '')")
+        out = list(node.outputs[0].spec.concrete(self.env))
+        return call if len(shape) == 2 else f"{call}.view({out})"
 
     def generate(self) -> Callable:
         g = self.graph
