@@ -64,9 +64,13 @@ def _onednn_is_faster(onednn: Callable[[], object], aten: Callable[[], object]) 
     onednn()
     t0 = time.perf_counter()
     onednn()
-    if time.perf_counter() - t0 > 0.02:  # big: oneDNN wins there, and timing would cost seconds
+    first = time.perf_counter() - t0
+    if first > 0.02:  # big: oneDNN wins there, and timing would cost seconds
         return True
-    times = time_interleaved({"onednn": onednn, "aten": aten}, iters=7, warmup=2)
+    # about 50 ms of timing per decision: many rounds for small kernels, whose
+    # medians are otherwise at the mercy of noise, few for larger ones
+    iters = max(3, min(31, int(0.025 / max(first, 1e-6))))
+    times = time_interleaved({"onednn": onednn, "aten": aten}, iters=iters, warmup=2)
     return times["onednn"] <= times["aten"]
 
 
