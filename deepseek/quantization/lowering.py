@@ -27,6 +27,7 @@ import torch
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop
 from deepseek.ir.types import TensorSpec
+from deepseek.passes.simplify import eliminate_dead_code
 from deepseek.quantization.kernels import pack_int4
 
 _DQ_ACT = {Op.DEQUANTIZE_PER_TENSOR, Op.DEQUANTIZE_PER_TENSOR_TENSOR}
@@ -262,17 +263,6 @@ def _fuse_epilogue(m: _Matcher, kernel: Node, removed: set[int]) -> None:
     removed.add(id(user))
 
 
-def _eliminate_dead(graph: Graph) -> None:
-    live = {id(v) for v in graph.outputs}
-    kept = []
-    for node in reversed(graph.nodes):
-        if any(id(o) in live for o in node.outputs):
-            kept.append(node)
-            live.update(id(v) for v in node.input_values())
-    graph.nodes = kept[::-1]
-    graph.remove_unused_constants()
-
-
 def lower_quantized_ops(graph: Graph) -> Graph:
     """Replace QDQ convolution / linear patterns by integer kernel ops (module docstring);
     ReLU and an output quantize that follow are fused into the kernel."""
@@ -301,5 +291,5 @@ def lower_quantized_ops(graph: Graph) -> Graph:
             continue
         nodes.extend(replaced.get(id(node), [node]))
     graph.nodes = nodes
-    _eliminate_dead(graph)
+    eliminate_dead_code(graph)
     return graph
