@@ -253,3 +253,42 @@ def test_inplace_never_overwrites_a_storage_another_input_views():
     engine = ds.compile(model, (torch.randn(5, 5),), backend="cpu")
     x = torch.randn(5, 5)
     assert torch.allclose(engine(x), model(x))
+
+
+class SkipNet(nn.Module):
+    """A big early activation read again at the end (a U-Net-style skip connection)."""
+
+    def forward(self, x):
+        a = torch.sigmoid(x) * 3.0  # big, cheap to recompute from x
+        h = torch.relu(a)
+        for _ in range(6):  # a long stretch of work in between
+            h = torch.tanh(h) + 0.5
+        small = h.sum(dim=-1, keepdim=True)
+        return small * a  # the late read of a
+
+
+def test_activate_recompute_meets_a_budget_and_keeps_outputs():
+    from deepseek.passes import activate_recompute
+    from deepseek.passes.memory import peak_live_bytes
+
+    x = torch.randn(64, 512)
+    graph = ds.capture(SkipNet(), (x,))
+    before = peak_live_bytes(graph, {})
+    budget = int(before * 0.8)
+    out = activate_recompute(graph, budget)
+    after = peak_live_bytes(out, {})
+    assert after <= budget < before
+    assert sum(n.outputs[0].name.endswith("_recomputed") for n in out.nodes) >= 1
+    from deepseek.ir.verify import verify
+
+    verify(out)
+    x2 = torch.randn(64, 512)
+    assert torch.allclose(run_graph(out, [x2])[0], SkipNet()(x2), atol=1e-6)
+
+
+def test_activate_recompute_leaves_a_graph_within_budget_alone():
+    from deepseek.passes import activate_recompute
+
+    graph = ds.capture(SkipNet(), (torch.randn(8, 16),))
+    text = str(graph)
+    assert str(activate_recompute(graph, 1 << 40)) == text

@@ -20,6 +20,7 @@ from deepseek.passes.cse import eliminate_common_subexpr
 from deepseek.passes.fusion import fuse_conv_bn, fuse_elementwise
 from deepseek.passes.memory import schedule_inplace_ops
 from deepseek.passes.precision import map_to_tensorcore
+from deepseek.passes.recompute import activate_recompute
 from deepseek.passes.simplify import eliminate_dead_code, fold_constants, simplify_algebra
 from deepseek.quantization.lowering import has_qdq, lower_quantized_ops
 
@@ -101,5 +102,6 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
 
 
 __all__ = ["fuse_conv_bn", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
-           "eliminate_common_subexpr", "schedule_inplace_ops", "map_to_tensorcore", "run_passes",
+           "eliminate_common_subexpr", "schedule_inplace_ops", "map_to_tensorcore", "activate_recompute",
+           "run_passes",
            "pipeline", "optimize_graph", "PassRecord", "PIPELINES"]

@@ -76,3 +76,28 @@ def schedule_inplace_ops(graph: Graph) -> Graph:
                 last = storage_last_use(graph, root)
                 break
     return graph
+
+
+def buffer_lifetimes(graph: Graph, env, align: int = 64) -> tuple[dict, dict, dict, dict]:
+    """For each owned storage: (first node, last node, aligned bytes, owning value)."""
+    root = storage_of(graph)
+    last = storage_last_use(graph, root)
+    first: dict[int, int] = {}
+    owner: dict[int, Value] = {}
+    for i, n in enumerate(graph.nodes):
+        for o in n.outputs:
+            if root[id(o)] == id(o):
+                first[id(o)] = i
+                owner[id(o)] = o
+    sizes = {r: -(-owner[r].spec.nbytes(env) // align) * align for r in first}
+    return first, {r: last[r] for r in first}, sizes, owner
+
+
+def peak_live_bytes(graph: Graph, env) -> int:
+    """The most bytes of intermediate storage live at once, nodes run in order."""
+    first, last, sizes, _ = buffer_lifetimes(graph, env)
+    live = [0] * (len(graph.nodes) + 1)
+    for r in first:
+        for i in range(first[r], min(last[r], len(graph.nodes)) + 1):
+            live[i] += sizes[r]
+    return max(live, default=0)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from deepseek.ir.graph import Graph, Node, Value
+from deepseek.ir.graph import Graph, Node
 from deepseek.ir.ops import Prop
-from deepseek.passes.memory import storage_last_use, storage_of
+from deepseek.passes.memory import buffer_lifetimes, peak_live_bytes
 
 
 def _is_view(n: Node) -> bool:
@@ -58,16 +58,7 @@ def plan_memory(graph: Graph, env: Mapping[str, int]) -> MemoryPlan:
     the most bytes live at once (a lower bound), ``total_bytes`` what one
     buffer per tensor would take.
     """
-    root = storage_of(graph)
-    last = storage_last_use(graph, root)
-    first: dict[int, int] = {}
-    owner: dict[int, Value] = {}
-    for i, n in enumerate(graph.nodes):
-        for o in n.outputs:
-            if root[id(o)] == id(o):
-                first[id(o)] = i
-                owner[id(o)] = o
-    sizes = {r: -(-owner[r].spec.nbytes(env) // _ALIGN) * _ALIGN for r in first}
+    first, last, sizes, owner = buffer_lifetimes(graph, env, _ALIGN)
     placed: list[tuple[int, int, int, int]] = []  # (offset, size, start, end)
     plan = MemoryPlan(total_bytes=sum(sizes.values()))
     for r in sorted(first, key=lambda r: (-sizes[r], first[r])):
@@ -82,9 +73,5 @@ def plan_memory(graph: Graph, env: Mapping[str, int]) -> MemoryPlan:
         plan.offsets[owner[r].name] = offset
         plan.sizes[owner[r].name] = size
         plan.arena_bytes = max(plan.arena_bytes, offset + size)
-    live = [0] * (len(graph.nodes) + 1)
-    for r in first:
-        for i in range(first[r], min(last[r], len(graph.nodes)) + 1):
-            live[i] += sizes[r]
-    plan.peak_live_bytes = max(live, default=0)
+    plan.peak_live_bytes = peak_live_bytes(graph, env)
     return plan
