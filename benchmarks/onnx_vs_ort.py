@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from deepseek.numerics import fresh_like, rel_l2
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results", "onnx_vs_ort.json")
 
@@ -40,23 +42,6 @@ CONFIGS = {  # factory kwargs, iterations
 }
 SMALL = {"mnist_cnn": dict(batch=1), "resnet50": dict(batch=1, image=64),
          "bert_base": dict(batch=1, seq=16), "gpt2_small": dict(batch=1, seq=16)}
-
-
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-def _fresh(inputs):
-    out = []
-    for t in inputs:
-        if t.is_floating_point():
-            out.append(torch.randn_like(t))
-        elif t.max() <= 1 and t.min() >= 0:
-            out.append(t.clone())
-        else:
-            out.append(torch.randint(2, int(t.max()) + 1, t.shape, dtype=t.dtype))
-    return tuple(out)
 
 
 def bench_model(name: str, kwargs: dict, iters: int, threads: int, folder: str) -> dict:
@@ -88,7 +73,7 @@ def bench_model(name: str, kwargs: dict, iters: int, threads: int, folder: str) 
     sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
     ort_load_s = time.perf_counter() - t0
 
-    x = _fresh(inputs)
+    x = fresh_like(inputs)
     feeds = {i.name: torch_to_numpy(t) for i, t in zip(sess.get_inputs(), x)}
     out_names = [o.name for o in sess.get_outputs()]
     with torch.no_grad():
@@ -99,8 +84,8 @@ def bench_model(name: str, kwargs: dict, iters: int, threads: int, folder: str) 
     ds_out = engine(*x)
     ds0 = ds_out if isinstance(ds_out, torch.Tensor) else ds_out[0]
     ort0 = torch.from_numpy(sess.run(out_names, feeds)[0])
-    check = {"deepseek_vs_eager": _rel_l2(ds0, eager0), "onnxruntime_vs_eager": _rel_l2(ort0, eager0),
-             "deepseek_vs_onnxruntime": _rel_l2(ds0, ort0)}
+    check = {"deepseek_vs_eager": rel_l2(ds0, eager0), "onnxruntime_vs_eager": rel_l2(ort0, eager0),
+             "deepseek_vs_onnxruntime": rel_l2(ds0, ort0)}
 
     def run_ds():
         engine(*x)

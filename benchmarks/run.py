@@ -23,6 +23,7 @@ import torch
 
 import deepseek as ds
 from benchmarks.models import BENCHMARK_MODELS
+from deepseek.numerics import rel_l2
 from deepseek.timing import time_interleaved
 
 CONFIGS = {  # (factory kwargs, iterations)
@@ -37,11 +38,6 @@ def _first(x):
     from torch.utils._pytree import tree_leaves
 
     return tree_leaves(x)[0]
-
-
-def _rel_l2(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def _onnxruntime(model, inputs, threads: int) -> Callable | None:
@@ -115,7 +111,7 @@ def bench_model(name: str, threads: int, iters: int | None, skip: set[str]) -> d
         fn = _openvino(model, inputs)
         if fn is not None:
             contenders["openvino"] = fn
-    errors = {k: _rel_l2(_first(fn()), ref) for k, fn in contenders.items()}
+    errors = {k: rel_l2(_first(fn()), ref) for k, fn in contenders.items()}
     times = time_interleaved(contenders, iters=iters, warmup=3)
     return {
         "model": name, "config": kwargs, "iters": iters,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from deepseek.errors import DeepseekError
+from deepseek.numerics import rel_l2
 
 EXAMPLES_TEXT = {
     "demo": "deepseek demo --batch 1",
@@ -84,11 +85,6 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
     return dims
 
 
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
 def _first_tensor(x: Any) -> torch.Tensor:
     from torch.utils._pytree import tree_leaves
 
@@ -102,7 +98,7 @@ def _compare(model, engine, model_name: str, batch: int, iters: int) -> int:
     with torch.no_grad():
         ref = _first_tensor(model(*inputs))
     got = _first_tensor(engine(*inputs))
-    err = _rel_l2(got, ref)
+    err = rel_l2(got, ref)
     print(f"check vs eager PyTorch on fresh random inputs: relative L2 error {err:.2e} "
           f"({'OK' if err < 1e-4 else 'MISMATCH'})")
 

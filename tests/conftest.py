@@ -4,6 +4,8 @@ import sys
 import pytest
 import torch
 
+from deepseek.numerics import rel_l2  # noqa: F401  (tests import it from here)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # tests import benchmarks.models and tests.model_zoo
     sys.path.insert(0, ROOT)
@@ -12,11 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():  # Triton kernels are checked on the CPU by its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 @pytest.fixture(autouse=True)

@@ -8,20 +8,8 @@ from torch.utils._pytree import tree_leaves
 import deepseek as ds
 from deepseek.frontend.onnx_export import to_onnx
 from deepseek.frontend.onnx_import import import_onnx
+from deepseek.numerics import fresh_like  # noqa: F401  (re-exported for the tests)
 from tests.conftest import rel_l2
-
-
-def fresh_like(inputs):
-    """New random inputs of the same shapes/dtypes (ids in a safe range, masks kept 0/1)."""
-    out = []
-    for t in inputs:
-        if t.is_floating_point():
-            out.append(torch.randn_like(t))
-        elif t.max() <= 1 and t.min() >= 0:
-            out.append(t.clone())
-        else:
-            out.append(torch.randint(2, int(t.max()) + 1, t.shape, dtype=t.dtype))
-    return tuple(out)
 
 
 def roundtrip(model, inputs, dynamic_dims=None, run_inputs=None, tol=1e-4):

@@ -6,6 +6,7 @@ from torch.utils._pytree import tree_leaves
 
 import deepseek as ds
 from benchmarks.models import BENCHMARK_MODELS
+from deepseek.numerics import fresh_like
 from tests.conftest import rel_l2
 from tests.model_zoo import ZOO
 
@@ -33,29 +34,16 @@ def _check(model, inputs, engine_inputs=None):
     return engine
 
 
-def _fresh_like(inputs):
-    """New random inputs of the same shapes/dtypes (ids stay in a safe range, masks keep 0/1)."""
-    out = []
-    for t in inputs:
-        if t.is_floating_point():
-            out.append(torch.randn_like(t))
-        elif t.max() <= 1 and t.min() >= 0:
-            out.append(t.clone())  # attention masks
-        else:
-            out.append(torch.randint(2, int(t.max()) + 1, t.shape, dtype=t.dtype))
-    return tuple(out)
-
-
 @pytest.mark.parametrize("name", sorted(BENCHMARK_MODELS))
 def test_benchmark_models_match_eager(name):
     model, inputs = BENCHMARK_MODELS[name](**SMALL[name])
-    _check(model, inputs, _fresh_like(inputs))
+    _check(model, inputs, fresh_like(inputs))
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_breadth_models_match_eager(name):
     model, inputs = ZOO[name]()
-    engine = _check(model, inputs, _fresh_like(inputs))
+    engine = _check(model, inputs, fresh_like(inputs))
     assert not engine.report().fallback_nodes, "every op of the zoo has a Deepseek kernel"
 
 

@@ -415,17 +415,20 @@ class OnnxImporter:
         return flat
 
     # --- emitting nodes -------------------------------------------------------------------
+    def _run_abstract(self, d, inputs: list, attrs: dict):
+        """An op's reference kernel on abstract tensors: fake (symbolic dims) or meta."""
+        abstract = [self.abstract(x) if isinstance(x, Value) else x for x in inputs]
+        if self.symbolic:
+            with self.mode:
+                return d.reference(abstract, attrs, device="cpu")
+        return d.reference(abstract, attrs, device="meta")
+
     def emit(self, op: Op, inputs: list, attrs: dict, hint: str, source: str) -> list[Value]:
         d = opdef(op)
         attrs = _fill_positional_defaults(d, attrs)
         ir_attrs = self.to_attr(attrs)
-        abstract = [self.abstract(x) if isinstance(x, Value) else x for x in inputs]
         try:
-            if self.symbolic:
-                with self.mode:
-                    out = d.reference(abstract, attrs, device="cpu")
-            else:
-                out = d.reference(abstract, attrs, device="meta")
+            out = self._run_abstract(d, inputs, attrs)
         except DeepseekError:
             raise
         except Exception as e:
@@ -466,13 +469,8 @@ class OnnxImporter:
         from deepseek.ir.graph import fallback_opdef
 
         d = fallback_opdef(target)
-        abstract = [self.abstract(x) if isinstance(x, Value) else x for x in inputs]
         try:
-            if self.symbolic:
-                with self.mode:
-                    out = d.reference(abstract, attrs, device="cpu")
-            else:
-                out = d.reference(abstract, attrs, device="meta")
+            out = self._run_abstract(d, inputs, attrs)
         except Exception as e:
             raise CaptureError(f"{source}: {target} rejects its inputs: {type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
