@@ -10,6 +10,7 @@ from deepseek.errors import (ArtifactError, BackendError, CaptureError, Deepseek
                              IRError, UnsupportedOpError)
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.types import Sym, TensorSpec
+from deepseek.runtime.decoder import compile_decoder
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,6 @@ def profile(engine, **options):
     return Profile(engine, **options)
 
 
-__all__ = ["compile", "load", "capture", "optimize_graph", "profile", "Graph", "Node", "Value",
+__all__ = ["compile", "compile_decoder", "load", "capture", "optimize_graph", "profile", "Graph", "Node", "Value",
            "TensorSpec", "Sym", "DeepseekError", "ArtifactError", "BackendError", "CaptureError",
            "InputError", "IRError", "UnsupportedOpError", "__version__"]

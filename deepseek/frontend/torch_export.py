@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import torch
 from torch.export import Dim, export
+from torch.utils._pytree import tree_map
 from torch.export.graph_signature import InputKind, OutputKind
 
 from deepseek.errors import CaptureError
@@ -27,8 +28,8 @@ def _dynamic_shapes(example_inputs: tuple, dynamic_dims: DynamicDims | None):
     spec = []
     for i, x in enumerate(example_inputs):
         want = dynamic_dims.get(i)
-        if want is None:
-            spec.append(None)
+        if want is None:  # same nesting as the input, nothing dynamic
+            spec.append(tree_map(lambda _: None, x) if isinstance(x, (tuple, list, dict)) else None)
             continue
         if not isinstance(x, torch.Tensor):
             raise CaptureError(f"dynamic_dims names input {i}, which is a {type(x).__name__}, "

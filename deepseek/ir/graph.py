@@ -97,6 +97,7 @@ class Graph:
 
     ``in_structure`` / ``out_structure`` describe how the flat inputs/outputs
     nest in the model's call signature (see :mod:`deepseek.runtime.structure`).
+    ``donated`` names inputs the graph may overwrite (see ``schedule_inplace_ops``).
     """
 
     inputs: list[Value] = field(default_factory=list)
@@ -107,6 +108,9 @@ class Graph:
     input_names: list[str] = field(default_factory=list)
     in_structure: Any = None
     out_structure: Any = None
+    # names of inputs whose buffers the caller gives up: the graph may write results
+    # into them in place (a decoder's KV cache, updated where it lies)
+    donated: frozenset[str] = frozenset()
     _names: Iterator[int] = field(default_factory=itertools.count, repr=False)
     _taken: set[str] = field(default_factory=set, repr=False)
 

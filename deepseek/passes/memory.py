@@ -3,14 +3,15 @@
 Buffers are tracked by *storage*: a view shares its base's storage, and a
 node that reuses an input's buffer (``node.reuse``) writes into that
 storage. A storage is live from the node that creates it to the last node
-reading any value stored in it; graph inputs and constants are never
-written and never planned.
+reading any value stored in it. Graph inputs and constants are never
+planned, and never written except donated inputs (``graph.donated``), which
+an op may update in place once nothing else reads them.
 """
 
 from __future__ import annotations
 
 from deepseek.ir.graph import Graph, Node, Value
-from deepseek.ir.ops import Prop
+from deepseek.ir.ops import Op, Prop
 
 
 def _aliases_input(n: Node) -> bool:
@@ -18,10 +19,11 @@ def _aliases_input(n: Node) -> bool:
 
 
 def storage_of(graph: Graph) -> dict[int, int]:
-    """value id -> id of the value owning its storage (-1: an input or constant)."""
+    """value id -> id of the value owning its storage (-1: an input or constant that
+    is never written; a donated input owns its storage)."""
     root: dict[int, int] = {}
     for v in graph.inputs + list(graph.const_values.values()):
-        root[id(v)] = -1
+        root[id(v)] = id(v) if v.name in graph.donated and v in graph.inputs else -1
     for n in graph.nodes:
         first = n.input_values()[0] if n.input_values() else None
         for i, o in enumerate(n.outputs):
@@ -47,14 +49,19 @@ def storage_last_use(graph: Graph, root: dict[int, int]) -> dict[int, int]:
     return last
 
 
-def schedule_inplace_ops(graph: Graph) -> Graph:
-    """Let an element-wise op write into an input whose storage dies at that op.
+# ops that return an updated copy of input 0 (scatter-like): in place they write into it
+_UPDATE_OPS = frozenset({Op.INDEX_PUT, Op.INDEX_COPY})
 
-    Sets ``node.reuse = k`` when input k (not a graph input or constant, not
-    read by any later node through any view, same shape and dtype as the
-    output, read once by this node, and no other input of the node a view of
-    its storage) can hold the result. Backends with
-    in-place kernels use it; the memory planner gives both one buffer.
+
+def schedule_inplace_ops(graph: Graph) -> Graph:
+    """Let an element-wise or scatter-like op write into an input whose storage dies there.
+
+    Sets ``node.reuse = k`` when input k (not a constant, not a graph input
+    unless donated, not read by any later node through any view, same shape
+    and dtype as the output, read once by this node, and no other input of
+    the node a view of its storage) can hold the result. Scatter-like ops
+    (index_put, index_copy) only update their input 0. Backends with in-place
+    kernels use it; the memory planner gives both one buffer.
     """
     for n in graph.nodes:
         n.reuse = None
@@ -62,10 +69,12 @@ def schedule_inplace_ops(graph: Graph) -> Graph:
     root = storage_of(graph)
     last = storage_last_use(graph, root)
     for i, n in enumerate(graph.nodes):
-        if n.fallback is not None or not n.opdef.has(Prop.ELEMENTWISE) or len(n.outputs) != 1:
+        update = n.op in _UPDATE_OPS
+        if n.fallback is not None or len(n.outputs) != 1 or not (
+                update or n.opdef.has(Prop.ELEMENTWISE)):
             continue
         out = n.outputs[0]
-        for k, v in enumerate(n.inputs):
+        for k, v in enumerate(n.inputs[:1] if update else n.inputs):
             if (isinstance(v, Value) and root[id(v)] != -1 and id(v) not in is_view
                     and last.get(root[id(v)]) == i and v.spec == out.spec
                     and sum(x is v for x in n.inputs) == 1

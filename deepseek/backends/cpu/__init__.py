@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -28,6 +29,14 @@ class CPUExecutable:
             env = bind_inputs(self.graph, inputs)
             plan = self.plans[key] = generate_plan(self.graph, env, "cpu")
         return plan
+
+    @contextlib.contextmanager
+    def running(self):
+        """This executable's settings (thread count, no autograd) while plans run."""
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.no_grad():
+            yield
 
     def instrumented(self, hook) -> "CPUExecutable":
         """A twin running this executable's plans (same kernels and weights) that calls

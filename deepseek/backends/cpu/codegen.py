@@ -49,6 +49,9 @@ _INPLACE_BINARY = {
     Op.SUB_TENSOR: ("sub_", False), Op.DIV_TENSOR: ("div_", False),
 }
 
+# scatter-like ops updating input 0 (node.reuse == 0): their in-place ATen overloads
+_UPDATE_INPLACE = {Op.INDEX_PUT: torch.ops.aten.index_put_.default,
+                   Op.INDEX_COPY: torch.ops.aten.index_copy_.default}
 
 _POST_FNS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
              "swish": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish,
@@ -154,6 +157,12 @@ class _Emitter:
             method, commutative = _INPLACE_BINARY[op]
             if k == 0 or commutative:
                 return f"{n(ins[k])}.{method}({n(ins[1 - k])})"
+        if k == 0 and op in _UPDATE_INPLACE:  # e.g. a KV cache updated where it lies
+            args, kwargs = node.opdef.call_args([n(x) for x in ins],
+                                                {key: n(a) for key, a in attrs.items()})
+            fn = self.const(_UPDATE_INPLACE[op], _kernel_hint(node.kind) + "inplace")
+            args = [_source(a) for a in args] + [f"{key}={_source(v)}" for key, v in kwargs.items()]
+            return f"{fn}({', '.join(args)})"
         if op is Op.FUSED_POINTWISE:
             if self.device != "cpu":
                 kernel = self.triton_kernel(node, ins)

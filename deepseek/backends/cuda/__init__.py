@@ -11,6 +11,7 @@ enables TF32 matmuls and convolutions while this backend executes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -60,22 +61,30 @@ class CUDAExecutable:
         self.cuda_graphs = cuda_graphs
         self.constants = {n: t.to(device) for n, t in graph.constants.items()}
         self.runners: dict[tuple, object] = {}
+        self.plans: dict[tuple, object] = {}
         self.hook = None  # the profiler's per-node hook
 
     def instrumented(self, hook) -> "CUDAExecutable":
         """Profiler twin: same weights; plans run kernel by kernel (no CUDA graph)."""
         twin = copy.copy(self)
-        twin.cuda_graphs, twin.runners, twin.hook = False, {}, hook
+        twin.cuda_graphs, twin.runners, twin.plans, twin.hook = False, {}, {}, hook
         return twin
+
+    def plan_for(self, inputs: Sequence[torch.Tensor]):
+        """The kernel-by-kernel plan for these input shapes (no CUDA graph), cached."""
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        plan = self.plans.get(key)
+        if plan is None:
+            env = bind_inputs(self.graph, inputs)
+            plan = self.plans[key] = generate_plan(self.graph, env, str(self.device),
+                                                   constants=self.constants, instrument=self.hook)
+        return plan
 
     def _runner(self, inputs: Sequence[torch.Tensor]):
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         runner = self.runners.get(key)
         if runner is None:
-            env = bind_inputs(self.graph, inputs)
-            plan = generate_plan(self.graph, env, str(self.device), constants=self.constants,
-                                 instrument=self.hook)
-            runner = plan
+            plan = runner = self.plan_for(inputs)
             if self.cuda_graphs:
                 try:
                     runner = _GraphReplay(plan, inputs)
@@ -84,17 +93,20 @@ class CUDAExecutable:
             self.runners[key] = runner
         return runner
 
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    @contextlib.contextmanager
+    def running(self):
+        """This executable's settings (tf32, no autograd, its device) while plans run."""
         matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
-        prev = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
         try:
-            with torch.cuda.device(self.device):
-                return self._runner(inputs)(inputs)
+            with torch.no_grad(), torch.cuda.device(self.device):
+                yield
         finally:
-            torch.set_grad_enabled(prev)
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        with self.running():
+            return self._runner(inputs)(inputs)
 
 
 class CUDABackend(Backend):
