@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -75,6 +76,14 @@ def _step_module(lm: torch.nn.Module) -> torch.nn.Module:
             self.values = self.values.index_copy(2, pos, value_states)
             return self.keys, self.values
 
+    params = inspect.signature(lm.forward).parameters
+    # transformers 5 renamed past_key_values to cache: take whichever this version has
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    if cache_arg not in params or "position_ids" not in params:
+        raise DecoderError(f"{type(lm).__name__}.forward takes no {cache_arg}/position_ids: "
+                           "compile_decoder needs a transformers causal LM with a KV cache")
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
     class Step(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -83,8 +92,8 @@ def _step_module(lm: torch.nn.Module) -> torch.nn.Module:
         def forward(self, input_ids, positions, kv):
             layers = [FunctionalLayer(kv[2 * i], kv[2 * i + 1], positions[0])
                       for i in range(len(kv) // 2)]
-            out = self.lm(input_ids=input_ids, cache=Cache(layers=layers),
-                          position_ids=positions[None], use_cache=True, logits_to_keep=1)
+            out = self.lm(input_ids=input_ids, position_ids=positions[None], use_cache=True,
+                          **{cache_arg: Cache(layers=layers)}, **keep)
             return (out.logits[:, -1], *[t for layer in layers for t in (layer.keys, layer.values)])
 
     return Step().eval()
