@@ -4,8 +4,8 @@ Contenders, timed side by side in interleaved rounds (whole ``generate`` calls:
 prefill of the prompt plus ``--new`` greedy tokens, no early stop):
 
 - ``eager``: ``model.generate`` with transformers' default dynamic cache;
-- ``static_compiled`` (CUDA only): ``model.generate(cache_implementation="static")``,
-  which transformers runs through torch.compile with CUDA graphs;
+- ``static_compiled`` (CUDA only): ``model.generate`` with a ``StaticCache``, with
+  which transformers compiles the forward itself (torch.compile, CUDA graphs);
 - ``deepseek``: ``ds.compile_decoder(model, ...).generate``.
 
     python -m benchmarks.decode --device cpu --threads 2 --batch 1
@@ -47,6 +47,23 @@ def _timer(device: str):
     return run
 
 
+def _static_compiled(model, ids, length: int, kw: dict):
+    """transformers' recipe for fast decoding: a StaticCache, with which ``generate``
+    compiles the forward (torch.compile, CUDA graphs) on its own."""
+    import inspect
+
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def run():
+        cache.reset()
+        return model.generate(ids, **{arg: cache}, **kw)
+
+    return run
+
+
 def bench(batch: int, prompt: int, new: int, device: str, iters: int) -> dict:
     model, _ = gpt2_small(1, 8)
     model.config.use_cache = True
@@ -67,8 +84,7 @@ def bench(batch: int, prompt: int, new: int, device: str, iters: int) -> dict:
         "deepseek": lambda: lm.generate(ids, new),
     }
     if device == "cuda":
-        contenders["static_compiled"] = lambda: model.generate(ids, cache_implementation="static",
-                                                               **kw)
+        contenders["static_compiled"] = _static_compiled(model, ids, prompt + new, kw)
     run = _timer(device)
     outputs, warm_s = {}, {}
     with torch.no_grad():
