@@ -54,7 +54,7 @@ def _static_compiled(model, ids, length: int, kw: dict):
 
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=length)
+    cache = StaticCache(config=model.config, max_cache_len=length + 16)
     arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def run():

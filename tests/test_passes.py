@@ -89,6 +89,22 @@ def test_simplify_keeps_broadcasting_and_casting_identities():
     assert kinds(g) == ["expand", "_to_copy"]
 
 
+def test_simplify_turns_bmm_of_a_broadcast_weight_into_one_mm():
+    """matmul(strided 3-D x, 2-D w) decomposes to bmm(x, expand(w)): one mm instead."""
+    def build():
+        g = Graph()
+        x = g.add_input("x", spec(5, 1, 8))
+        w = g.add_input("w", spec(8, 6))
+        e = g.add_node(Op.EXPAND, [w], {"size": [5, 8, 6]}, [spec(5, 8, 6)], name="e").outputs[0]
+        y = g.add_node(Op.BMM, [x, e], {}, [spec(5, 1, 6)], name="y").outputs[0]
+        g.outputs = [y]
+        return g
+
+    g = simplify_algebra(build())
+    assert kinds(g) == ["reshape", "mm", "reshape"]
+    check_same_outputs(build, g, [torch.randn(5, 1, 8), torch.randn(8, 6)])
+
+
 def test_fold_constants_and_dce():
     g = Graph()
     x = g.add_input("x", spec(3, 4))

@@ -7,7 +7,7 @@ import torch
 from deepseek.ir.graph import Graph, Value
 from deepseek.ir.interpreter import run_node
 from deepseek.ir.ops import Op, Prop
-from deepseek.ir.types import has_sym
+from deepseek.ir.types import TensorSpec, has_sym
 
 # Folding may grow a constant (expand, full) by at most this much.
 _FOLD_GROWTH_BYTES = 1 << 20
@@ -100,6 +100,9 @@ def simplify_algebra(graph: Graph) -> Graph:
       same shape / identity permute -> ``x``
     * ``view(view(x))`` -> ``view(x)``; ``permute(permute(x, p), q)`` -> one permute
     * max pooling whose indices nobody reads -> max pooling without indices
+    * ``bmm(a, expand(w))`` with one weight broadcast over the batch (what
+      ``matmul`` of a strided 3-D input and a 2-D weight decomposes to) ->
+      ``mm(reshape(a), w)``: one GEMM reading the weight once, not once per batch
     """
     producers = graph.producers()
     users = graph.users()
@@ -124,6 +127,36 @@ def simplify_algebra(graph: Graph) -> Graph:
             if node.attrs["dims"] == list(range(len(outer))):
                 graph.replace_all_uses(node.outputs[0], src.inputs[0])
                 continue
-        kept.append(node)
+        kept.extend(_unbroadcast_bmm(graph, node, producers) or [node])
     graph.nodes = kept
     return eliminate_dead_code(graph)
+
+
+def _unbroadcast_bmm(graph: Graph, node, producers) -> list | None:
+    """Nodes computing ``bmm(a, expand(w))`` as one mm on ``a``'s rows, or None."""
+    if node.op is not Op.BMM or node.fallback is not None:
+        return None
+    a, b = node.inputs
+    src = producers.get(b)
+    if src is None or src.op is not Op.EXPAND or not isinstance(src.inputs[0], Value):
+        return None
+    w, out = src.inputs[0], node.outputs[0]
+    if not (a.spec.is_static and w.spec.is_static and out.spec.is_static) or \
+            w.spec.rank not in (2, 3) or (w.spec.rank == 3 and w.spec.shape[0] != 1):
+        return None
+    batch, m, k = a.spec.shape
+    n = w.spec.shape[-1]
+    made = []
+
+    def add(op, inputs, attrs, shape, name):
+        v = graph.add_node(op, inputs, attrs, [TensorSpec(tuple(shape), out.spec.dtype)], name)
+        made.append(graph.nodes.pop())  # placed by the caller, in order
+        return v.outputs[0]
+
+    rows = add(Op.RESHAPE, [a], {"shape": [batch * m, k]}, (batch * m, k), f"{out.name}_rows")
+    if w.spec.rank == 3:
+        w = add(Op.RESHAPE, [w], {"shape": [k, n]}, (k, n), f"{out.name}_weight")
+    mm = add(Op.MM, [rows, w], {}, (batch * m, n), f"{out.name}_mm")
+    res = add(Op.RESHAPE, [mm], {"shape": [batch, m, n]}, (batch, m, n), f"{out.name}_batched")
+    graph.replace_all_uses(out, res)
+    return made
