@@ -7,7 +7,7 @@
 
 from deepseek.api import capture, compile, load, optimize_graph
 from deepseek.errors import (ArtifactError, BackendError, CaptureError, DeepseekError, InputError,
-                             IRError, UnsupportedOpError)
+                             IRError, MemoryBudgetError, UnsupportedOpError)
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.types import Sym, TensorSpec
 from deepseek.runtime.decoder import compile_decoder
@@ -33,4 +33,4 @@ def profile(engine, **options):
 
 __all__ = ["compile", "compile_decoder", "load", "capture", "optimize_graph", "profile", "Graph", "Node", "Value",
            "TensorSpec", "Sym", "DeepseekError", "ArtifactError", "BackendError", "CaptureError",
-           "InputError", "IRError", "UnsupportedOpError", "__version__"]
+           "InputError", "IRError", "MemoryBudgetError", "UnsupportedOpError", "__version__"]

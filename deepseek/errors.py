@@ -27,3 +27,7 @@ class InputError(DeepseekError):
 
 class ArtifactError(DeepseekError):
     """A .dsk file is truncated, corrupt, foreign or of an unsupported version."""
+
+
+class MemoryBudgetError(DeepseekError):
+    """A memory budget cannot be met (the message gives the least the pass reaches)."""

@@ -19,7 +19,7 @@ import torch.fx as fx
 from deepseek.errors import UnsupportedOpError
 from deepseek.ir.graph import Graph
 from deepseek.ir.ops import lookup_overload
-from deepseek.ir.types import Sym, TensorSpec
+from deepseek.ir.types import ABSENT, Sym, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _convert_call(node, name, graph, namer, attr, strict, unsupported):
             attrs[a.name] = value
     val = node.meta.get("val")
     vals = list(val) if isinstance(val, (list, tuple)) else [val]
-    specs = [namer.spec(v) for v in vals]
+    specs = [ABSENT if v is None else namer.spec(v) for v in vals]
     out = graph.add_node(d.op, inputs, attrs, specs, name=node.name, source=source_of(node),
                          fallback=fallback)
     if d.n_outputs == 1:

@@ -12,7 +12,7 @@ import torch
 
 from deepseek.errors import InputError, IRError
 from deepseek.ir.graph import Graph, Node, Value
-from deepseek.ir.types import Sym, TensorSpec, bind
+from deepseek.ir.types import ABSENT, Sym, TensorSpec, bind
 
 
 def bind_inputs(graph: Graph, tensors: Sequence[torch.Tensor]) -> dict[str, int]:
@@ -66,7 +66,7 @@ def infer_specs(node: Node, env: Mapping[str, int]) -> list[TensorSpec]:
 
     attrs = {k: bind(a, env) for k, a in node.attrs.items()}
     out = node.opdef.reference([meta(x) for x in node.inputs], attrs, device="meta")
-    return [TensorSpec.of(t) for t in _as_list(out)]
+    return [ABSENT if t is None else TensorSpec.of(t) for t in _as_list(out)]
 
 
 def run_node(node: Node, inputs: list, env: Mapping[str, int]) -> list[torch.Tensor]:

@@ -100,11 +100,15 @@ _TABLE: list[tuple[str, Prop]] = [
     ("matmul.default", MM), ("linear.default", MM), ("dot.default", MM), ("mv.default", MM),
     ("convolution.default", MM), ("scaled_dot_product_attention.default", MM),
     ("_scaled_dot_product_flash_attention_for_cpu.default", MM),
+    # gradients of the above, in training graphs (an output whose mask entry is False is None)
+    ("convolution_backward.default", MM),
     # pooling, resampling, padding
     ("max_pool2d_with_indices.default", Prop.NONE), ("max_pool2d.default", Prop.NONE), ("max_pool3d_with_indices.default", Prop.NONE),
     ("avg_pool1d.default", Prop.NONE), ("avg_pool2d.default", Prop.NONE),
     ("avg_pool3d.default", Prop.NONE), ("_adaptive_avg_pool2d.default", Prop.NONE),
     ("_adaptive_avg_pool3d.default", Prop.NONE), ("adaptive_max_pool2d.default", Prop.NONE),
+    ("max_pool2d_with_indices_backward.default", Prop.NONE),
+    ("avg_pool2d_backward.default", Prop.NONE), ("_adaptive_avg_pool2d_backward.default", Prop.NONE),
     ("upsample_nearest1d.vec", Prop.NONE), ("upsample_nearest2d.vec", Prop.NONE),
     ("upsample_nearest3d.vec", Prop.NONE), ("_upsample_nearest_exact2d.vec", Prop.NONE),
     ("upsample_bilinear2d.vec", Prop.NONE), ("upsample_linear1d.vec", Prop.NONE),

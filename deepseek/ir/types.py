@@ -198,3 +198,9 @@ class TensorSpec:
     @staticmethod
     def of(tensor: torch.Tensor) -> "TensorSpec":
         return TensorSpec(tuple(int(d) for d in tensor.shape), tensor.dtype)
+
+
+# An optional output the op does not compute (convolution_backward with a False
+# ``output_mask`` entry, whose kernel returns None there): a zero-size placeholder,
+# so it holds no memory.
+ABSENT = TensorSpec((0,), torch.float32)

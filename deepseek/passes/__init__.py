@@ -95,10 +95,17 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
                    opt_level: int = 2) -> Graph:
     """The optimization pipeline of ``opt_level`` applied to ``graph`` (returned).
 
-    ``memory_budget`` and ``target`` are accepted for the memory and hardware
-    stages; this version runs the fusion and clean-up stage only.
+    With ``memory_budget`` (bytes), ``activate_recompute`` then brings peak
+    live memory within it (after common-subexpression elimination, which would
+    merge the recomputed copies back); it raises MemoryBudgetError when it
+    cannot. ``target`` is accepted for the hardware stage, which this version
+    leaves to ``compile``'s ``precision``. Compile the result with
+    ``opt_level=0``: it is already optimized.
     """
-    return run_passes(graph, pipeline(opt_level, graph))[0]
+    graph = run_passes(graph, pipeline(opt_level, graph))[0]
+    if memory_budget is not None:
+        graph = activate_recompute(graph, memory_budget)
+    return graph
 
 
 __all__ = ["fuse_conv_bn", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",

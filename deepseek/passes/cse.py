@@ -7,11 +7,15 @@ import torch
 from deepseek.ir.graph import Graph, Value
 from deepseek.ir.ops import Prop
 
+RECOMPUTED = "_recomputed"  # activate_recompute names its copies' outputs with it
+
 
 def _key(node) -> tuple | None:
     """A hashable identity of what a node computes, or None if it must stay distinct."""
     if node.fallback is None and node.opdef.has(Prop.RANDOM):
         return None
+    if any(RECOMPUTED in o.name for o in node.outputs):
+        return None  # merging activate_recompute's copy into the original would undo it
 
     def freeze(x):
         if isinstance(x, Value):
@@ -30,7 +34,9 @@ def eliminate_common_subexpr(graph: Graph) -> Graph:
     """Replace a node by an earlier one with the same op, inputs and attributes.
 
     ``a = relu(x); b = relu(x)`` becomes ``a = relu(x)`` with every use of ``b``
-    reading ``a``. Random ops are never merged. Identical constants (same
+    reading ``a``. Random ops are never merged, nor the copies that
+    ``activate_recompute`` made (outputs named ``*_recomputed*``): merging
+    them would keep the value alive again. Identical constants (same
     dtype, shape and values) are merged first, so nodes reading copies of one
     weight also merge.
     """

@@ -102,11 +102,21 @@ def buffer_lifetimes(graph: Graph, env, align: int = 64) -> tuple[dict, dict, di
     return first, {r: last[r] for r in first}, sizes, owner
 
 
+def live_bytes(graph: Graph, env) -> list[int]:
+    """Bytes of intermediate storage live while each node runs (one more entry: at the end)."""
+    first, last, sizes, _ = buffer_lifetimes(graph, env)
+    n = len(graph.nodes)
+    delta = [0] * (n + 2)
+    for r in first:
+        delta[first[r]] += sizes[r]
+        delta[min(last[r], n) + 1] -= sizes[r]
+    live, acc = [], 0
+    for i in range(n + 1):
+        acc += delta[i]
+        live.append(acc)
+    return live
+
+
 def peak_live_bytes(graph: Graph, env) -> int:
     """The most bytes of intermediate storage live at once, nodes run in order."""
-    first, last, sizes, _ = buffer_lifetimes(graph, env)
-    live = [0] * (len(graph.nodes) + 1)
-    for r in first:
-        for i in range(first[r], min(last[r], len(graph.nodes)) + 1):
-            live[i] += sizes[r]
-    return max(live, default=0)
+    return max(live_bytes(graph, env), default=0)

@@ -1,110 +1,226 @@
 """Activation recomputation: trade compute for peak memory under a budget.
 
 A value that is produced early and read again much later (a skip
-connection; in a training graph, a forward activation read by the
-backward) stays alive over the whole gap. ``activate_recompute`` drops such
-a value after its early readers and computes it again right before its late
-readers, from inputs that are alive at that point anyway, until the graph's
-peak live memory fits the budget. Candidates are taken by bytes freed per
-FLOP of recomputation, so cheap element-wise and normalization outputs go
-first and GEMMs last.
+connection; in a training graph, a forward activation the backward reads)
+keeps its buffer alive over the whole gap. ``activate_recompute`` frees such
+a buffer after its early readers and computes the value again right before
+its first late reader, from values that are alive there anyway, until the
+graph's peak live memory fits the budget.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Mapping
 
+from deepseek.errors import MemoryBudgetError
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Prop
-from deepseek.passes.memory import peak_live_bytes
+from deepseek.passes.cse import RECOMPUTED
+from deepseek.passes.memory import buffer_lifetimes, live_bytes, schedule_inplace_ops, storage_of
+from deepseek.profiler.flops import node_flops
+
+log = logging.getLogger(__name__)
+
+_MAX_CHAIN = 8  # nodes recomputed for one buffer, at most (views not counted)
 
 
-def _cost(node: Node, env: Mapping[str, int]) -> int:
-    """Rough work of recomputing a node: its output size, far more for GEMM-class ops."""
-    numel = max(1, node.outputs[0].spec.nbytes(env) // max(1, node.outputs[0].spec.dtype.itemsize))
-    return numel * (1000 if node.opdef.has(Prop.MATMUL) else 1)
+def recompute_cost(node: Node, env: Mapping[str, int]) -> int:
+    """Work of recomputing ``node``: its FLOPs, at least one per output element (a copy
+    costs its size); views cost nothing."""
+    if node.fallback is None and node.opdef.has(Prop.VIEW):
+        return 0
+    numel = sum(o.spec.nbytes(env) // o.spec.dtype.itemsize for o in node.outputs)
+    return max(node_flops(node, env), numel)
 
 
-_peak = peak_live_bytes
+def _recomputable(node: Node) -> bool:
+    # fallback nodes may alias their inputs; random ops would draw new numbers
+    return node.fallback is None and not node.opdef.has(Prop.RANDOM)
 
 
-_MAX_CHAIN = 4  # nodes recomputed for one value, at most
+@dataclass
+class _Candidate:
+    """Free storage ``root`` between its reads before and after the peak; recompute it."""
+
+    score: float
+    root: int
+    nodes: list[Node]  # to copy, in graph order: the recompute chain and views of its result
+    late: int  # index of the first late reader: the copies go right before it
+    values: list[Value]  # the storage's values read at or after ``late``, to read from copies
+    cost: int
 
 
-def _candidates(graph: Graph, env):
-    """(score, value, chain of nodes to recompute, index of the first late reader)."""
-    producers = graph.producers()
-    position = {id(n): i for i, n in enumerate(graph.nodes)}
-    always = {id(v) for v in graph.inputs} | {id(v) for v in graph.const_values.values()}
-    readers: dict[int, list[int]] = {}
-    for i, n in enumerate(graph.nodes):
-        for v in n.input_values():
-            readers.setdefault(id(v), []).append(i)
+class _Liveness:
+    """Buffers of the graph as it is now: where each is made, read and freed."""
 
-    def chain(v: Value, late: int) -> list[Node] | None:
-        """The nodes that recompute ``v`` at ``late`` from values alive there anyway."""
-        p = producers[v]
-        if len(p.outputs) != 1 or p.fallback is not None or p.opdef.has(Prop.RANDOM | Prop.VIEW):
-            return None
-        nodes = [p]
+    def __init__(self, graph: Graph, env: Mapping[str, int]):
+        self.graph, self.env = graph, env
+        self.root = storage_of(graph)
+        self.first, self.last, self.sizes, self.owner = buffer_lifetimes(graph, env)
+        self.live = live_bytes(graph, env)
+        self.position = {id(n): i for i, n in enumerate(graph.nodes)}
+        self.producer: dict[int, Node] = {}
+        self.reads: dict[int, list[int]] = {}  # storage -> indices of the nodes reading it
+        for i, n in enumerate(graph.nodes):
+            for o in n.outputs:
+                self.producer[id(o)] = n
+            for v in n.input_values():
+                r = self.root[id(v)]
+                if r != -1 and (not self.reads.get(r) or self.reads[r][-1] != i):
+                    self.reads.setdefault(r, []).append(i)
+
+    def alive_at(self, v: Value, late: int, freed: int) -> bool:
+        r = self.root[id(v)]
+        return r == -1 or (r != freed and self.last[r] >= late)
+
+    def chain(self, v: Value, late: int, freed: int, nodes: dict[int, Node]) -> bool:
+        """Add to ``nodes`` what recomputes ``v`` at ``late`` from values alive there."""
+        p = self.producer[id(v)]
+        if id(p) in nodes:
+            return True
+        if not _recomputable(p):
+            return False
         for x in p.input_values():
-            if id(x) in always or max(readers.get(id(x), [-1])) >= late:
-                continue  # alive at the late read without help
-            if x not in producers:
-                return None
-            sub = chain(x, late)
-            if sub is None:
-                return None
-            nodes = sub + [n for n in nodes if all(n is not m for m in sub)]
-        return nodes if len(nodes) <= _MAX_CHAIN else None
+            if not self.alive_at(x, late, freed) and not self.chain(x, late, freed, nodes):
+                return False
+        nodes[id(p)] = p
+        return sum(not n.opdef.has(Prop.VIEW) for n in nodes.values()) <= _MAX_CHAIN
 
-    found = []
-    for v, p in producers.items():
-        uses = sorted(set(readers.get(id(v), [])))
-        if len(uses) < 2 or any(x is v for x in graph.outputs):
-            continue
-        gap, split = max((b - a, k) for k, (a, b) in enumerate(zip(uses, uses[1:])))
-        late = uses[split + 1]
-        nodes = chain(v, late) if gap > 1 else None
-        if nodes and all(position[id(n)] < late for n in nodes):
-            cost = sum(_cost(n, env) for n in nodes)
-            found.append((v.spec.nbytes(env) * gap / cost, v, nodes, late))
-    found.sort(key=lambda t: -t[0])
-    return found
+    def candidate(self, r: int, at: int) -> _Candidate | None:
+        """Recomputing storage ``r`` so that it is not live at node ``at``, if possible."""
+        reads = self.reads.get(r, [])
+        if self.first[r] >= at or self.last[r] >= len(self.graph.nodes) or at in reads:
+            return None  # made at the peak, a graph output, or read there
+        late = next((i for i in reads if i > at), None)
+        if late is None:
+            return None
+        nodes = self.graph.nodes
+        values = {id(v): v for n in nodes[late:] for v in n.input_values()
+                  if self.root[id(v)] == r and self.position[id(self.producer[id(v)])] < late}
+        chain: dict[int, Node] = {}
+        for v in values.values():  # the owner, or views of it made before ``late``
+            while v is not self.owner[r]:
+                p = self.producer[id(v)]
+                if not (p.fallback is None and p.opdef.has(Prop.VIEW)):
+                    return None  # a buffer written in place, or by a fallback kernel
+                chain[id(p)] = p
+                v = p.inputs[0]
+        if not self.chain(self.owner[r], late, r, chain):
+            return None
+        ordered = sorted(chain.values(), key=lambda n: self.position[id(n)])
+        cost = sum(recompute_cost(n, self.env) for n in ordered)
+        return _Candidate(self.sizes[r] / (cost + 1), r, ordered, late, list(values.values()),
+                          cost)
+
+    def candidates(self, at: int) -> list[_Candidate]:
+        found = [self.candidate(r, at) for r in self.first
+                 if self.first[r] < at <= self.last[r]]
+        return sorted((c for c in found if c is not None), key=lambda c: -c.score)
+
+
+def _apply(graph: Graph, c: _Candidate):
+    """Insert copies of ``c.nodes`` before ``c.late``; later readers read the copies.
+    Returns a function that undoes the rewrite."""
+    twins, renamed = [], {}
+    for n in c.nodes:
+        outs = [Value(graph.fresh_name(f"{o.name}{RECOMPUTED}"), o.spec) for o in n.outputs]
+        renamed.update(zip(map(id, n.outputs), outs))
+        twins.append(Node(n.op, [renamed.get(id(x), x) if isinstance(x, Value) else x
+                                 for x in n.inputs], dict(n.attrs), outs, n.source, n.fallback))
+    swap = {id(v): renamed[id(v)] for v in c.values}
+    old_nodes = graph.nodes
+    old_inputs = {id(n): n.inputs for n in old_nodes[c.late:]}
+    for n in old_nodes[c.late:]:
+        if any(isinstance(x, Value) and id(x) in swap for x in n.inputs):
+            n.inputs = [swap.get(id(x), x) if isinstance(x, Value) else x for x in n.inputs]
+    graph.nodes = old_nodes[:c.late] + twins + old_nodes[c.late:]
+
+    def undo():
+        graph.nodes = old_nodes
+        for n in old_nodes[c.late:]:
+            n.inputs = old_inputs[id(n)]
+
+    return undo
 
 
 def activate_recompute(graph: Graph, memory_budget: int, env: Mapping[str, int] | None = None,
-                       max_steps: int = 64) -> Graph:
-    """Recompute long-lived values until peak live memory <= ``memory_budget`` bytes.
+                       max_steps: int = 10_000) -> Graph:
+    """Recompute activations so that peak live memory is at most ``memory_budget`` bytes.
 
-    Returns the graph (possibly still over budget when no candidate is left;
-    compare ``plan_memory(graph, env).peak_live_bytes`` with the budget).
-    ``env`` binds symbolic dims for the sizes (static graphs need none).
+    The rewrite, repeated while the peak (``peak_live_bytes``, nodes run in
+    order) is over budget: take a buffer live at the peak node, read before
+    it and again after it (a forward activation the backward reads, a skip
+    connection); after its last read before the peak it is freed, and copies
+    of the nodes that compute it (a chain of up to 8 ops plus views, from
+    values alive at that point anyway: graph inputs, constants, buffers still
+    read later) go right before its first read after the peak; that reader and
+    all later ones read the copies. Among such buffers the one with the
+    most bytes per unit of recomputation work (FLOPs, at least one per element
+    made) goes first, so element-wise, normalization and copy outputs
+    recomputed from kept GEMM/convolution outputs go before GEMMs. A rewrite
+    that would not lower the peak (the copies' own buffers) is undone. Random
+    ops and fallback kernels are never recomputed. In-place annotations
+    (``schedule_inplace_ops``) are dropped and scheduled again afterwards.
+
+    Returns the graph; a graph already within budget is left as it is.
+    Raises MemoryBudgetError, leaving the graph unchanged, when no such
+    rewrite brings the peak within budget (the message gives the lowest peak
+    reached). ``env`` binds symbolic dims for the sizes (static graphs need none).
+
+    Example (a training step, see ``deepseek.frontend.training``)::
+
+        graph = capture_train_step(model, (x,), F.cross_entropy, (y,))
+        activate_recompute(graph, int(0.6 * peak_live_bytes(graph, {})))
     """
     env = dict(env or {})
+    if max(live_bytes(graph, env), default=0) <= memory_budget:
+        return graph
+    old_nodes = list(graph.nodes)
+    old_state = {id(n): (n.inputs, n.reuse) for n in old_nodes}
+    had_reuse = any(n.reuse is not None for n in old_nodes)
+    for n in old_nodes:
+        n.reuse = None  # an in-place write would clobber a buffer the copies read
+    start = peak = max(live_bytes(graph, env))
+    rejected: set[tuple] = set()
+    recomputed = 0
     for _ in range(max_steps):
-        if _peak(graph, env) <= memory_budget:
+        state = _Liveness(graph, env)
+        peak = max(state.live)
+        if peak <= memory_budget:
             break
-        for _, v, nodes, late in _candidates(graph, env):
-            before = _peak(graph, env)
-            twins, renamed = [], {}
-            for n in nodes:  # copies of the chain, reading each other's results
-                outs = [Value(graph.fresh_name(f"{o.name}_recomputed"), o.spec) for o in n.outputs]
-                renamed.update(zip(map(id, n.outputs), outs))
-                twins.append(Node(n.op, [renamed.get(id(x), x) if isinstance(x, Value) else x
-                                         for x in n.inputs], dict(n.attrs), outs, n.source,
-                                  n.fallback))
-            new_v = renamed[id(v)]
-            saved_nodes = graph.nodes
-            saved_inputs = {id(n): n.inputs for n in saved_nodes[late:]}
-            graph.nodes = list(saved_nodes[:late]) + twins + list(saved_nodes[late:])
-            for n in saved_nodes[late:]:
-                n.inputs = [new_v if x is v else x for x in n.inputs]
-            if _peak(graph, env) < before:
+        at = state.live.index(peak)
+        for c in state.candidates(at):
+            key = (id(state.owner[c.root]), at, peak)
+            if key in rejected:
+                continue
+            undo = _apply(graph, c)
+            live = live_bytes(graph, env)
+            if max(live) <= peak and live[at] < peak:
+                recomputed += len(c.nodes)
                 break
-            graph.nodes = saved_nodes  # no gain: undo
-            for n in saved_nodes[late:]:
-                n.inputs = saved_inputs[id(n)]
+            undo()
+            rejected.add(key)
         else:
-            break  # no candidate lowers the peak any further
+            break  # nothing live at the peak can be recomputed to lower it
+    live = live_bytes(graph, env)
+    peak = max(live)
+    if peak > memory_budget:
+        where = graph.nodes[live.index(peak)].name if live.index(peak) < len(graph.nodes) \
+            else "the end"
+        graph.nodes = old_nodes
+        for n in old_nodes:
+            n.inputs, n.reuse = old_state[id(n)]
+        raise MemoryBudgetError(
+            f"activate_recompute: peak live memory {start} bytes cannot be brought within the "
+            f"budget of {memory_budget} bytes: recomputation reaches {peak} bytes at best, at "
+            f"%{where}, where no live buffer can be recomputed to lower it (each is read there, "
+            f"is a graph output, has a random or fallback producer, is more than {_MAX_CHAIN} "
+            f"ops away from values alive there, or its copies would take as much memory); give "
+            f"a budget of at least {peak} bytes, or a smaller batch")
+    if had_reuse:
+        schedule_inplace_ops(graph)
+    log.info("activate_recompute: peak %d -> %d bytes (budget %d), %d nodes recomputed",
+             start, peak, memory_budget, recomputed)
     return graph

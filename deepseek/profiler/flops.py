@@ -53,6 +53,12 @@ def node_flops(node: Node, env: Mapping[str, int]) -> int:
         taps = _numel(w[2:]) * w[1]
         return 2 * taps * (_numel(shape[0]) if node.attrs.get("transposed") else _numel(out)) \
             + (_numel(out) if len(shape) > 2 and node.inputs[2] is not None else 0)
+    if op is Op.CONVOLUTION_BACKWARD:
+        grad, x, w = shape[0], shape[1], shape[2]
+        # the input and weight gradients each cost what the forward convolution did
+        conv = 2 * _numel(w[2:]) * w[1] * _numel(x if node.attrs.get("transposed") else grad)
+        mask = node.attrs.get("output_mask", [True, True, True])
+        return conv * (bool(mask[0]) + bool(mask[1])) + (_numel(grad) if mask[2] else 0)
     if op in (Op.MM, Op.BMM, Op.MATMUL, Op.DOT, Op.MV):
         return 2 * _numel(out) * shape[0][-1]
     if op in (Op.ADDMM, Op.BADDBMM):
