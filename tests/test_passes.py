@@ -105,6 +105,45 @@ def test_simplify_turns_bmm_of_a_broadcast_weight_into_one_mm():
     check_same_outputs(build, g, [torch.randn(5, 1, 8), torch.randn(8, 6)])
 
 
+def test_fuse_add_layer_norm_keeps_the_sum_for_its_other_readers():
+    from deepseek.passes import fuse_add_layer_norm
+
+    def build():
+        torch.manual_seed(1)  # the same weights in every build
+        g = Graph()
+        x = g.add_input("x", spec(2, 3, 8))
+        r = g.add_input("r", spec(2, 3, 8))
+        w = g.add_constant("w", torch.randn(8))
+        b = g.add_constant("b", torch.randn(8))
+        s = g.add_node(Op.ADD_TENSOR, [x, r], {}, [spec(2, 3, 8)], name="s").outputs[0]
+        ln = g.add_node(Op.NATIVE_LAYER_NORM, [s, w, b], {"normalized_shape": [8], "eps": 1e-5},
+                        [spec(2, 3, 8), spec(2, 3, 1), spec(2, 3, 1)], name="ln").outputs[0]
+        h = g.add_node(Op.RELU, [ln], {}, [spec(2, 3, 8)], name="h").outputs[0]
+        out = g.add_node(Op.ADD_TENSOR, [h, s], {}, [spec(2, 3, 8)], name="out").outputs[0]
+        g.outputs = [out]
+        return g
+
+    g = fuse_add_layer_norm(build())
+    assert kinds(g) == ["deepseek::add_layer_norm", "relu", "add.Tensor"]
+    inputs = [torch.randn(2, 3, 8), torch.randn(2, 3, 8)]
+    check_same_outputs(build, g, inputs)
+    engine = ds.compile(g, backend="cpu")  # the CPU backend's code for it
+    assert rel_l2(engine(*inputs), run_graph(build(), inputs)[0]) < 1e-6
+
+
+def test_fuse_add_layer_norm_leaves_broadcasting_adds_alone():
+    from deepseek.passes import fuse_add_layer_norm
+
+    g = Graph()
+    x = g.add_input("x", spec(2, 8))
+    r = g.add_input("r", spec(8))
+    s = g.add_node(Op.ADD_TENSOR, [x, r], {}, [spec(2, 8)], name="s").outputs[0]
+    ln = g.add_node(Op.NATIVE_LAYER_NORM, [s, None, None], {"normalized_shape": [8], "eps": 1e-5},
+                    [spec(2, 8), spec(2, 1), spec(2, 1)], name="ln").outputs[0]
+    g.outputs = [ln]
+    assert kinds(fuse_add_layer_norm(g)) == ["add.Tensor", "native_layer_norm"]
+
+
 def test_fold_constants_and_dce():
     g = Graph()
     x = g.add_input("x", spec(3, 4))

@@ -11,6 +11,7 @@ triton = pytest.importorskip("triton")
 
 from deepseek.backends.cuda.triton_pointwise import PointwiseKernel, generate_source  # noqa: E402
 from deepseek.ir.fused import dump_program, run_program  # noqa: E402
+from tests.conftest import rel_l2  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -108,3 +109,25 @@ def test_channels_last_inputs_keep_their_layout():
     got = PointwiseKernel(program, xs, ref.shape, torch.float32)(*xs)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, affine", [(100, True), (768, True), (33, False), (1, True)])
+def test_add_layer_norm_kernel_matches_pytorch(n, affine, dtype):
+    """Odd row lengths (not a power of two), with and without weight/bias, 7 rows."""
+    from deepseek.backends.cuda.triton_norm import AddLayerNorm
+
+    x = torch.randn(7, n, device=DEVICE).to(dtype)
+    r = torch.randn(7, n, device=DEVICE).to(dtype)
+    w = torch.randn(n, device=DEVICE).to(dtype) if affine else None
+    b = torch.randn(n, device=DEVICE).to(dtype) if affine else None
+    s, y = AddLayerNorm(n, 1e-5)(x, r, w, b)
+    want_s = x + r
+    want_y = torch.layer_norm(want_s.float(), [n], None if w is None else w.float(),
+                              None if b is None else b.float(), 1e-5).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    if dtype == torch.float32:
+        assert torch.equal(s, want_s)
+    else:  # within one bf16 rounding step (the interpreter's rounding mode may differ)
+        assert torch.allclose(s.float(), want_s.float(), rtol=2 ** -7, atol=1e-6)
+    assert rel_l2(y.float(), want_y.float()) < tol

@@ -256,8 +256,19 @@ def _ones_like_shape(ctx, shape, dt, value=1.0):
 
 @exports(Op.NATIVE_LAYER_NORM)
 def layer_norm(ctx, node):
-    x, w = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
-    b = node.inputs[2] if len(node.inputs) > 2 else None
+    return _layer_norm(ctx, node, X(ctx, node), node.inputs[1:3])
+
+
+@exports(Op.ADD_LAYER_NORM)
+def add_layer_norm(ctx, node):
+    s = ctx.one("Add", [X(ctx, node, 0), X(ctx, node, 1)])
+    return [s, _layer_norm(ctx, node, s, node.inputs[2:4])[0]]
+
+
+def _layer_norm(ctx, node, xn: str, params) -> list[str]:
+    """LayerNormalization of ``xn`` over the node's normalized_shape: [y, mean, rstd]."""
+    x = node.inputs[0]
+    w, b = (list(params) + [None, None])[:2]
     dt = x.spec.dtype
     ns = list(node.attrs["normalized_shape"])
     eps = float(node.attrs["eps"])
@@ -265,10 +276,8 @@ def layer_norm(ctx, node):
     scale = ctx.name(w) if isinstance(w, Value) else _ones_like_shape(ctx, ns, dt)
     bias = ctx.name(b) if isinstance(b, Value) else None
     if ctx.opset >= 17:
-        outs = ctx.add("LayerNormalization", [X(ctx, node), scale] + ([bias] if bias else []), 3,
+        return ctx.add("LayerNormalization", [xn, scale] + ([bias] if bias else []), 3,
                        axis=-len(ns), epsilon=eps)
-        return outs
-    xn = X(ctx, node)
     mean = reduce(ctx, "ReduceMean", xn, axes, True)
     d = ctx.one("Sub", [xn, mean])
     var = reduce(ctx, "ReduceMean", ctx.one("Mul", [d, d]), axes, True)

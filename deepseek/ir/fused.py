@@ -1,4 +1,4 @@
-"""Fused element-wise kernels: one IR node that computes a chain of element-wise ops.
+"""Fused kernels made by the optimizer: element-wise chains, and add + layer norm.
 
 A fused node is ``deepseek::fused_pointwise(Tensor?[] inputs, str program)``:
 ``program`` is JSON, a list of steps ``[op, args, attrs]`` where ``op`` is an
@@ -63,3 +63,18 @@ def run_program(inputs: Sequence[Any], program: str) -> torch.Tensor:
 
 _LIB.impl("fused_pointwise", run_program, "CompositeExplicitAutograd")
 _LIB.impl("fused_pointwise", run_program, "Meta")
+
+# A residual add and the layer norm that reads it, as one kernel: (x + residual,
+# layer_norm(x + residual)). Transformer blocks end every sub-block with this pair.
+_LIB.define("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
+            "SymInt[] normalized_shape, float eps) -> (Tensor, Tensor)")
+
+
+def add_layer_norm(x, residual, weight, bias, normalized_shape, eps):
+    """The reference semantics: PyTorch's add, then its layer norm of the sum."""
+    s = torch.add(x, residual)
+    return s, torch.layer_norm(s, list(normalized_shape), weight, bias, eps)
+
+
+_LIB.impl("add_layer_norm", add_layer_norm, "CompositeExplicitAutograd")
+_LIB.impl("add_layer_norm", add_layer_norm, "Meta")

@@ -152,6 +152,7 @@ _TABLE: list[tuple[str, Prop]] = [
     ("rand_like.default", Prop.RANDOM), ("randn_like.default", Prop.RANDOM),
     # fused kernels made by the optimizer (deepseek/ir/fused.py)
     ("deepseek::fused_pointwise.default", Prop.ELEMENTWISE | Prop.FUSED),
+    ("deepseek::add_layer_norm.default", Prop.REDUCTION | Prop.FUSED),
     # quantize / dequantize (QDQ): what compression leaves and lowering turns into int8 kernels
     *[(f"quantized_decomposed::{n}", Prop.ELEMENTWISE | Prop.QUANT) for n in (
         "quantize_per_tensor.default", "dequantize_per_tensor.default",

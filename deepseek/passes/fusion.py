@@ -56,6 +56,42 @@ def _fold(graph: Graph, conv: Node, bn: Node, w, b, gamma, beta, mean, var) -> N
     conv.inputs[2] = graph.add_constant(f"{conv.name}_bias_bn", new_b.contiguous())
 
 
+def fuse_add_layer_norm(graph: Graph) -> Graph:
+    """Merge a residual add with the layer norm that reads it into one kernel.
+
+    ``s = add(x, r); y = layer_norm(s)`` (same shapes and dtypes, no
+    broadcast; the norm's mean and rstd unused) becomes
+    ``s, y = deepseek::add_layer_norm(x, r, weight, bias)`` at the add's
+    place: the sum is written once and normalized while it is in registers,
+    instead of written, read back and normalized by a second kernel. ``s``
+    keeps its other readers (the next residual add of a pre-norm block).
+    """
+    producers = graph.producers()
+    users = graph.users()
+    outputs = {id(v) for v in graph.outputs}
+    merged: dict[int, Node] = {}  # id(add node) -> the fused node taking its place
+    removed: set[int] = set()
+    for ln in graph.nodes:
+        if ln.op is not Op.NATIVE_LAYER_NORM or ln.fallback is not None or \
+                any(users.get(o) or id(o) in outputs for o in ln.outputs[1:]):
+            continue
+        add = producers.get(ln.inputs[0])
+        if add is None or add.op is not Op.ADD_TENSOR or add.fallback is not None or \
+                id(add) in merged or add.attrs.get("alpha", 1) != 1:
+            continue
+        s = add.outputs[0]
+        if not all(isinstance(v, Value) and v.spec == s.spec for v in add.inputs):
+            continue
+        w, b = (ln.inputs[1:] + [None, None])[:2]
+        merged[id(add)] = Node(Op.ADD_LAYER_NORM, [add.inputs[0], add.inputs[1], w, b],
+                               {"normalized_shape": ln.attrs["normalized_shape"],
+                                "eps": ln.attrs["eps"]},
+                               [s, ln.outputs[0]], add.source or ln.source)
+        removed.add(id(ln))
+    graph.nodes = [merged.get(id(n), n) for n in graph.nodes if id(n) not in removed]
+    return graph
+
+
 def _fusible(node: Node) -> bool:
     if node.fallback is not None or len(node.outputs) != 1:
         return False

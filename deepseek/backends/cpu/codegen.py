@@ -163,6 +163,8 @@ class _Emitter:
             fn = self.const(_UPDATE_INPLACE[op], _kernel_hint(node.kind) + "inplace")
             args = [_source(a) for a in args] + [f"{key}={_source(v)}" for key, v in kwargs.items()]
             return f"{fn}({', '.join(args)})"
+        if op is Op.ADD_LAYER_NORM:
+            return self.add_layer_norm(node, ins, attrs)
         if op is Op.FUSED_POINTWISE:
             if self.device != "cpu":
                 kernel = self.triton_kernel(node, ins)
@@ -212,6 +214,24 @@ class _Emitter:
         if op is Op.SOFTMAX and not attrs["half_to_float"]:
             return f"torch.softmax({n(ins[0])}, {attrs['dim']})"
         return None
+
+    def add_layer_norm(self, node: Node, ins, attrs) -> str:
+        """Residual add + layer norm: one Triton kernel on GPUs, PyTorch's two on the CPU."""
+        x, r, w, b = (self.name(v) if v is not None else "None" for v in ins)
+        shape = list(attrs["normalized_shape"])
+        n = 1
+        for d in shape:
+            n *= d
+        if self.device != "cpu":
+            from deepseek.backends.cuda.triton_norm import AddLayerNorm
+
+            dtypes = [v.spec.dtype for v in ins if v is not None]
+            if AddLayerNorm.supported(n, dtypes):
+                kernel = self.const(AddLayerNorm(n, attrs["eps"]), "triton_add_ln")
+                return f"{kernel}({x}, {r}, {w}, {b})"
+        s = self.names[id(node.outputs[0])]
+        return (f"({s} := torch.add({x}, {r})), "
+                f"torch.layer_norm({s}, {shape}, {w}, {b}, {attrs['eps']!r})")
 
     def triton_kernel(self, node: Node, ins) -> str | None:
         """A fused element-wise node as one generated Triton kernel (GPU backends)."""
