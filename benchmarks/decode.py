@@ -132,6 +132,10 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count()}
     if a.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+        # every contender attends through flash / memory-efficient SDPA: torch.compile's
+        # cuDNN attention failed ("mha_graph.execute ... is_good()") on torch 2.11 here
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        info["sdpa"] = "cuDNN SDPA off for all contenders"
     import transformers
 
     info["transformers"] = transformers.__version__
