@@ -4,8 +4,9 @@ Contenders, timed side by side in interleaved rounds (whole ``generate`` calls:
 prefill of the prompt plus ``--new`` greedy tokens, no early stop):
 
 - ``eager``: ``model.generate`` with transformers' default dynamic cache;
-- ``static_compiled`` (CUDA only): ``model.generate`` with a ``StaticCache``, with
-  which transformers compiles the forward itself (torch.compile, CUDA graphs);
+- ``static_compiled`` (CUDA only): ``model.generate`` with
+  ``cache_implementation="static"``, with which transformers compiles the forward
+  itself (torch.compile, CUDA graphs);
 - ``deepseek``: ``ds.compile_decoder(model, ...).generate``.
 
     python -m benchmarks.decode --device cpu --threads 2 --batch 1
@@ -47,21 +48,15 @@ def _timer(device: str):
     return run
 
 
-def _static_compiled(model, ids, length: int, kw: dict):
-    """transformers' recipe for fast decoding: a StaticCache, with which ``generate``
-    compiles the forward (torch.compile, CUDA graphs) on its own."""
-    import inspect
+def _static_compiled(model, ids, kw: dict):
+    """transformers' recipe for fast decoding: ``cache_implementation="static"``, with
+    which ``generate`` keeps a StaticCache and compiles the forward (torch.compile,
+    CUDA graphs) on its own."""
+    import copy
 
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=length + 16)
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    def run():
-        cache.reset()
-        return model.generate(ids, **{arg: cache}, **kw)
-
-    return run
+    config = copy.deepcopy(model.generation_config)
+    config.update(cache_implementation="static", **kw)
+    return lambda: model.generate(ids, generation_config=config)
 
 
 def bench(batch: int, prompt: int, new: int, device: str, iters: int) -> dict:
@@ -84,7 +79,7 @@ def bench(batch: int, prompt: int, new: int, device: str, iters: int) -> dict:
         "deepseek": lambda: lm.generate(ids, new),
     }
     if device == "cuda":
-        contenders["static_compiled"] = _static_compiled(model, ids, prompt + new, kw)
+        contenders["static_compiled"] = _static_compiled(model, ids, kw)
     run = _timer(device)
     outputs, warm_s = {}, {}
     with torch.no_grad():

@@ -144,6 +144,28 @@ def test_fuse_add_layer_norm_leaves_broadcasting_adds_alone():
     assert kinds(fuse_add_layer_norm(g)) == ["add.Tensor", "native_layer_norm"]
 
 
+def test_precompute_attention_masks_converts_a_shared_bool_mask_once():
+    from deepseek.passes import precompute_attention_masks
+
+    def build():
+        g = Graph()
+        q = g.add_input("q", spec(2, 3, 5, 8))
+        m = g.add_input("m", TensorSpec((2, 1, 5, 5), torch.bool))
+        a = g.add_node(Op.SCALED_DOT_PRODUCT_ATTENTION, [q, q, q, m], {}, [spec(2, 3, 5, 8)],
+                       name="a").outputs[0]
+        b = g.add_node(Op.SCALED_DOT_PRODUCT_ATTENTION, [a, q, a, m], {}, [spec(2, 3, 5, 8)],
+                       name="b").outputs[0]
+        g.outputs = [b]
+        return g
+
+    g = precompute_attention_masks(build())
+    assert kinds(g) == ["where.self", "scaled_dot_product_attention", "scaled_dot_product_attention"]
+    assert g.nodes[1].inputs[3] is g.nodes[0].outputs[0] is g.nodes[2].inputs[3]
+    mask = torch.rand(2, 1, 5, 5) > 0.3
+    mask[..., 0] = True  # every query attends somewhere
+    check_same_outputs(build, g, [torch.randn(2, 3, 5, 8), mask])
+
+
 def test_fold_constants_and_dce():
     g = Graph()
     x = g.add_input("x", spec(3, 4))

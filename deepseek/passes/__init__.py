@@ -21,7 +21,8 @@ from deepseek.passes.fusion import fuse_add_layer_norm, fuse_conv_bn, fuse_eleme
 from deepseek.passes.memory import schedule_inplace_ops
 from deepseek.passes.precision import map_to_tensorcore
 from deepseek.passes.recompute import activate_recompute
-from deepseek.passes.simplify import eliminate_dead_code, fold_constants, simplify_algebra
+from deepseek.passes.simplify import (eliminate_dead_code, fold_constants,
+                                      precompute_attention_masks, simplify_algebra)
 from deepseek.quantization.lowering import has_qdq, lower_quantized_ops
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ PIPELINES: dict[int, list[Pass]] = {
     2: [
         # stage 1: fusion and clean-up
         eliminate_dead_code, fold_constants, simplify_algebra, eliminate_common_subexpr,
-        fuse_conv_bn, eliminate_dead_code, fuse_add_layer_norm, fuse_elementwise,
+        fuse_conv_bn, eliminate_dead_code, precompute_attention_masks, fuse_add_layer_norm,
+        fuse_elementwise,
         # stage 2: memory
         schedule_inplace_ops,
     ],
@@ -108,7 +110,7 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
     return graph
 
 
-__all__ = ["fuse_conv_bn", "fuse_add_layer_norm", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
+__all__ = ["fuse_conv_bn", "fuse_add_layer_norm", "precompute_attention_masks", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
            "eliminate_common_subexpr", "schedule_inplace_ops", "map_to_tensorcore", "activate_recompute",
            "run_passes",
            "pipeline", "optimize_graph", "PassRecord", "PIPELINES"]

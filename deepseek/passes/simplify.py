@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deepseek.ir.graph import Graph, Value
+from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.interpreter import run_node
 from deepseek.ir.ops import Op, Prop
 from deepseek.ir.types import TensorSpec, has_sym
@@ -160,3 +160,35 @@ def _unbroadcast_bmm(graph: Graph, node, producers) -> list | None:
     res = add(Op.RESHAPE, [mm], {"shape": [batch, m, n]}, (batch, m, n), f"{out.name}_batched")
     graph.replace_all_uses(out, res)
     return made
+
+
+def precompute_attention_masks(graph: Graph) -> Graph:
+    """Make a boolean attention mask that several attention nodes read additive, once.
+
+    Scaled dot-product attention turns a boolean mask into an additive one
+    (0 where attended, -inf elsewhere) on every call: two extra kernels per
+    layer. ``where(mask, 0, -inf)`` in the query's dtype, computed once before
+    the first reader, feeds them all instead; the attention is the same.
+    """
+    readers: dict[int, list[Node]] = {}
+    for n in graph.nodes:
+        if n.op is Op.SCALED_DOT_PRODUCT_ATTENTION and n.fallback is None and len(n.inputs) > 3 \
+                and isinstance(n.inputs[3], Value) and n.inputs[3].spec.dtype == torch.bool:
+            readers.setdefault(id(n.inputs[3]), []).append(n)
+    before: dict[int, Node] = {}  # id(first reader) -> the node to put in front of it
+    for nodes in readers.values():
+        dtypes = {n.inputs[0].spec.dtype for n in nodes}
+        if len(nodes) < 2 or len(dtypes) != 1:
+            continue
+        mask, dtype = nodes[0].inputs[3], dtypes.pop()
+        zero = graph.add_constant("mask_zero", torch.zeros((), dtype=dtype))
+        neg_inf = graph.add_constant("mask_neg_inf", torch.full((), float("-inf"), dtype=dtype))
+        additive = Value(graph.fresh_name(f"{mask.name}_additive"),
+                         TensorSpec(mask.spec.shape, dtype))
+        before[id(nodes[0])] = Node(Op.WHERE_SELF, [mask, zero, neg_inf], {}, [additive])
+        for n in nodes:
+            n.inputs[3] = additive
+    if before:
+        graph.nodes = [m for n in graph.nodes for m in ([before[id(n)]] if id(n) in before else [])
+                       + [n]]
+    return graph
