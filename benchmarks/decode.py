@@ -4,9 +4,8 @@ Contenders, timed side by side in interleaved rounds (whole ``generate`` calls:
 prefill of the prompt plus ``--new`` greedy tokens, no early stop):
 
 - ``eager``: ``model.generate`` with transformers' default dynamic cache;
-- ``static_compiled`` (CUDA only): ``model.generate`` with
-  ``cache_implementation="static"``, with which transformers compiles the forward
-  itself (torch.compile, CUDA graphs);
+- ``static_compiled`` (CUDA only): ``generate`` with a static cache and the forward
+  through ``torch.compile(mode="reduce-overhead", fullgraph=True)``;
 - ``deepseek``: ``ds.compile_decoder(model, ...).generate``.
 
     python -m benchmarks.decode --device cpu --threads 2 --batch 1
@@ -49,14 +48,25 @@ def _timer(device: str):
 
 
 def _static_compiled(model, ids, kw: dict):
-    """transformers' recipe for fast decoding: ``cache_implementation="static"``, with
-    which ``generate`` keeps a StaticCache and compiles the forward (torch.compile,
-    CUDA graphs) on its own."""
+    """transformers' recipe for fast decoding: a static cache and the forward through
+    ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), on a
+    copy of the model. Attention avoids cuDNN's kernel, whose compiled form failed
+    here (torch 2.11: "mha_graph.execute ... is_good()")."""
     import copy
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    twin = copy.deepcopy(model)
+    twin.forward = torch.compile(twin.forward, mode="reduce-overhead", fullgraph=True)
     config = copy.deepcopy(model.generation_config)
-    config.update(cache_implementation="static", **kw)
-    return lambda: model.generate(ids, generation_config=config)
+    config.update(cache_implementation="static", disable_compile=True, **kw)
+
+    def run():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH]):
+            return twin.generate(ids, generation_config=config)
+
+    return run
 
 
 def bench(batch: int, prompt: int, new: int, device: str, iters: int) -> dict:
@@ -127,10 +137,6 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count()}
     if a.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-        # every contender attends through flash / memory-efficient SDPA: torch.compile's
-        # cuDNN attention failed ("mha_graph.execute ... is_good()") on torch 2.11 here
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        info["sdpa"] = "cuDNN SDPA off for all contenders"
     import transformers
 
     info["transformers"] = transformers.__version__

@@ -131,3 +131,26 @@ def test_add_layer_norm_kernel_matches_pytorch(n, affine, dtype):
     else:  # within one bf16 rounding step (the interpreter's rounding mode may differ)
         assert torch.allclose(s.float(), want_s.float(), rtol=2 ** -7, atol=1e-6)
     assert rel_l2(y.float(), want_y.float()) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_kernel_matches_index_put(dtype):
+    """Both caches written at the same positions; new rows strided (a permuted view)."""
+    from deepseek.backends.cuda.triton_kv import KVWrite
+
+    k_cache = torch.randn(2, 3, 10, 12, device=DEVICE).to(dtype)
+    v_cache = torch.randn(2, 3, 10, 12, device=DEVICE).to(dtype)
+    k_new = torch.randn(2, 4, 3, 12, device=DEVICE).to(dtype).permute(0, 2, 1, 3)  # (2, 3, 4, 12)
+    v_new = torch.randn(2, 4, 3, 12, device=DEVICE).to(dtype).permute(0, 2, 1, 3)
+    idx = torch.tensor([5, 0, 9, -2], device=DEVICE)  # -2: from the end, as index_put
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k[:, :, idx] = k_new
+    want_v[:, :, idx] = v_new
+    out = KVWrite()(k_cache, v_cache, idx, k_new, v_new)
+    assert out is k_cache  # written where it lies
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    # caches that are not contiguous take PyTorch's path, with the same result
+    k2, v2 = want_k.clone().transpose(0, 1).contiguous().transpose(0, 1), want_v.clone()
+    KVWrite()(k2, v2, idx, k_new * 2, v_new)
+    want_k[:, :, idx] = k_new * 2
+    assert not k2.is_contiguous() and torch.equal(k2, want_k) and torch.equal(v2, want_v)

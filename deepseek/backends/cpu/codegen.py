@@ -157,6 +157,10 @@ class _Emitter:
             method, commutative = _INPLACE_BINARY[op]
             if k == 0 or commutative:
                 return f"{n(ins[k])}.{method}({n(ins[1 - k])})"
+        if k == 0 and op is Op.INDEX_PUT and self.device != "cpu":
+            fused = self.kv_write(index, node, ins)
+            if fused is not None:
+                return fused
         if k == 0 and op in _UPDATE_INPLACE:  # e.g. a KV cache updated where it lies
             args, kwargs = node.opdef.call_args([n(x) for x in ins],
                                                 {key: n(a) for key, a in attrs.items()})
@@ -213,6 +217,39 @@ class _Emitter:
             return f"torch.batch_norm({x}, {w}, {b}, {m}, {v}, False, 0.0, {attrs['eps']!r}, False), None, None"
         if op is Op.SOFTMAX and not attrs["half_to_float"]:
             return f"torch.softmax({n(ins[0])}, {attrs['dim']})"
+        return None
+
+    def kv_write(self, index: int, node: Node, ins) -> str | None:
+        """This in-place cache write and a later one at the same positions (a layer's keys
+        and values) as one Triton kernel; the partner's statement then names its cache."""
+        from deepseek.backends.cuda.triton_kv import KVWrite
+
+        def parts(n):  # (cache, positions, new rows) of a plain write along dim 2
+            idx = n.inputs[1]
+            if n.attrs.get("accumulate") or not (isinstance(idx, list) and len(idx) == 3
+                                                   and idx[0] is None and idx[1] is None
+                                                   and isinstance(idx[2], Value)):
+                return None
+            return n.inputs[0], idx[2], n.inputs[2]
+
+        mine = parts(node)
+        if mine is None:
+            return None
+        cache, idx, new = mine
+        made = {id(o): i for i, n in enumerate(self.graph.nodes) for o in n.outputs}
+        for other in self.graph.nodes[index + 1:index + 8]:
+            theirs = parts(other) if other.op is Op.INDEX_PUT and other.reuse == 0 else None
+            if theirs is None or theirs[1] is not idx or theirs[0].spec != cache.spec \
+                    or theirs[2].spec != new.spec or len(self.users.get(id(theirs[0]), [])) != 1 \
+                    or any(made.get(id(v), -1) >= index for v in other.input_values()):
+                continue
+            if not KVWrite.supported(cache.spec.shape, new.spec.shape,
+                                     [cache.spec.dtype, new.spec.dtype]):
+                return None
+            self.fused_into[id(other)] = self.name(theirs[0])
+            kernel = self.const(KVWrite(), "triton_kv")
+            return (f"{kernel}({self.name(cache)}, {self.name(theirs[0])}, {self.name(idx)}, "
+                    f"{self.name(new)}, {self.name(theirs[2])})")
         return None
 
     def add_layer_norm(self, node: Node, ins, attrs) -> str:
