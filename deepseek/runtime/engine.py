@@ -93,23 +93,36 @@ class Engine:
         self._flat_call = (self._tensor_leaves == list(range(len(graph.inputs)))
                            and self._n_leaves == len(graph.inputs))
         self._checked: set[tuple] = set()
+        self._n_inputs = len(graph.inputs)
         self._direct = len(self._parts) == 1 and self._parts[0].graph.outputs == graph.outputs \
             and self._parts[0].graph.inputs == graph.inputs
 
     # --- calling ------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> Any:
-        if self._flat_call and not kwargs and len(args) == len(self.graph.inputs):
+        # the per-call path costs about a microsecond: models of a few tiny kernels (the
+        # MNIST CNN at batch 1, about 100 us) feel every attribute lookup here
+        if self._flat_call and not kwargs and len(args) == self._n_inputs:
             tensors = args
         else:
             tensors = self._tensors_from(args, kwargs)
-        key = tuple((t.shape, t.dtype) if isinstance(t, torch.Tensor) else None for t in tensors)
+        # inputs of a (shape, dtype) signature already validated are not checked again;
+        # anything else goes through bind_inputs, which raises InputError naming the input
+        if len(tensors) == 1:
+            t = tensors[0]
+            key = (t.shape, t.dtype) if isinstance(t, torch.Tensor) else None
+        else:
+            key = tuple([(t.shape, t.dtype) if isinstance(t, torch.Tensor) else None
+                         for t in tensors])
         if key not in self._checked:
             bind_inputs(self.graph, tensors)
             self._checked.add(key)
         flat = self.run_flat(tensors)
-        if self.graph.out_structure is None:
+        structure = self.graph.out_structure
+        if structure is None:
             return flat[0] if len(flat) == 1 else tuple(flat)
-        return unflatten(self.graph.out_structure, flat)
+        if structure.get("kind") == "leaf":
+            return flat[0]
+        return unflatten(structure, flat)
 
     def _tensors_from(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         ins = self.graph.in_structure or {}

@@ -23,7 +23,7 @@ class CPUExecutable:
         self.plans: dict[tuple, object] = {}
 
     def plan_for(self, inputs: Sequence[torch.Tensor]):
-        key = tuple(tuple(t.shape) for t in inputs)
+        key = tuple([t.shape for t in inputs])  # torch.Size: hashes and compares as a tuple
         plan = self.plans.get(key)
         if plan is None:
             env = bind_inputs(self.graph, inputs)
@@ -44,14 +44,23 @@ class CPUExecutable:
         return _InstrumentedExecutable(self, hook)
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if self.threads and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
-        prev = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
+        # the per-call path: a few hundred nanoseconds around the plan (models of a few
+        # tiny kernels, like the MNIST CNN at batch 1, are that sensitive to it)
+        threads = self.threads
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        grad = torch.is_grad_enabled()
+        if grad:  # the raw switch: torch.set_grad_enabled builds a context manager object
+            torch._C._set_grad_enabled(False)
         try:
-            return self.plan_for(inputs)(inputs)
+            plan = self.plans.get((inputs[0].shape,) if len(inputs) == 1 else
+                                  tuple([t.shape for t in inputs]))
+            if plan is None:
+                plan = self.plan_for(inputs)
+            return plan(inputs)
         finally:
-            torch.set_grad_enabled(prev)
+            if grad:
+                torch._C._set_grad_enabled(True)
 
 
 class _InstrumentedExecutable(CPUExecutable):
@@ -62,7 +71,7 @@ class _InstrumentedExecutable(CPUExecutable):
         self.base, self.hook = base, hook
 
     def plan_for(self, inputs: Sequence[torch.Tensor]):
-        key = tuple(tuple(t.shape) for t in inputs)
+        key = tuple([t.shape for t in inputs])  # torch.Size: hashes and compares as a tuple
         plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = self.base.plan_for(inputs).instrumented(self.hook)

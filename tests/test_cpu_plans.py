@@ -1,0 +1,187 @@
+"""The CPU backend's generated plans: measured kernel choices, layout rewrites, plan buffers.
+
+Every kernel choice is made by timing, so each test forces each candidate in turn
+(``_fastest`` patched) and checks the result against eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+
+import deepseek as ds
+import deepseek.backends.cpu.codegen as codegen
+from deepseek.examples import mnist_cnn
+from tests.conftest import rel_l2
+
+
+def _forcing(monkeypatch, choice: str):
+    """Make every measured choice pick ``choice`` where it is a candidate (else the first)."""
+    monkeypatch.setattr(codegen, "_fastest", lambda c: choice if choice in c else next(iter(c)))
+
+
+def _plan_source(engine) -> str:
+    return next(iter(engine._parts[0].executable.plans.values())).source
+
+
+def _check(model, x, atol=1e-4):
+    engine = ds.compile(model, (x,), backend="cpu")
+    for _ in range(2):
+        y = torch.randn_like(x)
+        with torch.no_grad():
+            ref = model(y)
+        got = engine(y)
+        refs, gots = (ref, got) if isinstance(ref, tuple) else ((ref,), (got,))
+        for r, g in zip(refs, gots):
+            assert g.shape == r.shape and rel_l2(g, r) < atol
+    return engine
+
+
+@pytest.mark.parametrize("choice", ["onednn", "aten", "split"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemm_candidates_match_eager(monkeypatch, choice, rows):
+    _forcing(monkeypatch, choice)
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 32, bias=False)).eval()
+    engine = _check(model, torch.randn(rows, 96))
+    if choice == "split" and torch.get_num_threads() > 1:
+        assert "baddbmm" in _plan_source(engine) and "torch.bmm" in _plan_source(engine)
+
+
+@pytest.mark.parametrize("choice", ["onednn", "aten", "split"])
+def test_gemm_on_3d_input(monkeypatch, choice):
+    _forcing(monkeypatch, choice)
+    _check(nn.Linear(48, 32).eval(), torch.randn(1, 2, 48))
+
+
+class ConvPoolHead(nn.Module):
+    def __init__(self, act=nn.ReLU, pool=dict(kernel_size=2), flat_out=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.act = act()
+        self.pool = nn.MaxPool2d(**pool)
+        self.fc = nn.Linear(16 * 5 * 5, 10)
+        self.flat_out = flat_out
+
+    def forward(self, x):
+        f = torch.flatten(self.pool(self.act(self.conv(x))), 1)
+        y = self.fc(f)
+        return (y, f) if self.flat_out else y
+
+
+@pytest.mark.parametrize("choice", ["onednn", "aten", "split", "into_cl", "pool_first", "post_op"])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, nn.Tanh, nn.SiLU])
+def test_conv_act_pool_flatten_linear(monkeypatch, choice, act):
+    """conv -> monotone op -> max pool -> flatten -> linear, every measured path."""
+    _forcing(monkeypatch, choice)
+    engine = _check(ConvPoolHead(act).eval(), torch.randn(1, 3, 10, 10))
+    src = _plan_source(engine)
+    if choice == "onednn":  # oneDNN's convolution leaves channels-last activations: the
+        assert "as_strided" in src  # flatten reads them in place, the weight permuted
+
+
+@pytest.mark.parametrize("choice", ["into_cl", "pool_first"])
+def test_monotone_op_moves_past_padded_ceil_pool(monkeypatch, choice):
+    _forcing(monkeypatch, choice)
+    model = ConvPoolHead(nn.Sigmoid, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True))
+    model.fc = nn.Linear(16 * 6 * 6, 10)
+    _check(model.eval(), torch.randn(2, 3, 11, 11))
+
+
+def test_flatten_read_elsewhere_keeps_its_order(monkeypatch):
+    """A flatten that is also an output is not reordered (only a GEMM-only flatten is)."""
+    _forcing(monkeypatch, "onednn")
+    engine = _check(ConvPoolHead(flat_out=True).eval(), torch.randn(1, 3, 10, 10))
+    assert "as_strided" not in _plan_source(engine)
+
+
+def test_outputs_are_fresh_tensors_and_buffers_are_reused(monkeypatch):
+    _forcing(monkeypatch, "split")
+    model, (x,) = mnist_cnn(1)
+    engine = ds.compile(model, (x,), backend="cpu")
+    first = engine(x)
+    kept = first.clone()
+    for _ in range(3):
+        engine(torch.randn_like(x))
+    assert torch.equal(first, kept)  # a later call never writes into a returned tensor
+    plan = next(iter(engine._parts[0].executable.plans.values()))
+    assert "_pool.pop()" in plan.source
+    assert len(plan.__globals__["_pool"]) == 1  # one set of buffers, reused
+
+
+def test_an_output_is_never_a_plan_buffer(monkeypatch):
+    """A GEMM whose result (through a view) is returned computes into a fresh tensor."""
+    _forcing(monkeypatch, "aten")
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.fc(x).view(2, 8), torch.relu(self.fc(x) * 2)
+
+    engine = _check(M().eval(), torch.randn(1, 32))
+    a, b = engine(torch.randn(1, 32))
+    a_kept, b_kept = a.clone(), b.clone()
+    engine(torch.randn(1, 32))
+    assert torch.equal(a, a_kept) and torch.equal(b, b_kept)
+
+
+def test_concurrent_calls_take_their_own_buffers(monkeypatch):
+    _forcing(monkeypatch, "into_cl")
+    model, (x,) = mnist_cnn(1)
+    engine = ds.compile(model, (x,), backend="cpu")
+    xs = [torch.randn_like(x) for _ in range(4)]
+    with torch.no_grad():
+        refs = [model(v) for v in xs]
+    engine(x)
+    errors = []
+
+    def worker(k):
+        for _ in range(30):
+            if rel_l2(engine(xs[k]), refs[k]) > 1e-4:
+                errors.append(k)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_first_call_under_inference_mode_then_normal_calls(monkeypatch):
+    _forcing(monkeypatch, "split")
+    model, (x,) = mnist_cnn(1)
+    engine = ds.compile(model, (x,), backend="cpu")
+    with torch.inference_mode():
+        engine(x)
+    with torch.no_grad():
+        ref = model(x)
+    out = engine(x)
+    assert rel_l2(out, ref) < 1e-4 and not out.is_inference() and torch.is_grad_enabled()
+
+
+def test_kernel_choice_is_the_fastest_candidate():
+    import time
+
+    def slow():
+        time.sleep(0.002)
+
+    assert codegen._fastest({"slow": slow, "fast": lambda: None}) == "fast"
+    assert codegen._fastest({"fast": lambda: None, "slow": slow}) == "fast"
+
+
+def test_buffers_of_one_shape_are_shared_when_their_lifetimes_do_not_overlap(monkeypatch):
+    _forcing(monkeypatch, "aten")
+    layers = []
+    for _ in range(5):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10)).eval()
+    engine = _check(model, torch.randn(1, 64))
+    src = _plan_source(engine)
+    # five hidden GEMM results, each read by the next GEMM only: two buffers alternate
+    assert src.count("out=_b0") + src.count("out=_b1") == 5 and "_b2" not in src
