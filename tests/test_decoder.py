@@ -116,3 +116,20 @@ def test_bad_calls_give_clear_errors():
         lm.generate(torch.randint(2, 100, (1, 40)), 30)
     with pytest.raises(InputError, match="integer tensor"):
         lm.generate(torch.randn(1, 4), 4)
+
+
+def test_cuda_plan_writes_each_layers_keys_and_values_in_one_kernel():
+    """The step's CUDA code (generated here, run on GPUs by test_greedy_tokens_...[cuda])
+    writes a layer's key and value caches with one KVWrite launch, in place."""
+    from deepseek.backends.cpu.codegen import generate_plan
+    from deepseek.ir.interpreter import bind_inputs
+
+    pytest.importorskip("triton")
+    lm = ds.compile_decoder(_gpt2(), max_batch_size=2, max_seq_len=128, backend="cpu")
+    b = lm.bucket(2, 10)
+    graph = b.engine._parts[0].graph
+    inputs = [torch.zeros(2, 1, dtype=torch.long), torch.tensor([3]), *b.cache]
+    source = generate_plan(graph, bind_inputs(graph, inputs), "cuda").source
+    assert source.count("triton_kv") == 2  # two layers, one launch each
+    assert "= i_kv_1\n" in source and "= i_kv_3\n" in source  # values: the caches themselves
+    assert "index_put" not in source.replace("v_index_put", "")

@@ -298,12 +298,10 @@ class _Emitter:
         from deepseek.backends.cuda.triton_kv import KVWrite
 
         def parts(n):  # (cache, positions, new rows) of a plain write along dim 2
-            idx = n.inputs[1]
-            if n.attrs.get("accumulate") or not (isinstance(idx, list) and len(idx) == 3
-                                                   and idx[0] is None and idx[1] is None
-                                                   and isinstance(idx[2], Value)):
-                return None
-            return n.inputs[0], idx[2], n.inputs[2]
+            if n.attrs.get("accumulate") or len(n.inputs) != 5 or n.inputs[1] is not None \
+                    or n.inputs[2] is not None or not isinstance(n.inputs[3], Value):
+                return None  # inputs: cache, the indices [None, None, positions], new rows
+            return n.inputs[0], n.inputs[3], n.inputs[4]
 
         mine = parts(node)
         if mine is None:
