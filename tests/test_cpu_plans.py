@@ -185,3 +185,36 @@ def test_buffers_of_one_shape_are_shared_when_their_lifetimes_do_not_overlap(mon
     src = _plan_source(engine)
     # five hidden GEMM results, each read by the next GEMM only: two buffers alternate
     assert src.count("out=_b0") + src.count("out=_b1") == 5 and "_b2" not in src
+
+
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=1, out_channels=8, kernel_size=3, padding=1),
+    dict(in_channels=3, out_channels=16, kernel_size=5, stride=2, padding=2, bias=False),
+    dict(in_channels=2, out_channels=4, kernel_size=(3, 2), stride=(1, 2), padding=(0, 1), dilation=2),
+    dict(in_channels=4, out_channels=8, kernel_size=1),
+])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gather_gemm_convolution(monkeypatch, conv, batch):
+    """Small convolutions as a gather of patches and one GEMM (channels-last result)."""
+    _forcing(monkeypatch, "gather")
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(**conv)
+
+        def forward(self, x):  # the result read by a pool and returned: both paths
+            y = self.conv(x)
+            return torch.max_pool2d(torch.relu(y), 2), y * 2
+
+    engine = _check(M().eval(), torch.randn(batch, conv["in_channels"], 12, 11))
+    assert "index_select" in _plan_source(engine)
+
+
+def test_gather_gemm_convolution_as_the_output(monkeypatch):
+    _forcing(monkeypatch, "gather")
+    engine = _check(nn.Conv2d(1, 4, 3, padding=1).eval(), torch.randn(1, 1, 9, 9))
+    src = _plan_source(engine)
+    assert "index_select" in src and "as_strided" in src  # a fresh result, not a buffer
+    out = engine(torch.randn(1, 1, 9, 9))
+    assert out.is_contiguous()  # outputs leave in the default layout

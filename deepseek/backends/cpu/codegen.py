@@ -59,6 +59,8 @@ _MONOTONE_FNS = {Op.RELU: (torch.relu_, lambda x, o: torch.clamp_min(x, 0, out=o
 # plan buffers (out= kernels writing memory allocated once per plan) only for tensors
 # this small: above it an allocation is noise next to the kernel that fills it
 _BUFFER_MAX_BYTES = 1 << 20
+# convolutions lowered to a gather and a GEMM: index tables up to this many entries
+_GATHER_MAX_ENTRIES = 1 << 16
 
 # hot ops called through PyTorch's Python bindings rather than the ATen overload object:
 # the bindings parse arguments unboxed, 0.3-2 us a call cheaper (a call of conv1 in the
@@ -159,7 +161,7 @@ class _Emitter:
         self.cl: set[int] = set()  # ids of 4-D values that are channels-last at run time
         self.nhwc_rows: dict[int, tuple] = {}  # id of an NHWC-order flatten -> its (C, H, W)
         self.after_pool: dict[int, Op] = {}  # max-pool node id -> unary op applied to its result
-        self.buffers: list[tuple] = []  # (shape, dtype, memory format, view) of each plan buffer
+        self.buffers: list[tuple] = []  # (shape, dtype, format, views, zero) of each plan buffer
         self.buffer_free: list[int] = []  # index of the last node reading each buffer so far
         self.index = {id(o): i for i, n in enumerate(graph.nodes) for o in n.outputs}
         self.index.update({id(n): i for i, n in enumerate(graph.nodes)})
@@ -258,8 +260,8 @@ class _Emitter:
             fused = self.const_gemm(node, ins, attrs)
             if fused is not None:
                 return fused
-        if op is Op.CONVOLUTION and _ONEDNN and self.device == "cpu":
-            fused = self.onednn_conv(node, ins, attrs)
+        if op is Op.CONVOLUTION and self.device == "cpu":
+            fused = self.conv2d(node, ins, attrs)
             if fused is not None:
                 return fused
         if op in (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE) and self.device == "cpu":
@@ -428,25 +430,33 @@ class _Emitter:
         return self.storage_reach(value)[0]
 
     def buffer(self, value: Value, shape, memory_format=torch.contiguous_format,
-               view: tuple | None = None) -> str | None:
+               views: tuple = ()) -> str | None:
         """A buffer of the plan for an out= kernel computing ``value``: allocated once, not
         per call. None where ``value`` may reach the caller (outputs are always fresh
         tensors, never overwritten by a later call) or is too big for an allocation to
         matter next to the kernel writing it. Values of one shape whose storages live at
         different times share a buffer. Calls running the same plan at once each take
-        their own set of buffers (see ``generate``)."""
-        spec = (tuple(shape), value.spec.dtype, memory_format, view)
-        nbytes = value.spec.dtype.itemsize
-        for d in spec[0]:
-            nbytes *= d
-        if self.device != "cpu" or nbytes > _BUFFER_MAX_BYTES:
+        their own set of buffers (see ``generate``). ``views`` (see ``_make_buffers``)
+        are made once with the buffer, named ``<buffer>_v0``, ``_v1``..."""
+        spec = (tuple(shape), value.spec.dtype, memory_format, tuple(views), False)
+        if self.device != "cpu" or _nbytes(shape, value.spec.dtype) > _BUFFER_MAX_BYTES:
             return None
         escapes, last = self.storage_reach(value)
         if escapes:
             return None
-        start = self.index[id(value)]
+        return self.slot(spec, self.index[id(value)], last)
+
+    def scratch(self, node: Node, shape, dtype, views: tuple = (), zero: bool = False) -> str:
+        """A buffer of the plan that ``node``'s statement alone uses (e.g. a zero-padded
+        copy of an input); ``zero``: zero-filled once when made."""
+        i = self.index[id(node)]
+        return self.slot((tuple(shape), dtype, torch.contiguous_format, tuple(views), zero), i, i)
+
+    def slot(self, spec: tuple, start: int, last: int) -> str:
+        """A buffer of ``spec`` free from node ``start`` on (its last reader ran before),
+        kept until node ``last``: an existing one, or a new one."""
         for i, (other, free_after) in enumerate(zip(self.buffers, self.buffer_free)):
-            if other == spec and free_after < start:  # its last reader ran before
+            if other == spec and free_after < start:
                 self.buffer_free[i] = last
                 return f"_b{i}"
         self.buffers.append(spec)
@@ -497,9 +507,29 @@ class _Emitter:
             self.cl.add(id(node.outputs[0]))
         return self.name(x)  # the op runs on the pool's result
 
-    def onednn_conv(self, node: Node, ins, attrs) -> str | None:
-        """A 2-D float32 convolution as oneDNN with a pre-packed weight, channels-last
-        activations and the following unary op (ReLU, SiLU...) fused as a post-op."""
+    def wants_cl(self, value: Value) -> bool:
+        """Whether ``value``'s reader converts it to channels-last anyway: a max pool, or a
+        unary op (ReLU...) whose only reader is a max pool."""
+        users = self.users.get(id(value), [])
+        if len(users) != 1 or value in self.graph.outputs:
+            return False
+        user = users[0]
+        if user.op is Op.MAX_POOL2D:
+            return user.inputs[0] is value
+        if user.op not in _CONV_POST_OPS and user.op not in _INPLACE_UNARY:
+            return False
+        nxt = self.users.get(id(user.outputs[0]), [])
+        return (len(nxt) == 1 and nxt[0].op is Op.MAX_POOL2D and nxt[0].inputs[0] is user.outputs[0]
+                and user.outputs[0] not in self.graph.outputs)
+
+    def conv2d(self, node: Node, ins, attrs) -> str | None:
+        """A 2-D float32 convolution with a constant weight through the fastest of
+        (measured for this shape): oneDNN on a pre-packed weight, with channels-last
+        activations and the following unary op (ReLU, SiLU...) fused as a post-op;
+        ATen's convolution; and, for small ones, a gather of the input's patches (through
+        an index table made once) and one GEMM, whose result is channels-last as it
+        stands. Where a max pool reads the result, the candidates leaving NCHW are timed
+        with the copy to channels-last the pool would make."""
         x, w, b = ins
         g = self.graph
         if (attrs["transposed"] or len(attrs["stride"]) != 2 or not g.is_constant(w)
@@ -507,29 +537,50 @@ class _Emitter:
                 or w.spec.dtype != torch.float32):
             return None
         shape = list(x.spec.concrete(self.env))
-        try:
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                g.constants[w.name].to_mkldnn(), attrs["padding"], attrs["stride"],
-                attrs["dilation"], attrs["groups"], shape)
-        except RuntimeError:
+        a = attrs
+        weight = g.constants[w.name]
+        packed = None
+        if _ONEDNN:
+            try:
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    weight.to_mkldnn(), a["padding"], a["stride"], a["dilation"], a["groups"], shape)
+            except RuntimeError:
+                pass
+        gather = self.gather_conv(node, x, w, b, a, shape)
+        if packed is None and gather is None:
             return None
         post, scalars, algo = "none", [], ""
         out = node.outputs[0]
         users = self.users.get(id(out), [])
-        fuse = len(users) == 1 and users[0].op in _CONV_POST_OPS and out not in g.outputs
+        fuse = packed is not None and len(users) == 1 and users[0].op in _CONV_POST_OPS \
+            and out not in g.outputs
         if fuse:
             post, scalars, algo = _CONV_POST_OPS[users[0].op]
         bias = g.constants[b.name] if b is not None else None
         xr = torch.randn(shape)
-        xcl, a = xr.contiguous(memory_format=torch.channels_last), attrs
-        if not _onednn_is_faster(
-                lambda: torch.ops.mkldnn._convolution_pointwise(
-                    xcl, packed, bias, a["padding"], a["stride"], a["dilation"], a["groups"], post,
-                    scalars, algo),
-                lambda: _POST_FNS[post](torch.convolution(
-                    xr, g.constants[w.name], bias, a["stride"], a["padding"], a["dilation"], False,
-                    a["output_padding"], a["groups"]))):
-            return None
+        xcl = xr.contiguous(memory_format=torch.channels_last)
+        to_cl = self.wants_cl(out)
+
+        def aten():
+            y = _POST_FNS[post](torch.convolution(
+                xr, weight, bias, a["stride"], a["padding"], a["dilation"], False,
+                a["output_padding"], a["groups"]))
+            return y.contiguous(memory_format=torch.channels_last) if to_cl else y
+
+        candidates: dict[str, Callable[[], object]] = {}
+        if packed is not None:
+            candidates["onednn"] = lambda: torch.ops.mkldnn._convolution_pointwise(
+                xcl, packed, bias, a["padding"], a["stride"], a["dilation"], a["groups"], post,
+                scalars, algo)
+        candidates["aten"] = aten
+        if gather is not None:
+            candidates["gather"] = lambda: _POST_FNS[post](gather[0](xr))
+        best = _fastest(candidates)
+        if best == "aten":
+            return None  # ATen's generic call, as written in the graph
+        if best == "gather":
+            self.cl.add(id(out))
+            return gather[1]()
         pool = self.pooled_by(users[0]) if fuse else None
         if pool is not None:  # the post-op could run after a max pool instead: measured
             pa = {k: bind(v, self.env) for k, v in pool.attrs.items()}
@@ -552,8 +603,68 @@ class _Emitter:
         self.cl.add(id(out))
         return (f"torch.ops.mkldnn._convolution_pointwise({self.as_cl(x)}, "
                 f"{self.const(packed, 'packed')}, {self.name(b) if b is not None else None}, "
-                f"{attrs['padding']}, {attrs['stride']}, {attrs['dilation']}, {attrs['groups']}, "
+                f"{a['padding']}, {a['stride']}, {a['dilation']}, {a['groups']}, "
                 f"{post!r}, {scalars}, {algo!r})")
+
+    def gather_conv(self, node: Node, x: Value, w: Value, b, a, shape) -> tuple | None:
+        """A small convolution as a gather and a GEMM: (the kernel on a given input, for
+        timing; a function emitting its statements). The input is copied into a
+        zero-padded buffer of the plan, an index table made once picks each output
+        pixel's patch into a (pixels, C*KH*KW) matrix, and one GEMM with the weight as
+        (C*KH*KW, O) writes (pixels, O): NHWC memory, a channels-last result as it
+        stands. Few input channels (a network's first layer) is where this beats
+        oneDNN's and ATen's kernels; the index table bounds its size."""
+        n, c, h, wd = shape
+        o, cw, kh, kw = w.spec.concrete(self.env)
+        out_shape = node.outputs[0].spec.concrete(self.env)
+        if a["groups"] != 1 or cw != c or len(out_shape) != 4:
+            return None
+        (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
+        oh, ow = out_shape[2], out_shape[3]
+        k, pixels, hp, wp = c * kh * kw, n * oh * ow, h + 2 * ph, wd + 2 * pw
+        if (pixels * k > _GATHER_MAX_ENTRIES or _nbytes((n, c, hp, wp), torch.float32) > _BUFFER_MAX_BYTES
+                or _nbytes((pixels, o), torch.float32) > _BUFFER_MAX_BYTES):
+            return None
+        # the index of each patch element in the padded input, patch columns in (c, kh, kw)
+        # order as the weight's; float64 counts exactly far beyond these sizes
+        where = torch.arange(n * c * hp * wp, dtype=torch.float64).view(n, c, hp, wp)
+        table = torch.nn.functional.unfold(where, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+        if table.shape[-1] != oh * ow:
+            return None
+        index = table.transpose(1, 2).reshape(-1).round().long()  # (pixels, k), row-major
+        wt = self.constants[w.name].reshape(o, k).t().contiguous()  # (k, O)
+        bias = self.constants[b.name] if b is not None else None
+        nhwc = ((n, o, oh, ow), (oh * ow * o, 1, ow * o, o))  # (pixels, O) as channels-last
+
+        padded = torch.zeros(n, c, hp, wp)
+        inner, flat = padded[:, :, ph:ph + h, pw:pw + wd], padded.view(-1)
+        cols, result = torch.empty(pixels * k), torch.empty(pixels, o)
+
+        def run(xr):
+            inner.copy_(xr)
+            torch.index_select(flat, 0, index, out=cols)
+            if bias is not None:
+                torch.addmm(bias, cols.view(pixels, k), wt, out=result)
+            else:
+                torch.mm(cols.view(pixels, k), wt, out=result)
+            return result.as_strided(*nhwc)
+
+        def emit() -> str:
+            pad = self.scratch(node, (n, c, hp, wp), torch.float32, zero=True, views=(
+                ("narrow", ((2, ph, h), (3, pw, wd))), ("view", (-1,))))
+            col = self.scratch(node, (pixels * k,), torch.float32, views=(("view", (pixels, k)),))
+            self.lines.append(f"    {pad}_v0.copy_({self.name(x)})")
+            self.lines.append(f"    torch.index_select({pad}_v1, 0, {self.const(index, 'patches')}, "
+                              f"out={col})")
+            gemm = (f"torch.addmm({self.name(b)}, {col}_v0, {self.const(wt, 'wcols')}"
+                    if b is not None else f"torch.mm({col}_v0, {self.const(wt, 'wcols')}")
+            res = self.buffer(node.outputs[0], (pixels, o), views=(("strided",) + nhwc,))
+            if res is None:
+                return f"{gemm}).as_strided({nhwc[0]}, {nhwc[1]})"
+            self.lines.append(f"    {gemm}, out={res})")
+            return f"{res}_v0"
+
+        return run, emit
 
     def gemm_operands(self, node: Node, attrs) -> tuple | None:
         """(x, w, b) of a float32 GEMM with a constant (K, N) weight (and a constant bias of
@@ -645,8 +756,9 @@ class _Emitter:
             def split_call():
                 # one row: the (T, 1, N/T) result is the (1, N) one in memory; with a plan
                 # buffer, the kernel writes a (T, 1, N/T) view of it made with the buffer
-                buf = self.buffer(out_value, (1, n_cols), view=(t, 1, part)) if rows == 1 else None
-                out = f", out={buf}_view" if buf else ""
+                buf = self.buffer(out_value, (1, n_cols), views=(("view", (t, 1, part)),)) \
+                    if rows == 1 else None
+                out = f", out={buf}_v0" if buf else ""
                 e = f"{operand(t)}, {self.const(ws, 'wsplit')}{out})"
                 e = (f"torch.baddbmm({self.const(bs, 'bsplit')}, {e}" if bs is not None
                      else f"torch.bmm({e}")
@@ -721,7 +833,7 @@ class _Emitter:
             # a call that raises just drops its set)
             self.globals["_pool"] = []
             self.globals["_new_buffers"] = functools.partial(_make_buffers, tuple(self.buffers))
-            names = ", ".join(f"_b{i}, _b{i}_view" if b[3] else f"_b{i}"
+            names = ", ".join(", ".join([f"_b{i}"] + [f"_b{i}_v{j}" for j in range(len(b[3]))])
                               for i, b in enumerate(self.buffers))
             preamble = ["    try:", "        _bufs = _pool.pop()", "    except IndexError:",
                         "        _bufs = _new_buffers()", f"    {names}, = _bufs"]
@@ -734,17 +846,35 @@ class _Emitter:
         return _build(self.lines, self.globals, starts, fused, None)
 
 
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
 def _make_buffers(specs: tuple) -> tuple[torch.Tensor, ...]:
-    """A plan's buffers: ``(shape, dtype, memory_format, view shape or None)`` each, a
-    buffer followed by its view where one is asked for. Never inference tensors (a first
-    call under torch.inference_mode must not make buffers that later calls outside it
-    cannot write)."""
+    """A plan's buffers, each ``(shape, dtype, memory_format, views, zero)``, followed by
+    its views: ``("view", shape)``, ``("narrow", ((dim, start, length), ...))`` or
+    ``("strided", size, stride)``. Never inference tensors (a first call under
+    torch.inference_mode must not make buffers that later calls outside it cannot write)."""
     out = []
     with torch.inference_mode(False):
-        for shape, dtype, fmt, view in specs:
-            out.append(torch.empty(shape, dtype=dtype, memory_format=fmt))
-            if view is not None:
-                out.append(out[-1].view(view))
+        for shape, dtype, fmt, views, zero in specs:
+            t = torch.empty(shape, dtype=dtype, memory_format=fmt)
+            if zero:
+                t.zero_()
+            out.append(t)
+            for view in views:
+                if view[0] == "view":
+                    out.append(t.view(view[1]))
+                elif view[0] == "narrow":
+                    u = t
+                    for dim, start, length in view[1]:
+                        u = u.narrow(dim, start, length)
+                    out.append(u)
+                else:
+                    out.append(t.as_strided(view[1], view[2]))
     return tuple(out)
 
 
