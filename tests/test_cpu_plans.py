@@ -218,3 +218,17 @@ def test_gather_gemm_convolution_as_the_output(monkeypatch):
     assert "index_select" in src and "as_strided" in src  # a fresh result, not a buffer
     out = engine(torch.randn(1, 1, 9, 9))
     assert out.is_contiguous()  # outputs leave in the default layout
+
+
+def test_profiler_names_the_kernel_that_runs_a_moved_op(monkeypatch):
+    """A ReLU moved past its max pool is reported as run by the pool, not timed alone."""
+    _forcing(monkeypatch, "pool_first")
+    model = ConvPoolHead().eval()
+    engine = ds.compile(model, (torch.randn(1, 3, 10, 10),), backend="cpu")
+    with ds.profile(engine) as prof:
+        for _ in range(3):
+            engine(torch.randn(1, 3, 10, 10))
+    rows = {r["name"]: r for r in prof.report().ops}
+    relu = next(r for r in rows.values() if r["op"].startswith("aten.relu") or r["op"] == "relu")
+    pool = next(r for r in rows.values() if "max_pool2d" in r["op"])
+    assert relu["fused_into"] == pool["name"]

@@ -315,6 +315,9 @@ def build_report(prof: Profile) -> ProfileReport:
         if fused:  # computed inside its producer's kernel (a oneDNN post-op, say)
             first = acc.node.input_values()[0]
             row["fused_into"] = producers[first].name if first in producers else None
+            host = acc.probe.fused_hosts.get(acc.key[1])
+            if host is not None:  # or by a later node's (a ReLU moved past a max pool)
+                row["fused_into"] = acc.probe.nodes[host].name
         timed.append((row, acc, 0 if fused else total))
         if acc.kernels:
             row["kernels"] = sorted(({"name": k, "count": v[0] // n_calls or 1,

@@ -48,6 +48,7 @@ class Probe:
     mode: str  # NODES or BLOCK
     stamps: list[int] = field(default_factory=list)  # perf_counter_ns, filled by the hook
     fused: set[int] = field(default_factory=set)  # node indices run inside a producer's kernel
+    fused_hosts: dict[int, int] = field(default_factory=dict)  # of those, run by a later node
     executable: Any = None  # the instrumented twin (CPU), read for fused_nodes afterwards
 
 
@@ -249,6 +250,7 @@ class Profile:
             exe = probe.executable
             for plan in getattr(exe, "plans", {}).values():
                 probe.fused.update(getattr(plan, "fused_nodes", ()))
+                probe.fused_hosts.update(getattr(plan, "fused_hosts", {}))
         for p, exe, backend in self._saved:
             p.executable, p.backend = exe, backend
         self._saved.clear()

@@ -160,7 +160,9 @@ class _Emitter:
         self.fused_into: dict[int, str] = {}  # post-op node id -> name of the fused result
         self.cl: set[int] = set()  # ids of 4-D values that are channels-last at run time
         self.nhwc_rows: dict[int, tuple] = {}  # id of an NHWC-order flatten -> its (C, H, W)
-        self.after_pool: dict[int, Op] = {}  # max-pool node id -> unary op applied to its result
+        self.after_pool: dict[int, tuple] = {}  # max-pool node id -> (unary op applied to its
+        # result, that op's node)
+        self.hosted: dict[int, Node] = {}  # node id -> the later node whose statement runs it
         self.buffers: list[tuple] = []  # (shape, dtype, format, views, zero) of each plan buffer
         self.buffer_free: list[int] = []  # index of the last node reading each buffer so far
         self.index = {id(o): i for i, n in enumerate(graph.nodes) for o in n.outputs}
@@ -282,7 +284,7 @@ class _Emitter:
                     f"{a.get('stride', [])}, {a.get('padding', 0)}, {a.get('dilation', 1)}, "
                     f"{a.get('ceil_mode', False)})")
             if id(node) in self.after_pool:  # a monotone op moved past the pooling
-                return _MONOTONE_UNARY[self.after_pool[id(node)]][0].format(pool)
+                return _MONOTONE_UNARY[self.after_pool[id(node)][0]][0].format(pool)
             return pool
         if op is Op.NATIVE_LAYER_NORM and only_first:
             return (f"torch.layer_norm({n(ins[0])}, {attrs['normalized_shape']}, {n(ins[1])}, "
@@ -502,7 +504,8 @@ class _Emitter:
                 buf = self.buffer(node.outputs[0], shape, torch.channels_last)
                 return _MONOTONE_UNARY[node.op][1].format(
                     xs, buf or f"torch.empty_like({xs}, memory_format=CL)")
-        self.after_pool[id(pool)] = node.op
+        self.after_pool[id(pool)] = (node.op, node)
+        self.hosted[id(node)] = pool  # the profiler times it as part of the pool
         if id(x) in self.cl:
             self.cl.add(id(node.outputs[0]))
         return self.name(x)  # the op runs on the pool's result
@@ -842,8 +845,11 @@ class _Emitter:
             self.lines.append("    _pool.append(_bufs)")
         # outputs leave in PyTorch's default layout, whatever layout was used inside
         self.lines.append(f"    return [{', '.join(self.names[id(v)] + '.contiguous()' for v in g.outputs)}]")
-        fused = frozenset(i for i, n in enumerate(g.nodes) if id(n) in self.fused_into)
-        return _build(self.lines, self.globals, starts, fused, None)
+        index = {id(n): i for i, n in enumerate(g.nodes)}
+        fused = frozenset(i for i, n in enumerate(g.nodes) if id(n) in self.fused_into
+                          or id(n) in self.hosted)
+        hosts = {index[k]: index[id(h)] for k, h in self.hosted.items()}
+        return _build(self.lines, self.globals, starts, fused, None, hosts)
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
@@ -879,7 +885,7 @@ def _make_buffers(specs: tuple) -> tuple[torch.Tensor, ...]:
 
 
 def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset,
-           hook: Callable[[int], object] | None) -> Callable:
+           hook: Callable[[int], object] | None, hosts: Mapping[int, int] | None = None) -> Callable:
     """Exec the plan's source; with ``hook``, a ``_hook(i)`` line goes before node i's
     statement (its ``del`` line stays with it) and ``_hook(len(nodes))`` before the return."""
     if hook is not None:
@@ -894,9 +900,12 @@ def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset
     exec(compile(source, name, "exec"), namespace)  # our own generated code
     fn = namespace["plan"]
     fn.source = source
-    fn.fused_nodes = fused  # indices of nodes computed by their producer's kernel (post-ops)
+    fn.fused_nodes = fused  # indices of nodes computed by another node's kernel (post-ops)
+    # of those, the ones a later node's statement computes (an op moved past a max pool):
+    # index -> that node's index; the others are computed by their producer
+    fn.fused_hosts = dict(hosts or {})
     if hook is None:  # the twin shares this plan's kernels, packed weights and choices
-        fn.instrumented = lambda h: _build(lines, globals_, starts, fused, h)
+        fn.instrumented = lambda h: _build(lines, globals_, starts, fused, h, hosts)
     return fn
 
 
