@@ -1,5 +1,8 @@
 """Side-by-side CPU benchmark: eager PyTorch, torch.compile, ONNX Runtime, OpenVINO, Deepseek.
 
+OpenVINO and Deepseek also run in bf16 (``openvino_bf16``, ``deepseek_bf16``:
+matmul-class ops in bf16); their relative L2 against eager float32 is reported.
+
 All contenders run in this one process on the same inputs, interleaved
 round-robin (so drift hits all alike); the medians and the ratios against
 eager are printed and written as JSON. Run on a quiet machine:
@@ -49,9 +52,12 @@ def _onnxruntime(model, inputs, threads: int) -> Callable | None:
     names = [f"input{i}" for i in range(len(inputs))]
     try:
         torch.onnx.export(model, inputs, path, input_names=names, opset_version=17, dynamo=False)
-    except Exception as e:  # the exporter is torch's, not ours: report and go on
-        print(f"  onnxruntime: export failed ({type(e).__name__}: {str(e)[:120]})")
-        return None
+    except Exception as e:  # torch's exporter fails on some transformers models: use ours
+        print(f"  onnxruntime: torch.onnx.export failed ({type(e).__name__}: {str(e)[:80]}); "
+              "running ORT on Deepseek's ONNX export of the captured graph")
+        from deepseek.frontend.onnx_export import export_onnx
+
+        export_onnx(ds.capture(model, inputs), path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -64,13 +70,25 @@ def _onnxruntime(model, inputs, threads: int) -> Callable | None:
     return lambda: torch.from_numpy(sess.run(None, feeds)[0])
 
 
-def _openvino(model, inputs) -> Callable | None:
+def _openvino(model, inputs, threads: int) -> dict[str, Callable]:
+    """OpenVINO in float32 and in bf16 (its default on CPUs with AVX512-BF16/AMX),
+    latency hint, ``threads`` inference threads; {} when it is not installed."""
     try:
         import openvino as ov
     except ImportError:
-        return None
-    compiled = ov.compile_model(ov.convert_model(model, example_input=inputs), "CPU")
-    return lambda: torch.from_numpy(compiled(list(inputs))[0])
+        return {}
+    try:
+        converted = ov.convert_model(model, example_input=inputs)
+    except Exception as e:  # the converter is OpenVINO's: report and go on
+        print(f"  openvino: conversion failed ({type(e).__name__}: {str(e)[:120]})")
+        return {}
+    out = {}
+    for label, precision in (("openvino", "f32"), ("openvino_bf16", "bf16")):
+        compiled = ov.compile_model(converted, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": precision})
+        out[label] = (lambda c: lambda: torch.from_numpy(c(list(inputs))[0]))(compiled)
+    return out
 
 
 def bench_model(name: str, threads: int, iters: int | None, skip: set[str]) -> dict:
@@ -108,9 +126,11 @@ def bench_model(name: str, threads: int, iters: int | None, skip: set[str]) -> d
         if fn is not None:
             contenders["onnxruntime"] = fn
     if "openvino" not in skip:
-        fn = _openvino(model, inputs)
-        if fn is not None:
-            contenders["openvino"] = fn
+        contenders.update(_openvino(model, inputs, threads))
+    if "deepseek_bf16" not in skip:
+        engine_bf16 = ds.compile(model, inputs, backend="cpu", precision="bf16")
+        engine_bf16(*inputs)
+        contenders["deepseek_bf16"] = lambda: engine_bf16(*inputs)
     errors = {k: rel_l2(_first(fn()), ref) for k, fn in contenders.items()}
     times = time_interleaved(contenders, iters=iters, warmup=3)
     return {
@@ -146,7 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(CONFIGS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--skip", default="", help="contenders to skip, e.g. torch.compile,openvino")
+    p.add_argument("--skip", default="",
+                   help="contenders to skip, e.g. torch.compile,openvino,deepseek_bf16")
     p.add_argument("--out", default=None, help="write results as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -160,7 +181,7 @@ def main(argv=None) -> int:
         results.append(r)
         print(f"\n{name} {r['config']}  (median ms, speed-up vs eager, rel L2 vs eager)")
         for k, ms in r["median_ms"].items():
-            print(f"  {k:<14} {ms:9.3f} ms  {r['speedup_vs_eager'][k]:5.2f}x  "
+            print(f"  {k:<15} {ms:9.3f} ms  {r['speedup_vs_eager'][k]:5.2f}x  "
                   f"{r['rel_l2_vs_eager'][k]:.1e}")
         sys.stdout.flush()
     if a.out:
