@@ -2,6 +2,9 @@
 mixed precision by accuracy budget, and the ``deepseek quantize`` command."""
 
 import json
+import os
+
+import numpy as np
 
 import pytest
 import torch
@@ -157,3 +160,77 @@ def test_cli_quantize(tmp_path, capsys):
     doc = json.loads(report.read_text())
     assert doc["bytes"] < 0.27 * doc["fp32_bytes"] and doc["config"]["method"] == "symmetric"
     assert main(["quantize", "mnist_cnn", "-o", str(out), "--calib-data", "nowhere:fn"]) == 2
+
+
+class _Tagger(nn.Module):
+    """Token embedding + linear head: a small LLM-shaped model."""
+
+    def __init__(self, vocab=50):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.embed(ids)))
+
+
+@pytest.mark.parametrize("method", ["symmetric", "asymmetric"])
+def test_embeddings_quantize_per_row_like_the_formula(method):
+    from deepseek.quantization import QuantizedEmbedding
+
+    model = _Tagger().eval()
+    q = Quantizer(QuantConfig(method=method, activation_bits=None, embeddings=True,
+                              progress=False)).quantize(model)
+    assert isinstance(q.embed, QuantizedEmbedding) and q.embed.weight.qweight.dtype == torch.int8
+    # NumPy reference of per-row int8 weights: scale from each row's range, round, clamp
+    w = model.embed.weight.detach().double().numpy()
+    if method == "symmetric":
+        scale = np.abs(w).max(1, keepdims=True) / 127
+        zp = np.zeros_like(scale)
+        qw = np.clip(np.round(w / scale), -127, 127)
+    else:
+        lo, hi = np.minimum(w.min(1, keepdims=True), 0), np.maximum(w.max(1, keepdims=True), 0)
+        scale = (hi - lo) / 255
+        zp = np.clip(np.round(-128 - lo / scale), -128, 127)
+        qw = np.clip(np.round(w / scale) + zp, -128, 127)
+    ids = torch.randint(0, 50, (3, 7))
+    want = torch.from_numpy(((qw - zp) * scale)[ids.numpy()]).float()
+    got = q.embed(ids)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert rel_l2(got, model.embed(ids)) < 1e-2  # close to the float table
+
+
+def test_quantized_embeddings_compile_to_an_int8_table_and_a_smaller_artifact(tmp_path):
+    import deepseek as ds
+
+    model = _Tagger(vocab=2000).eval()  # the table dominates the artifact
+    ids = torch.randint(0, 2000, (4, 9))
+    sizes = {}
+    for flag in (False, True):
+        q = Quantizer(QuantConfig(activation_bits=None, embeddings=flag,
+                                  progress=False)).quantize(model)
+        engine = ds.compile(q, (ids,), backend="cpu")
+        fresh = torch.randint(0, 2000, (4, 9))
+        assert rel_l2(engine(fresh), q(fresh)) < 1e-6
+        path = str(tmp_path / f"m{flag}.dsk")
+        engine.save(path)
+        sizes[flag] = os.path.getsize(path)
+        if flag:
+            tables = [t for t in engine.graph.constants.values() if t.shape == (2000, 16)]
+            assert tables and all(t.dtype == torch.int8 for t in tables)
+    assert sizes[True] < 0.5 * sizes[False]  # int8 rows and a float scale per row
+
+
+def test_embeddings_with_calibration_data_calibrate_only_the_layers():
+    model = _Tagger().eval()
+    batches = [torch.randint(0, 50, (2, 5)) for _ in range(3)]
+    qz = Quantizer(QuantConfig(embeddings=True, progress=False))
+    q = qz.quantize(model, batches)
+    assert isinstance(q.head, QuantizedLinear) and q.head.input_quant is not None
+    assert "embed" in qz.report.quantized
+
+
+def test_skip_patterns_that_match_nothing_are_an_error():
+    with pytest.raises(QuantizationError, match=r"\['clasifier\.\*'\] match no module"):
+        Quantizer(QuantConfig(skip=["clasifier.*"], progress=False)).quantize(_net(), _calib())

@@ -18,7 +18,7 @@ _EXPORTS = {
     "QuantConfig": "config", "QuantizationError": "config",
     "Quantizer": "quantizer", "QuantReport": "quantizer",
     "sensitivity_analysis": "sensitivity", "SensitivityReport": "sensitivity",
-    "QuantizedLinear": "modules", "QuantizedConv2d": "modules",
+    "QuantizedLinear": "modules", "QuantizedConv2d": "modules", "QuantizedEmbedding": "modules",
     "lower_quantized_ops": "lowering",
 }
 

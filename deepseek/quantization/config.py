@@ -54,6 +54,9 @@ class QuantConfig:
     # method="asymmetric", weight_method="symmetric" is the fastest CPU scheme
     weight_method: str | None = None
     progress: bool = True  # a progress bar over calibration batches (on a terminal)
+    # nn.Embedding tables too: weight-only, one scale per row (per_tensor: one for all);
+    # the compiled lookup gathers int8 rows and dequantizes just those
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         self.skip = list(self.skip)
@@ -96,6 +99,8 @@ class QuantConfig:
         if self.accuracy_budget is not None and not self.accuracy_budget >= 0:
             raise bad(f"accuracy_budget must be >= 0 (the largest metric drop), got "
                       f"{self.accuracy_budget!r}")
+        if not isinstance(self.embeddings, bool):
+            raise bad(f"embeddings must be True or False, got {self.embeddings!r}")
         if not all(isinstance(p, str) for p in self.skip):
             raise bad("skip must be a list of module-name patterns (strings)")
 

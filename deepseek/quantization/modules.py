@@ -130,7 +130,39 @@ class QuantizedConv2d(nn.Module):
                         self.groups)
 
 
+class QuantizedEmbedding(nn.Module):
+    """An embedding table stored in int8 (or fewer bits) with one scale per row: the
+    lookup gathers int8 rows and their scales, then dequantizes only those rows
+    (``(q - zero_point) * scale``, the same numbers as dequantizing the table)."""
+
+    def __init__(self, embedding: nn.Embedding, weight: QuantizedWeight):
+        super().__init__()
+        self.weight = weight
+        self.num_embeddings, self.embedding_dim = weight.qweight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        x = F.embedding(ids, w.qweight).float()
+        if w.granularity == "per_tensor":
+            return (x - w.zero_point.float()) * w.scale if w.zero_point is not None \
+                else x * w.scale
+        if w.zero_point is not None:
+            x = x - F.embedding(ids, w.zero_point.reshape(-1, 1)).float()
+        return x * F.embedding(ids, w.scale.reshape(-1, 1))
+
+
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
+
+
+def is_quantizable_embedding(module: nn.Module) -> bool:
+    """A plain lookup table (no max_norm renormalization, which rewrites the weights)."""
+    return isinstance(module, nn.Embedding) and module.max_norm is None
+
+
+def layer_names(model: nn.Module, names: list[str]) -> list[str]:
+    """The names among ``names`` whose inputs are activations to calibrate (not embeddings,
+    which read token ids)."""
+    return [n for n in names if not isinstance(model.get_submodule(n), nn.Embedding)]
 
 
 def is_quantizable(module: nn.Module) -> bool:

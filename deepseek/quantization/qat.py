@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepseek.quantization.modules import (QuantizedActivation, QuantizedWeight,
-                                           effective_granularity, is_quantizable, quantized_module)
+                                           effective_granularity, is_quantizable, layer_names,
+                                           quantized_module)
 from deepseek.quantization.observers import QRange, choose_qparams, qrange, weight_qparams
 
 
@@ -130,7 +131,7 @@ def prepare_qat(quantizer, model: nn.Module, calibration_data: Iterable | None,
 
     c = quantizer.config
     float_model = quantizer.prepare(model)
-    names = quantizer.targets(float_model)
+    names = layer_names(float_model, quantizer.targets(float_model))  # embeddings: PTQ only
     static = c.activation_bits is not None
     calibrators = quantizer.calibrate(float_model, names, calibration_data) \
         if static and calibration_data is not None else {}

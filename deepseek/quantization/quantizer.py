@@ -12,6 +12,7 @@ quantized module (see :mod:`.modules`).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from deepseek.quantization.config import QuantConfig, QuantizationError
-from deepseek.quantization.modules import (QuantizedActivation, QuantizedWeight, is_quantizable,
+from deepseek.quantization.modules import (QuantizedActivation, QuantizedEmbedding, QuantizedWeight,
+                                           is_quantizable, is_quantizable_embedding, layer_names,
                                            quantized_module)
 from deepseek.quantization.observers import Calibrator, make_calibrator, qrange
 
@@ -122,9 +124,19 @@ class Quantizer:
         return model
 
     def targets(self, model: nn.Module) -> list[str]:
-        """Names of the modules to quantize: Linear / Conv2d not matched by ``skip``."""
-        names = [n for n, m in model.named_modules() if n and is_quantizable(m)]
-        return [n for n in names if not self.config.skips(n)]
+        """Names of the modules to quantize: Linear / Conv2d (and Embedding with
+        ``config.embeddings``) not matched by ``skip``. A skip pattern that matches no
+        module is an error: it is a typo or a model other than the one meant."""
+        c = self.config
+        all_names = [n for n, _ in model.named_modules() if n]
+        unmatched = [p for p in c.skip if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
+        if unmatched:
+            raise QuantizationError(
+                f"skip patterns {unmatched} match no module of {type(model).__name__}; module "
+                f"names look like {all_names[:6]} (fnmatch patterns, e.g. 'classifier.*')")
+        names = [n for n, m in model.named_modules() if n and (
+            is_quantizable(m) or c.embeddings and is_quantizable_embedding(m))]
+        return [n for n in names if not c.skips(n)]
 
     def calibrate(self, model: nn.Module, names: list[str], calibration_data: Iterable) -> dict:
         """Observe the input of each named module over ``calibration_data``;
@@ -157,6 +169,11 @@ class Quantizer:
     def quantized_layer(self, module: nn.Module, calibrator: Calibrator | None) -> nn.Module:
         """The quantized replacement of one float layer."""
         c = self.config
+        if isinstance(module, nn.Embedding):  # one scale per row (token), weight only
+            rows = "per_tensor" if c.granularity == "per_tensor" else "per_channel"
+            return QuantizedEmbedding(module, QuantizedWeight(
+                module.weight, c.weight_bits, c.weight_symmetric, rows, c.group_size,
+                c.weight_search))
         granularity = c.granularity
         if granularity == "per_group" and calibrator is not None:
             granularity = "per_channel"  # int8 kernels take per-channel weight scales
@@ -190,7 +207,8 @@ class Quantizer:
         static = calibration_data is not None and c.activation_bits is not None
         if calibration_data is None and c.activation_bits is not None:
             log.info("no calibration data: weight-only quantization")
-        calibrators = self.calibrate(float_model, names, calibration_data) if static else {}
+        calibrators = self.calibrate(float_model, layer_names(float_model, names),
+                                     calibration_data) if static else {}
         layers = {n: self.quantized_layer(float_model.get_submodule(n), calibrators.get(n))
                   for n in names}
         report = QuantReport(mode="static" if static else "weight_only")

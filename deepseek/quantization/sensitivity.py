@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from deepseek.quantization.config import QuantConfig
+from deepseek.quantization.modules import layer_names
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def sensitivity_analysis(model: nn.Module, config: QuantConfig, calibration_data
     batches = list(calibration_data)
     names = q.targets(float_model)
     static = config.activation_bits is not None
-    calibrators = q.calibrate(float_model, names, batches) if static else {}
+    calibrators = q.calibrate(float_model, layer_names(float_model, names), batches) \
+        if static else {}
     layers = {n: q.quantized_layer(float_model.get_submodule(n), calibrators.get(n)) for n in names}
     return measure(float_model, layers, batches[:error_batches], eval_fn)
