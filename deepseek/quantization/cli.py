@@ -40,6 +40,8 @@ def register(command) -> None:
     s.add_argument("--activation-bits", type=_bits, default=8,
                    help="bits of activations, or 'none' for weight-only quantization")
     s.add_argument("--skip", action="append", default=[], help="module-name pattern left in float")
+    s.add_argument("--embeddings", action="store_true",
+                   help="quantize nn.Embedding tables too (weight-only, a scale per row)")
     s.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
     s.add_argument("--calib-data", default=None, help="package.module:function returning an "
                    "iterable of input batches (default: random inputs like the example, which "
@@ -73,7 +75,7 @@ def cmd_quantize(a) -> int:
     config = QuantConfig(weight_bits=a.weight_bits, activation_bits=a.activation_bits,
                          method=a.method, weight_method=a.weight_method,
                          granularity=a.granularity, group_size=a.group_size,
-                         calibration=a.calibration, skip=a.skip)
+                         calibration=a.calibration, skip=a.skip, embeddings=a.embeddings)
     model, inputs = load_model(a.model, a.batch)
     static = config.activation_bits is not None
     calib = _calibration_batches(a.calib_data, inputs, a.calib_batches) if static else None
