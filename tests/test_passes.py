@@ -166,6 +166,30 @@ def test_precompute_attention_masks_converts_a_shared_bool_mask_once():
     check_same_outputs(build, g, [torch.randn(2, 3, 5, 8), mask])
 
 
+def test_reorder_for_memory_finishes_one_branch_before_the_next():
+    from deepseek.passes import reorder_for_memory
+    from deepseek.passes.memory import peak_live_bytes
+
+    def build():
+        g = Graph()
+        x = g.add_input("x", spec(64, 64))
+        a = g.add_node(Op.EXP, [x], {}, [spec(64, 64)], name="a").outputs[0]
+        b = g.add_node(Op.SIN, [x], {}, [spec(64, 64)], name="b").outputs[0]
+        sa = g.add_node(Op.SUM_DIM_INTLIST, [a], {"dim": [1]}, [spec(64)], name="sa").outputs[0]
+        sb = g.add_node(Op.SUM_DIM_INTLIST, [b], {"dim": [1]}, [spec(64)], name="sb").outputs[0]
+        out = g.add_node(Op.ADD_TENSOR, [sa, sb], {}, [spec(64)], name="out").outputs[0]
+        g.outputs = [out]
+        return g
+
+    before = peak_live_bytes(build(), {})
+    g = reorder_for_memory(build())
+    assert kinds(g) == ["exp", "sum.dim_IntList", "sin", "sum.dim_IntList", "add.Tensor"]
+    assert peak_live_bytes(g, {}) < before  # one 16 KB branch live at a time, not two
+    check_same_outputs(build, g, [torch.randn(64, 64)])
+    # a graph already in its best order is left as it is
+    assert kinds(reorder_for_memory(g)) == kinds(g)
+
+
 def test_fold_constants_and_dce():
     g = Graph()
     x = g.add_input("x", spec(3, 4))
@@ -270,7 +294,7 @@ def random_graphs(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(random_graphs(), st.sampled_from(["cse", "dce", "fold", "simplify", "all"]))
+@given(random_graphs(), st.sampled_from(["cse", "dce", "fold", "simplify", "reorder", "all"]))
 def test_passes_preserve_outputs_on_random_graphs(case, which):
     from deepseek.api import _copy_graph
     from deepseek.passes import PIPELINES, run_passes
@@ -278,8 +302,11 @@ def test_passes_preserve_outputs_on_random_graphs(case, which):
     g, shape = case
     xs = [torch.randn(shape), torch.randn(shape)]
     ref = run_graph(g, xs)
+    from deepseek.passes import reorder_for_memory
+
     passes = {"cse": [eliminate_common_subexpr], "dce": [eliminate_dead_code],
-              "fold": [fold_constants], "simplify": [simplify_algebra], "all": PIPELINES[2]}[which]
+              "fold": [fold_constants], "simplify": [simplify_algebra],
+              "reorder": [reorder_for_memory], "all": PIPELINES[2]}[which]
     out, _ = run_passes(_copy_graph(g), passes)
     from deepseek.ir.verify import verify
 

@@ -18,7 +18,7 @@ from deepseek.ir.graph import Graph
 from deepseek.ir.verify import verify
 from deepseek.passes.cse import eliminate_common_subexpr
 from deepseek.passes.fusion import fuse_add_layer_norm, fuse_conv_bn, fuse_elementwise
-from deepseek.passes.memory import schedule_inplace_ops
+from deepseek.passes.memory import reorder_for_memory, schedule_inplace_ops
 from deepseek.passes.precision import map_to_tensorcore
 from deepseek.passes.recompute import activate_recompute
 from deepseek.passes.simplify import (eliminate_dead_code, fold_constants,
@@ -38,7 +38,7 @@ PIPELINES: dict[int, list[Pass]] = {
         fuse_conv_bn, eliminate_dead_code, precompute_attention_masks, fuse_add_layer_norm,
         fuse_elementwise,
         # stage 2: memory
-        schedule_inplace_ops,
+        reorder_for_memory, schedule_inplace_ops,
     ],
 }
 PIPELINES[3] = PIPELINES[2]
@@ -111,6 +111,6 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
 
 
 __all__ = ["fuse_conv_bn", "fuse_add_layer_norm", "precompute_attention_masks", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
-           "eliminate_common_subexpr", "schedule_inplace_ops", "map_to_tensorcore", "activate_recompute",
+           "eliminate_common_subexpr", "reorder_for_memory", "schedule_inplace_ops", "map_to_tensorcore", "activate_recompute",
            "run_passes",
            "pipeline", "optimize_graph", "PassRecord", "PIPELINES"]

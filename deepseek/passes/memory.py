@@ -120,3 +120,64 @@ def live_bytes(graph: Graph, env) -> list[int]:
 def peak_live_bytes(graph: Graph, env) -> int:
     """The most bytes of intermediate storage live at once, nodes run in order."""
     return max(live_bytes(graph, env), default=0)
+
+
+def reorder_for_memory(graph: Graph) -> Graph:
+    """Choose the node order that keeps the least intermediate memory live.
+
+    A greedy list scheduler: of the nodes whose inputs are ready, run the one
+    that frees the most bytes net of what it allocates (storages whose last
+    reader it is, minus its own new outputs), ties going to the original
+    order. Independent branches are then finished one at a time instead of
+    side by side. Random ops keep their relative order. The new order is kept
+    only if it lowers the peak of live intermediate bytes; graphs with
+    symbolic shapes are left as they are.
+    """
+    nodes = graph.nodes
+    if len(nodes) < 3 or not all(o.spec.is_static for n in nodes for o in n.outputs):
+        return graph
+    before = peak_live_bytes(graph, {})
+    root = storage_of(graph)
+    producer = {id(o): i for i, n in enumerate(nodes) for o in n.outputs}
+    deps = [{producer[id(v)] for v in n.input_values() if id(v) in producer} for n in nodes]
+    randoms = [i for i, n in enumerate(nodes) if n.fallback is None and n.opdef.has(Prop.RANDOM)]
+    for a, b in zip(randoms, randoms[1:]):  # random draws keep their order (the RNG stream)
+        deps[b].add(a)
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    readers: dict[int, set[int]] = {}  # storage -> nodes that read it
+    for i, n in enumerate(nodes):
+        for v in n.input_values():
+            readers.setdefault(root[id(v)], set()).add(i)
+    pinned = {root[id(v)] for v in graph.outputs}
+    owned = [sum(o.spec.nbytes({}) for o in n.outputs if root[id(o)] == id(o)) for n in nodes]
+    size = {id(o): o.spec.nbytes({}) for n in nodes for o in n.outputs}
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    left = {r: len(s) for r, s in readers.items()}
+    order: list[int] = []
+
+    def gain(i: int) -> int:
+        freed = sum(size.get(r, 0) for r in {root[id(v)] for v in nodes[i].input_values()}
+                    if left.get(r) == 1 and r not in pinned and r in size)
+        return freed - owned[i]
+
+    while ready:
+        i = max(ready, key=lambda k: (gain(k), -k))
+        ready.remove(i)
+        order.append(i)
+        for r in {root[id(v)] for v in nodes[i].input_values()}:
+            left[r] -= 1
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes) or order == list(range(len(nodes))):
+        return graph
+    original = graph.nodes
+    graph.nodes = [nodes[i] for i in order]
+    if peak_live_bytes(graph, {}) >= before:
+        graph.nodes = original
+    return graph
