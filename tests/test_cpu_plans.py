@@ -232,3 +232,49 @@ def test_profiler_names_the_kernel_that_runs_a_moved_op(monkeypatch):
     relu = next(r for r in rows.values() if r["op"].startswith("aten.relu") or r["op"] == "relu")
     pool = next(r for r in rows.values() if "max_pool2d" in r["op"])
     assert relu["fused_into"] == pool["name"]
+
+
+class _Mlp(nn.Module):
+    """GEMM -> reshape -> activation -> GEMM, the transformer MLP's shape."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(32, 64), nn.Linear(64, 16), act
+
+    def forward(self, x):  # x: (2, 12, 32): 24 rows, through 3-D views
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _TanhGelu(nn.Module):
+    """GPT-2's GELU written out: fusion makes it one element-wise program."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3))))
+
+
+@pytest.mark.parametrize("choice", ["onednn", "aten"])  # "onednn": the post-op candidate
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), _TanhGelu(), nn.ReLU()],
+                         ids=["gelu", "gelu_tanh", "gelu_tanh_written_out", "relu"])
+def test_gemm_activation_epilogue(monkeypatch, choice, act):
+    """The activation after a GEMM runs as oneDNN's post-op when that measures faster
+    (forced here), recognised through the reshape between them; else separately."""
+    _forcing(monkeypatch, choice)
+    model = _Mlp(act).eval()
+    x = torch.randn(2, 12, 32)
+    engine = _check(model, x)
+    source = _plan_source(engine)
+    kind = "'relu'" if isinstance(act, nn.ReLU) else "'gelu'"
+    assert (source.count(kind) == 1) == (choice == "onednn")
+
+
+def test_gelu_programs_are_recognised_by_their_values():
+    from deepseek.ir.fused import dump_program
+
+    tanh_gelu = dump_program([("pow.Tensor_Scalar", ["$0"], {"exponent": 3.0}),
+                              ("mul.Tensor", ["#0", 0.044715], {}), ("add.Tensor", ["$0", "#1"], {}),
+                              ("mul.Tensor", ["#2", 0.7978845608028654], {}),
+                              ("tanh.default", ["#3"], {}), ("add.Tensor", ["#4", 1.0], {}),
+                              ("mul.Tensor", ["$0", 0.5], {}), ("mul.Tensor", ["#6", "#5"], {})])
+    assert codegen._gelu_program(tanh_gelu) == "tanh"
+    sigmoid = dump_program([("sigmoid.default", ["$0"], {})])
+    assert codegen._gelu_program(sigmoid) is None

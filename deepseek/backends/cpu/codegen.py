@@ -129,6 +129,46 @@ def _onednn_is_faster(onednn: Callable[[], object], aten: Callable[[], object]) 
     return _fastest({"onednn": onednn, "aten": aten}) == "onednn"
 
 
+_GELU_PROBE = torch.linspace(-8.0, 8.0, 4097)
+_GELU_REFS = {"tanh": torch.nn.functional.gelu(_GELU_PROBE, approximate="tanh"),
+              "none": torch.nn.functional.gelu(_GELU_PROBE)}
+
+
+@functools.lru_cache(maxsize=256)
+def _gelu_program(program: str) -> str | None:
+    """Which GELU ("tanh" or "none", oneDNN's algorithm names) a one-input fused
+    element-wise program computes, judged on 4097 points over [-8, 8], or None."""
+    from deepseek.ir.fused import run_program
+
+    try:
+        y = run_program([_GELU_PROBE], program)
+    except Exception:  # a program of more inputs, or one that does not take this probe
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != _GELU_PROBE.shape or y.dtype != torch.float32:
+        return None
+    for algorithm, ref in _GELU_REFS.items():
+        if torch.allclose(y, ref, rtol=1e-5, atol=1e-6):
+            return algorithm
+    return None
+
+
+def _epilogue(node: Node) -> tuple[str, list, str] | None:
+    """oneDNN's post-op (attr, scalars, algorithm) computing ``node`` from its one input:
+    ReLU, GELU (erf or tanh), or a fused element-wise chain that is one of them."""
+    if node.fallback is not None or len(node.outputs) != 1:
+        return None
+    if node.op is Op.RELU:
+        return "relu", [], ""
+    if node.op is Op.GELU:
+        return "gelu", [], node.attrs.get("approximate", "none")
+    if node.op is Op.FUSED_POINTWISE and len(node.input_values()) == 1 and \
+            len(node.inputs) == 1 and node.outputs[0].spec.dtype == torch.float32:
+        algorithm = _gelu_program(node.attrs["program"])
+        if algorithm is not None:
+            return "gelu", [], algorithm
+    return None
+
+
 def _kernel_hint(kind: str) -> str:
     """A Python identifier prefix for an op's kernel ("quantized_decomposed::x.y" too)."""
     return "k_" + re.sub(r"\W", "_", kind.split(".")[0]).lstrip("_") + "_"
@@ -730,13 +770,38 @@ class _Emitter:
 
         candidates: dict[str, Callable[[], object]] = {}
         calls: dict[str, Callable[[], str]] = {}
+        out_value = node.outputs[0]
+        # the activation reading this GEMM alone (GELU, ReLU), directly or through a
+        # reshape (element-wise: the same either side of it), as oneDNN's post-op
+        act, act_input, post = None, out_value, None
+        users = self.users.get(id(out_value), [])
+        if len(users) == 1 and users[0].op in (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE) \
+                and out_value not in self.graph.outputs:
+            act_input = users[0].outputs[0]
+            users = self.users.get(id(act_input), [])
+        if _ONEDNN and len(users) == 1 and nhwc is None and rows > 8 \
+                and act_input not in self.graph.outputs and out_value not in self.graph.outputs:
+            act, post = users[0], _epilogue(users[0])
         if _ONEDNN:
             weight = wt.t().contiguous().to_mkldnn()  # (N, K), oneDNN's layout
             candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
                 xr, weight, bias, "none", [], "")
             calls["onednn"] = lambda: (f"torch.ops.mkldnn._linear_pointwise({operand()}, "
                                        f"{self.const(weight, 'wdnn')}, {bname}, 'none', [], '')")
-        out_value = node.outputs[0]
+        if post is not None:
+            reference = (lambda y: torch.relu(y)) if post[0] == "relu" else \
+                (lambda y: torch.nn.functional.gelu(y, approximate=post[2]))
+            fused = {"onednn_" + post[0]: lambda: torch.ops.mkldnn._linear_pointwise(
+                xr, weight, bias, *post)}
+            fused["aten"] = (lambda: reference(torch.addmm(bias, xr, wt))) if bias is not None \
+                else (lambda: reference(torch.mm(xr, wt)))
+            if _fastest(fused) != "aten":  # the GEMM and its activation as one oneDNN call
+                self.fused_into[id(act)] = self.names[id(act_input)]
+                call = (f"torch.ops.mkldnn._linear_pointwise({operand()}, "
+                        f"{self.const(weight, 'wdnn')}, {bname}, {post[0]!r}, {post[1]}, "
+                        f"{post[2]!r})")
+                out = list(out_value.spec.concrete(self.env))
+                return call if len(shape) == 2 else f"{call}.view({out})"
 
         def out_arg(buf_shape) -> str:
             buf = self.buffer(out_value, buf_shape)
