@@ -72,6 +72,27 @@ def test_conv2d_int8_matches_reference(act, asym_w, geometry):
     assert meta.shape == out.shape and meta.dtype == out.dtype
 
 
+@pytest.mark.parametrize("act", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("asym_w", [False, True])
+@pytest.mark.parametrize("x_zero_point", [0, 7])
+@pytest.mark.parametrize("out_dtype", [None, torch.uint8])
+def test_pointwise_conv2d_int8_runs_as_a_gemm_and_matches_reference(act, asym_w, x_zero_point,
+                                                                    out_dtype):
+    """1x1 stride-1 convolutions go through the int8 linear kernel over the pixels."""
+    lo, hi = (0, 256) if act == torch.uint8 else (-128, 128)
+    x = torch.randint(lo, hi, (2, 24, 7, 5), dtype=act)
+    w, s, z = _weight(40, 24, asym_w)
+    w = w.reshape(40, 24, 1, 1)
+    args = (x, 0.02, x_zero_point, w, s, z, torch.randn(40), [1, 1], [0, 0], [1, 1], 1, "relu",
+            0.05, 3, out_dtype)
+    out, ref = dq.conv2d_int8(*args), K.reference_conv2d_int8(*args)
+    if out_dtype is None:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    else:  # requantized: at most one step apart where rounding ties differ
+        assert out.dtype == ref.dtype and (out.int() - ref.int()).abs().max() <= 1
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_prepacked_weight_is_cached_and_refreshed_on_change():
     x = torch.randint(0, 256, (4, 32), dtype=torch.uint8)
     w, s, _ = _weight(8, 32, False)

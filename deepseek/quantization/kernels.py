@@ -202,6 +202,18 @@ def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
         return reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale,
                                      weight_zero_point, bias, stride, padding, dilation, groups,
                                      post_op, output_scale, output_zero_point, output_dtype)
+    if weight.shape[2:] == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0] \
+            and groups == 1:
+        # a 1x1 convolution is a GEMM over the pixels of the channels-last input: oneDNN's
+        # int8 linear runs it 3-50x faster than its convolution (whose kernel for an input
+        # zero point of 0 measured 5 ms on a 1x1 256->1024 at 14x14, against 0.09 ms)
+        n, c, h, w = x.shape
+        rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c)
+        matrix = _cached(weight, ("matrix",), lambda: weight.reshape(weight.shape[0], -1))
+        y = _linear_int8_cpu(rows, x_scale, x_zero_point, matrix, weight_scale,
+                             weight_zero_point, bias, post_op, output_scale, output_zero_point,
+                             output_dtype)
+        return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last memory
     if x.dtype == torch.int8:  # oneDNN convolutions read uint8: x + 128, exactly, as a bit flip
         x = torch.bitwise_xor(x.view(torch.uint8), 128)
         x_zero_point = x_zero_point + 128

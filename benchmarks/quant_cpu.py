@@ -1,0 +1,121 @@
+"""int8 on the CPU at batch 1: ResNet-50 and BERT-base (seq 128), side by side.
+
+Contenders, interleaved in one run: Deepseek fp32; Deepseek int8 (static PTQ,
+uint8 activations and symmetric per-channel int8 weights, min-max calibration
+on 8 random batches, compiled with ``precision="int8"``); for BERT also ONNX
+Runtime fp32 and ONNX Runtime int8 (its dynamic quantization,
+``quantize_dynamic``, of the same ONNX file), 2 intra-op threads.
+Agreement with fp32: relative L2 of the outputs on fresh random inputs.
+
+    python -m benchmarks.quant_cpu --threads 2 --out benchmarks/results/quant_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+import deepseek as ds
+from benchmarks.models import BENCHMARK_MODELS
+from benchmarks.run import machine
+from deepseek.numerics import rel_l2
+from deepseek.quantization import QuantConfig, Quantizer
+from deepseek.timing import time_interleaved
+
+CASES = {"resnet50": dict(batch=1, image=224), "bert_base": dict(batch=1, seq=128)}
+
+
+def _first(x):
+    from torch.utils._pytree import tree_leaves
+
+    return tree_leaves(x)[0]
+
+
+def _fresh(inputs: tuple, vocab: int | None) -> tuple:
+    if vocab:  # token ids
+        return tuple(torch.randint(0, vocab, x.shape) for x in inputs)
+    return tuple(torch.randn_like(x) for x in inputs)
+
+
+def _ort_sessions(model, inputs, threads: int) -> dict:
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return {}
+    from deepseek.frontend.onnx_export import export_onnx
+
+    folder = tempfile.mkdtemp()
+    fp32 = export_onnx(ds.capture(model, inputs), os.path.join(folder, "model.onnx"))
+    int8 = os.path.join(folder, "model_int8.onnx")
+    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    out = {}
+    for label, path in (("onnxruntime_fp32", fp32), ("onnxruntime_int8", int8)):
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        out[label] = (lambda s, n: lambda xs: torch.from_numpy(
+            s.run(None, {k: x.numpy() for k, x in zip(n, xs)})[0]))(sess, names)
+    return out
+
+
+def bench(name: str, threads: int, iters: int) -> dict:
+    model, inputs = BENCHMARK_MODELS[name](**CASES[name])
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    calib = [_fresh(inputs, vocab) for _ in range(8)]
+    config = QuantConfig(method="asymmetric", weight_method="symmetric", progress=False)
+    quantized = Quantizer(config).quantize(model, calib)
+    runs = {"deepseek_fp32": ds.compile(model, inputs, backend="cpu"),
+            "deepseek_int8": ds.compile(quantized, inputs, backend="cpu", precision="int8")}
+    runners = {k: (lambda e: lambda xs: e(*xs))(e) for k, e in runs.items()}
+    if name == "bert_base":
+        runners.update(_ort_sessions(model, inputs, threads))
+    x = _fresh(inputs, vocab)
+    with torch.no_grad():
+        ref = _first(model(*x))
+    agreement = {k: rel_l2(_first(fn(x)), ref) for k, fn in runners.items()}
+    times = time_interleaved({k: (lambda f: lambda: f(inputs))(f) for k, f in runners.items()},
+                             iters=iters, warmup=3)
+    return {"model": name, "config": CASES[name], "iters": iters,
+            "median_ms": {k: v * 1e3 for k, v in times.items()},
+            "speedup_vs_deepseek_fp32": {k: times["deepseek_fp32"] / v for k, v in times.items()},
+            "rel_l2_vs_fp32_eager": agreement}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(CASES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    os.environ["DEEPSEEK_CPU_THREADS"] = str(a.threads)
+    info = machine()
+    print(f"machine: {info['cpu']}, {a.threads} threads, load {info['load_avg_at_start']}")
+    results = []
+    for name in a.models.split(","):
+        r = bench(name, a.threads, a.iters)
+        results.append(r)
+        print(f"\n{name} {r['config']}  (median ms, speed-up vs Deepseek fp32, rel L2 vs fp32)")
+        for k, ms in r["median_ms"].items():
+            print(f"  {k:<18} {ms:9.3f} ms  {r['speedup_vs_deepseek_fp32'][k]:5.2f}x  "
+                  f"{r['rel_l2_vs_fp32_eager'][k]:.1e}")
+        sys.stdout.flush()
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"machine": info, "threads": a.threads, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
