@@ -76,15 +76,16 @@ def test_conv2d_int8_matches_reference(act, asym_w, geometry):
 @pytest.mark.parametrize("asym_w", [False, True])
 @pytest.mark.parametrize("x_zero_point", [0, 7])
 @pytest.mark.parametrize("out_dtype", [None, torch.uint8])
+@pytest.mark.parametrize("stride", [1, 2])
 def test_pointwise_conv2d_int8_runs_as_a_gemm_and_matches_reference(act, asym_w, x_zero_point,
-                                                                    out_dtype):
-    """1x1 stride-1 convolutions go through the int8 linear kernel over the pixels."""
+                                                                    out_dtype, stride):
+    """1x1 convolutions go through the int8 linear kernel over the (strided) pixels."""
     lo, hi = (0, 256) if act == torch.uint8 else (-128, 128)
     x = torch.randint(lo, hi, (2, 24, 7, 5), dtype=act)
     w, s, z = _weight(40, 24, asym_w)
     w = w.reshape(40, 24, 1, 1)
-    args = (x, 0.02, x_zero_point, w, s, z, torch.randn(40), [1, 1], [0, 0], [1, 1], 1, "relu",
-            0.05, 3, out_dtype)
+    args = (x, 0.02, x_zero_point, w, s, z, torch.randn(40), [stride] * 2, [0, 0], [1, 1], 1,
+            "relu", 0.05, 3, out_dtype)
     out, ref = dq.conv2d_int8(*args), K.reference_conv2d_int8(*args)
     if out_dtype is None:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)

@@ -128,7 +128,8 @@ def _cached(owner: torch.Tensor, key: tuple, build):
     i = id(owner)
     entry = _CACHE.get(i)
     if entry is None or entry[0]() is not owner or entry[1] != owner._version:
-        ref = weakref.ref(owner, lambda _, i=i: _CACHE.pop(i, None))
+        ref = weakref.ref(owner, lambda _, i=i, cache=_CACHE: cache.pop(i, None))  # (bound now:
+        # at interpreter exit the module globals may be gone when the callback runs)
         entry = _CACHE[i] = (ref, owner._version, {})
     hit = entry[2].get(key)
     if hit is None:
@@ -202,11 +203,12 @@ def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
         return reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale,
                                      weight_zero_point, bias, stride, padding, dilation, groups,
                                      post_op, output_scale, output_zero_point, output_dtype)
-    if weight.shape[2:] == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0] \
-            and groups == 1:
-        # a 1x1 convolution is a GEMM over the pixels of the channels-last input: oneDNN's
-        # int8 linear runs it 3-50x faster than its convolution (whose kernel for an input
-        # zero point of 0 measured 5 ms on a 1x1 256->1024 at 14x14, against 0.09 ms)
+    if weight.shape[2:] == (1, 1) and list(padding) == [0, 0] and groups == 1:
+        # a 1x1 convolution is a GEMM over the (strided) pixels of the channels-last input:
+        # oneDNN's int8 linear runs it 3-50x faster than its convolution (whose kernel for
+        # an input zero point of 0 took 5 ms on a 1x1 256->1024 at 14x14, against 0.09 ms)
+        if list(stride) != [1, 1]:
+            x = x[:, :, ::stride[0], ::stride[1]]
         n, c, h, w = x.shape
         rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c)
         matrix = _cached(weight, ("matrix",), lambda: weight.reshape(weight.shape[0], -1))

@@ -86,18 +86,38 @@ def progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
-    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d inside an
-    ``nn.Sequential`` into that convolution (the BN becomes Identity). In place."""
+    """Fold each eval-mode BatchNorm2d whose only input is a Conv2d's output (and the
+    convolution's only reader) into that convolution; the BN becomes Identity. Pairs
+    are found in the module's traced call graph (torch.fx), or, where the model does
+    not trace, between neighbours of an ``nn.Sequential``. In place."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d)
-                    and bn.track_running_stats and bn.running_mean is not None):
-                seq._modules[a] = fuse_conv_bn_eval(conv.eval(), bn.eval())
-                seq._modules[b] = nn.Identity()
+    def foldable(conv, bn) -> bool:
+        return (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d)
+                and bn.track_running_stats and bn.running_mean is not None)
+
+    pairs: list[tuple[str, str]] = []
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+        calls: dict[str, int] = {}  # a module called from two places is left alone
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        for node in graph.nodes:
+            src = node.args[0] if node.op == "call_module" and node.args else None
+            if isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1 \
+                    and calls[str(src.target)] == 1 and calls[str(node.target)] == 1:
+                pairs.append((str(src.target), str(node.target)))
+    except Exception:  # not traceable (data-dependent Python): neighbours in a Sequential
+        for seq_name, seq in model.named_modules():
+            if isinstance(seq, nn.Sequential):
+                names = [f"{seq_name}.{n}" if seq_name else n for n in seq._modules]
+                pairs.extend(zip(names, names[1:]))
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if foldable(conv, bn):
+            set_submodule(model, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+            set_submodule(model, bn_name, nn.Identity())
     return model
 
 
