@@ -275,6 +275,14 @@ def test_gelu_programs_are_recognised_by_their_values():
                               ("mul.Tensor", ["#2", 0.7978845608028654], {}),
                               ("tanh.default", ["#3"], {}), ("add.Tensor", ["#4", 1.0], {}),
                               ("mul.Tensor", ["$0", 0.5], {}), ("mul.Tensor", ["#6", "#5"], {})])
-    assert codegen._gelu_program(tanh_gelu) == "tanh"
+    assert codegen._gelu_program(tanh_gelu, {}) == "tanh"
     sigmoid = dump_program([("sigmoid.default", ["$0"], {})])
-    assert codegen._gelu_program(sigmoid) is None
+    assert codegen._gelu_program(sigmoid, {}) is None
+    # as ONNX files spell it: the constants are inputs ($1 = 0.5, $2 = 0.044715, ...)
+    onnx_style = dump_program([("pow.Tensor_Scalar", ["$0"], {"exponent": 3.0}),
+                               ("mul.Tensor", ["#0", "$2"], {}), ("add.Tensor", ["$0", "#1"], {}),
+                               ("mul.Tensor", ["#2", "$3"], {}), ("tanh.default", ["#3"], {}),
+                               ("add.Tensor", ["#4", 1.0], {}), ("mul.Tensor", ["$0", "$1"], {}),
+                               ("mul.Tensor", ["#6", "#5"], {})])
+    assert codegen._gelu_program(onnx_style, {1: 0.5, 2: 0.044715, 3: 0.7978845608028654}) == "tanh"
+    assert codegen._gelu_program(onnx_style, {1: 0.5, 2: 0.05, 3: 0.7978845608028654}) is None

@@ -134,15 +134,16 @@ _GELU_REFS = {"tanh": torch.nn.functional.gelu(_GELU_PROBE, approximate="tanh"),
               "none": torch.nn.functional.gelu(_GELU_PROBE)}
 
 
-@functools.lru_cache(maxsize=256)
-def _gelu_program(program: str) -> str | None:
-    """Which GELU ("tanh" or "none", oneDNN's algorithm names) a one-input fused
-    element-wise program computes, judged on 4097 points over [-8, 8], or None."""
+def _gelu_program(program: str, scalars: dict[int, float]) -> str | None:
+    """Which GELU ("tanh" or "none", oneDNN's algorithm names) a fused element-wise
+    program computes from its input 0 (its other inputs: the constant ``scalars``,
+    by position), judged on 4097 points over [-8, 8]; or None."""
     from deepseek.ir.fused import run_program
 
+    inputs = [_GELU_PROBE] + [torch.tensor(scalars[i]) for i in range(1, len(scalars) + 1)]
     try:
-        y = run_program([_GELU_PROBE], program)
-    except Exception:  # a program of more inputs, or one that does not take this probe
+        y = run_program(inputs, program)
+    except Exception:  # a program that does not take these inputs
         return None
     if not isinstance(y, torch.Tensor) or y.shape != _GELU_PROBE.shape or y.dtype != torch.float32:
         return None
@@ -152,21 +153,26 @@ def _gelu_program(program: str) -> str | None:
     return None
 
 
-def _epilogue(node: Node) -> tuple[str, list, str] | None:
-    """oneDNN's post-op (attr, scalars, algorithm) computing ``node`` from its one input:
-    ReLU, GELU (erf or tanh), or a fused element-wise chain that is one of them."""
+def _epilogue(node: Node, x: Value, graph: Graph) -> tuple[str, list, str] | None:
+    """oneDNN's post-op (attr, scalars, algorithm) computing ``node`` from ``x``: ReLU,
+    GELU (erf or tanh), or a fused element-wise chain that is one of them (reading x
+    as its input 0 and otherwise only scalar constants, as ONNX files spell GELU)."""
     if node.fallback is not None or len(node.outputs) != 1:
         return None
     if node.op is Op.RELU:
         return "relu", [], ""
     if node.op is Op.GELU:
         return "gelu", [], node.attrs.get("approximate", "none")
-    if node.op is Op.FUSED_POINTWISE and len(node.input_values()) == 1 and \
-            len(node.inputs) == 1 and node.outputs[0].spec.dtype == torch.float32:
-        algorithm = _gelu_program(node.attrs["program"])
-        if algorithm is not None:
-            return "gelu", [], algorithm
-    return None
+    if node.op is not Op.FUSED_POINTWISE or node.outputs[0].spec.dtype != torch.float32 \
+            or not node.inputs or node.inputs[0] is not x:
+        return None
+    scalars = {}
+    for i, v in enumerate(node.inputs[1:], 1):
+        if not (graph.is_constant(v) and graph.constants[v.name].numel() == 1):
+            return None
+        scalars[i] = float(graph.constants[v.name])
+    algorithm = _gelu_program(node.attrs["program"], scalars)
+    return ("gelu", [], algorithm) if algorithm is not None else None
 
 
 def _kernel_hint(kind: str) -> str:
@@ -781,7 +787,7 @@ class _Emitter:
             users = self.users.get(id(act_input), [])
         if _ONEDNN and len(users) == 1 and nhwc is None and rows > 8 \
                 and act_input not in self.graph.outputs and out_value not in self.graph.outputs:
-            act, post = users[0], _epilogue(users[0])
+            act, post = users[0], _epilogue(users[0], act_input, self.graph)
         if _ONEDNN:
             weight = wt.t().contiguous().to_mkldnn()  # (N, K), oneDNN's layout
             candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
