@@ -286,3 +286,38 @@ def test_gelu_programs_are_recognised_by_their_values():
                                ("mul.Tensor", ["#6", "#5"], {})])
     assert codegen._gelu_program(onnx_style, {1: 0.5, 2: 0.044715, 3: 0.7978845608028654}) == "tanh"
     assert codegen._gelu_program(onnx_style, {1: 0.5, 2: 0.05, 3: 0.7978845608028654}) is None
+
+
+@pytest.mark.parametrize("overload", ["default", "tensor"])
+@pytest.mark.parametrize("dtype,qmin,qmax,zp", [(torch.uint8, 0, 255, 7), (torch.int8, -128, 127, 0)])
+def test_quantize_per_tensor_code_is_bitwise_the_reference(overload, dtype, qmin, qmax, zp):
+    """The plan's in-place quantize gives exactly quantized_decomposed's integers, on
+    random values, values at rounding ties and values clamped at both ends."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+    from deepseek.ir.graph import Graph
+    from deepseek.ir.ops import Op
+    from deepseek.ir.types import TensorSpec
+
+    qd = torch.ops.quantized_decomposed
+    scale = 0.037
+    g = Graph()
+    x = g.add_input("x", TensorSpec((4, 300), torch.float32))
+    if overload == "default":
+        node = g.add_node(Op.QUANTIZE_PER_TENSOR, [x], {"scale": scale, "zero_point": zp,
+                          "quant_min": qmin, "quant_max": qmax, "dtype": dtype},
+                          [TensorSpec((4, 300), dtype)], name="q")
+    else:
+        s = g.add_constant("s", torch.tensor(scale))
+        z = g.add_constant("z", torch.tensor(zp))
+        node = g.add_node(Op.QUANTIZE_PER_TENSOR_TENSOR, [x, s, z], {"quant_min": qmin,
+                          "quant_max": qmax, "dtype": dtype}, [TensorSpec((4, 300), dtype)],
+                          name="q")
+    g.outputs = [node.outputs[0]]
+    engine = ds.compile(g, backend="cpu")
+    values = torch.randn(4, 300) * 4
+    values[0, :100] = (torch.arange(100) - 50 + 0.5) * scale  # ties
+    values[1, :2] = torch.tensor([1e6, -1e6])  # clamped
+    got = engine(values)
+    want = qd.quantize_per_tensor(values, scale, zp, qmin, qmax, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert "round_()" in next(iter(engine._parts[0].executable.plans.values())).source
