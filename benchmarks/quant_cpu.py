@@ -4,7 +4,9 @@ Contenders, interleaved in one run: Deepseek fp32; Deepseek int8 (static PTQ,
 uint8 activations and symmetric per-channel int8 weights, min-max calibration
 on 8 random batches, compiled with ``precision="int8"``); for BERT also ONNX
 Runtime fp32 and ONNX Runtime int8 (its dynamic quantization,
-``quantize_dynamic``, of the same ONNX file), 2 intra-op threads.
+``quantize_dynamic``, of the same ONNX file), 2 intra-op threads, and Deepseek
+int8 with mixed precision (``accuracy_budget``: the most sensitive layers stay
+float until the outputs agree with fp32 within relative L2 0.009).
 Agreement with fp32: relative L2 of the outputs on fresh random inputs.
 
     python -m benchmarks.quant_cpu --threads 2 --out benchmarks/results/quant_cpu.json
@@ -28,6 +30,7 @@ from deepseek.quantization import QuantConfig, Quantizer
 from deepseek.timing import time_interleaved
 
 CASES = {"resnet50": dict(batch=1, image=224), "bert_base": dict(batch=1, seq=128)}
+MIXED_BUDGET = 0.009  # relative L2 against fp32 that the mixed-precision variant keeps to
 
 
 def _first(x):
@@ -37,8 +40,9 @@ def _first(x):
 
 
 def _fresh(inputs: tuple, vocab: int | None) -> tuple:
-    if vocab:  # token ids
-        return tuple(torch.randint(0, vocab, x.shape) for x in inputs)
+    """New random token ids (the attention mask kept), or new random images."""
+    if vocab:
+        return (torch.randint(0, vocab, inputs[0].shape), *inputs[1:])
     return tuple(torch.randn_like(x) for x in inputs)
 
 
@@ -67,7 +71,7 @@ def _ort_sessions(model, inputs, threads: int) -> dict:
     return out
 
 
-def bench(name: str, threads: int, iters: int) -> dict:
+def bench(name: str, threads: int, iters: int, mixed: bool) -> dict:
     model, inputs = BENCHMARK_MODELS[name](**CASES[name])
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     calib = [_fresh(inputs, vocab) for _ in range(8)]
@@ -75,6 +79,21 @@ def bench(name: str, threads: int, iters: int) -> dict:
     quantized = Quantizer(config).quantize(model, calib)
     runs = {"deepseek_fp32": ds.compile(model, inputs, backend="cpu"),
             "deepseek_int8": ds.compile(quantized, inputs, backend="cpu", precision="int8")}
+    if mixed:  # mixed precision: the most sensitive layers stay float until the outputs
+        # agree with fp32 within MIXED_BUDGET (relative L2, on two held-out batches)
+        held_out = [_fresh(inputs, vocab) for _ in range(2)]
+        with torch.no_grad():
+            refs = [_first(model(*x)) for x in held_out]
+
+        def agreement(m) -> float:  # higher is better, as the quantizer's eval_fn wants
+            with torch.no_grad():
+                return -max(rel_l2(_first(m(*x)), r) for x, r in zip(held_out, refs))
+
+        q = Quantizer(QuantConfig(method="asymmetric", weight_method="symmetric",
+                                  accuracy_budget=MIXED_BUDGET, progress=False))
+        runs["deepseek_int8_mixed"] = ds.compile(q.quantize(model, calib, eval_fn=agreement),
+                                                 inputs, backend="cpu", precision="int8")
+        kept_float = q.report.kept_float
     runners = {k: (lambda e: lambda xs: e(*xs))(e) for k, e in runs.items()}
     if name == "bert_base":
         runners.update(_ort_sessions(model, inputs, threads))
@@ -84,7 +103,8 @@ def bench(name: str, threads: int, iters: int) -> dict:
     agreement = {k: rel_l2(_first(fn(x)), ref) for k, fn in runners.items()}
     times = time_interleaved({k: (lambda f: lambda: f(inputs))(f) for k, f in runners.items()},
                              iters=iters, warmup=3)
-    return {"model": name, "config": CASES[name], "iters": iters,
+    extra = {"int8_mixed_kept_float": kept_float} if mixed else {}
+    return {"model": name, "config": CASES[name], "iters": iters, **extra,
             "median_ms": {k: v * 1e3 for k, v in times.items()},
             "speedup_vs_deepseek_fp32": {k: times["deepseek_fp32"] / v for k, v in times.items()},
             "rel_l2_vs_fp32_eager": agreement}
@@ -103,11 +123,11 @@ def main(argv=None) -> int:
     print(f"machine: {info['cpu']}, {a.threads} threads, load {info['load_avg_at_start']}")
     results = []
     for name in a.models.split(","):
-        r = bench(name, a.threads, a.iters)
+        r = bench(name, a.threads, a.iters, mixed=name == "bert_base")
         results.append(r)
         print(f"\n{name} {r['config']}  (median ms, speed-up vs Deepseek fp32, rel L2 vs fp32)")
         for k, ms in r["median_ms"].items():
-            print(f"  {k:<18} {ms:9.3f} ms  {r['speedup_vs_deepseek_fp32'][k]:5.2f}x  "
+            print(f"  {k:<20} {ms:9.3f} ms  {r['speedup_vs_deepseek_fp32'][k]:5.2f}x  "
                   f"{r['rel_l2_vs_fp32_eager'][k]:.1e}")
         sys.stdout.flush()
     if a.out:

@@ -96,7 +96,9 @@ def test_save_load_in_new_process_dynamic_batch(art, tmp_path):
         for k, x in inputs.items():
             here = engine(x)
             assert outs[k].shape == (x.shape[0], 10)
-            assert torch.equal(outs[k], here) or rel_l2(outs[k], here) < 1e-6, k
+            # kernels are chosen by timing in each process (a busy machine can flip a
+            # choice): the two engines agree to float32 rounding of different algorithms
+            assert torch.equal(outs[k], here) or rel_l2(outs[k], here) < 1e-5, k
             assert rel_l2(outs[k], art["model"](x)) < 1e-4, k
 
 
