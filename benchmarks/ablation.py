@@ -13,13 +13,13 @@ move. Passes that change nothing on a model show ratios within noise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 import deepseek as ds
+from benchmarks import print_case, save_json
 from benchmarks.models import BENCHMARK_MODELS
 from benchmarks.run import CONFIGS, machine
 from deepseek.passes import PIPELINES
@@ -68,15 +68,11 @@ def main(argv=None) -> int:
     for name in a.models.split(","):
         r = bench_model(name, a.iters)
         results.append(r)
-        print(f"\n{name} {r['config']}  (median ms, time vs full pipeline, MB moved)")
-        for k, ms in r["median_ms"].items():
-            print(f"  {k:<30} {ms:9.3f} ms  {r['time_vs_full'][k]:5.2f}  "
-                  f"{r['bytes_moved'][k] / 1e6:9.1f}")
-        sys.stdout.flush()
+        print_case(f"{name} {r['config']}  (median ms, time vs full pipeline, MB moved)",
+                   r["median_ms"], r["time_vs_full"],
+                   {k: b / 1e6 for k, b in r["bytes_moved"].items()}, "{:9.1f}")
     if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"machine": info, "threads": a.threads, "results": results}, f, indent=2)
+        save_json(a.out, {"machine": info, "threads": a.threads, "results": results})
     return 0
 
 

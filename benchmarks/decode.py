@@ -17,7 +17,6 @@ CPU runs fp32; CUDA runs bf16 weights and cache for every contender.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import time
 import torch
 
 import deepseek as ds
+from benchmarks import save_json
 from benchmarks.models import gpt2_small
 
 
@@ -153,9 +153,7 @@ def main(argv=None) -> int:
         print(f"  deepseek compile + first generate {r['deepseek_compile_and_first_generate_s']:.1f} s")
         sys.stdout.flush()
     if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=2)
+        save_json(a.out, {"machine": info, "results": results})
     return 0
 
 

@@ -11,7 +11,6 @@ events; rounds interleave the contenders; medians after warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,6 +19,7 @@ import time
 import torch
 
 import deepseek as ds
+from benchmarks import save_json
 from benchmarks.models import BENCHMARK_MODELS
 
 CASES = [  # (model, factory kwargs, items per call)
@@ -141,9 +141,7 @@ def main(argv=None) -> int:
                   f"deepseek {r['deepseek_speedup_vs'][k]:.2f}x  relL2 {r['rel_l2_vs_fp32'][k]:.1e}")
         sys.stdout.flush()
     if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=2)
+        save_json(a.out, {"machine": info, "results": results})
     return 0
 
 

@@ -15,7 +15,6 @@ Agreement with fp32: relative L2 of the outputs on fresh random inputs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import tempfile
 import torch
 
 import deepseek as ds
+from benchmarks import print_case, save_json
 from benchmarks.models import BENCHMARK_MODELS
 from benchmarks.run import machine
 from deepseek.numerics import rel_l2
@@ -125,15 +125,10 @@ def main(argv=None) -> int:
     for name in a.models.split(","):
         r = bench(name, a.threads, a.iters, mixed=name == "bert_base")
         results.append(r)
-        print(f"\n{name} {r['config']}  (median ms, speed-up vs Deepseek fp32, rel L2 vs fp32)")
-        for k, ms in r["median_ms"].items():
-            print(f"  {k:<20} {ms:9.3f} ms  {r['speedup_vs_deepseek_fp32'][k]:5.2f}x  "
-                  f"{r['rel_l2_vs_fp32_eager'][k]:.1e}")
-        sys.stdout.flush()
+        print_case(f"{name} {r['config']}  (median ms, speed-up vs Deepseek fp32, rel L2 vs fp32)",
+                   r["median_ms"], r["speedup_vs_deepseek_fp32"], r["rel_l2_vs_fp32_eager"])
     if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"machine": info, "threads": a.threads, "results": results}, f, indent=2)
+        save_json(a.out, {"machine": info, "threads": a.threads, "results": results})
     return 0
 
 

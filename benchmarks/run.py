@@ -14,7 +14,6 @@ eager are printed and written as JSON. Run on a quiet machine:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 
 import deepseek as ds
+from benchmarks import print_case, save_json
 from benchmarks.models import BENCHMARK_MODELS
 from deepseek.numerics import rel_l2
 from deepseek.timing import time_interleaved
@@ -179,15 +179,10 @@ def main(argv=None) -> int:
     for name in a.models.split(","):
         r = bench_model(name, a.threads, a.iters, set(filter(None, a.skip.split(","))))
         results.append(r)
-        print(f"\n{name} {r['config']}  (median ms, speed-up vs eager, rel L2 vs eager)")
-        for k, ms in r["median_ms"].items():
-            print(f"  {k:<15} {ms:9.3f} ms  {r['speedup_vs_eager'][k]:5.2f}x  "
-                  f"{r['rel_l2_vs_eager'][k]:.1e}")
-        sys.stdout.flush()
+        print_case(f"{name} {r['config']}  (median ms, speed-up vs eager, rel L2 vs eager)",
+                   r["median_ms"], r["speedup_vs_eager"], r["rel_l2_vs_eager"])
     if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=2)
+        save_json(a.out, {"machine": info, "results": results})
     return 0
 
 
