@@ -12,16 +12,13 @@ move. Passes that change nothing on a model show ratios within noise.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-import torch
 
 import deepseek as ds
-from benchmarks import print_case, save_json
+from benchmarks import cpu_run_setup, print_case, save_json
 from benchmarks.models import BENCHMARK_MODELS
-from benchmarks.run import CONFIGS, machine
+from benchmarks.run import CONFIGS
 from deepseek.passes import PIPELINES
 from deepseek.timing import time_interleaved
 
@@ -54,16 +51,7 @@ def bench_model(name: str, iters: int | None) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(CONFIGS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    os.environ["DEEPSEEK_CPU_THREADS"] = str(a.threads)
-    info = machine()
-    print(f"machine: {info['cpu']}, {a.threads} threads, load {info['load_avg_at_start']}")
+    a, info = cpu_run_setup(__doc__, list(CONFIGS), None, argv)
     results = []
     for name in a.models.split(","):
         r = bench_model(name, a.iters)
@@ -72,7 +60,7 @@ def main(argv=None) -> int:
                    r["median_ms"], r["time_vs_full"],
                    {k: b / 1e6 for k, b in r["bytes_moved"].items()}, "{:9.1f}")
     if a.out:
-        save_json(a.out, {"machine": info, "threads": a.threads, "results": results})
+        save_json(a.out, {"machine": info, "results": results})
     return 0
 
 

@@ -14,7 +14,6 @@ Agreement with fp32: relative L2 of the outputs on fresh random inputs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -22,9 +21,8 @@ import tempfile
 import torch
 
 import deepseek as ds
-from benchmarks import print_case, save_json
+from benchmarks import cpu_run_setup, print_case, save_json
 from benchmarks.models import BENCHMARK_MODELS
-from benchmarks.run import machine
 from deepseek.numerics import rel_l2
 from deepseek.quantization import QuantConfig, Quantizer
 from deepseek.timing import time_interleaved
@@ -111,16 +109,7 @@ def bench(name: str, threads: int, iters: int, mixed: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(CASES))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    os.environ["DEEPSEEK_CPU_THREADS"] = str(a.threads)
-    info = machine()
-    print(f"machine: {info['cpu']}, {a.threads} threads, load {info['load_avg_at_start']}")
+    a, info = cpu_run_setup(__doc__, list(CASES), 20, argv)
     results = []
     for name in a.models.split(","):
         r = bench(name, a.threads, a.iters, mixed=name == "bert_base")
@@ -128,7 +117,7 @@ def main(argv=None) -> int:
         print_case(f"{name} {r['config']}  (median ms, speed-up vs Deepseek fp32, rel L2 vs fp32)",
                    r["median_ms"], r["speedup_vs_deepseek_fp32"], r["rel_l2_vs_fp32_eager"])
     if a.out:
-        save_json(a.out, {"machine": info, "threads": a.threads, "results": results})
+        save_json(a.out, {"machine": info, "results": results})
     return 0
 
 

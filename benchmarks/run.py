@@ -13,9 +13,7 @@ eager are printed and written as JSON. Run on a quiet machine:
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ from typing import Callable
 import torch
 
 import deepseek as ds
-from benchmarks import print_case, save_json
+from benchmarks import cpu_run_setup, print_case, save_json
 from benchmarks.models import BENCHMARK_MODELS
 from deepseek.numerics import rel_l2
 from deepseek.timing import time_interleaved
@@ -143,38 +141,12 @@ def bench_model(name: str, threads: int, iters: int | None, skip: set[str]) -> d
     }
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "deepseek": ds.__version__}
-    for mod in ("onnxruntime", "openvino"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
-            "versions": versions}
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(CONFIGS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--skip", default="",
-                   help="contenders to skip, e.g. torch.compile,openvino,deepseek_bf16")
-    p.add_argument("--out", default=None, help="write results as JSON here")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    os.environ["DEEPSEEK_CPU_THREADS"] = str(a.threads)
-    info = machine()
-    info["threads"] = a.threads
-    print(f"machine: {info['cpu']}, {a.threads} threads, load {info['load_avg_at_start']}")
+    def skip(p):
+        p.add_argument("--skip", default="",
+                       help="contenders to skip, e.g. torch.compile,openvino,deepseek_bf16")
+
+    a, info = cpu_run_setup(__doc__, list(CONFIGS), None, argv, skip)
     results = []
     for name in a.models.split(","):
         r = bench_model(name, a.threads, a.iters, set(filter(None, a.skip.split(","))))
