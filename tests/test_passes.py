@@ -1,5 +1,6 @@
 """Graph passes: each rewrite on small graphs (structure + numbers), and random graphs."""
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
@@ -188,6 +189,52 @@ def test_reorder_for_memory_finishes_one_branch_before_the_next():
     check_same_outputs(build, g, [torch.randn(64, 64)])
     # a graph already in its best order is left as it is
     assert kinds(reorder_for_memory(g)) == kinds(g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_rms_norm_on_llama_blocks(dtype):
+    """transformers' LlamaRMSNorm, with its casts in bf16, becomes one node per norm;
+    the compiled model's logits equal eager's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
+                      max_position_embeddings=128, use_cache=False)
+    model = LlamaForCausalLM(cfg).eval().to(dtype)
+    for m in model.modules():  # non-trivial norm weights
+        if hasattr(m, "variance_epsilon"):
+            m.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 500, (2, 9))
+    engine = ds.compile(model, (ids,), backend="cpu")
+    assert [n.kind for n in engine.graph.nodes].count("deepseek::fused_rms_norm") == 5  # 2x2 + final
+    fresh = torch.randint(0, 500, (2, 9))
+    with torch.no_grad():
+        want = model(fresh).logits.float()
+    got = engine(fresh)
+    got = (got.logits if hasattr(got, "logits") else got).float()
+    assert rel_l2(got, want) < (1e-5 if dtype == torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("dim, fused", [([1], True), ([0], False)])
+def test_fuse_rms_norm_only_over_the_last_dim(dim, fused):
+    from deepseek.passes import fuse_rms_norm
+
+    shape = (3, 1) if dim == [1] else (1, 8)
+    g = Graph()
+    x = g.add_input("x", spec(3, 8))
+    p = g.add_node(Op.POW_TENSOR_SCALAR, [x], {"exponent": 2}, [spec(3, 8)], name="p").outputs[0]
+    m = g.add_node(Op.MEAN_DIM, [p], {"dim": dim, "keepdim": True}, [spec(*shape)],
+                   name="m").outputs[0]
+    a = g.add_node(Op.ADD_TENSOR, [m, 1e-6], {}, [spec(*shape)], name="a").outputs[0]
+    r = g.add_node(Op.RSQRT, [a], {}, [spec(*shape)], name="r").outputs[0]
+    y = g.add_node(Op.MUL_TENSOR, [x, r], {}, [spec(3, 8)], name="y").outputs[0]
+    g.outputs = [y]
+    x_val = torch.randn(3, 8)
+    want = run_graph(g, [x_val])[0]
+    out = fuse_rms_norm(g)
+    assert (kinds(out) == ["deepseek::fused_rms_norm"]) == fused
+    assert rel_l2(run_graph(out, [x_val])[0], want) < 1e-6
 
 
 def test_fold_constants_and_dce():

@@ -154,3 +154,16 @@ def test_kv_write_kernel_matches_index_put(dtype):
     KVWrite()(k2, v2, idx, k_new * 2, v_new)
     want_k[:, :, idx] = k_new * 2
     assert not k2.is_contiguous() and torch.equal(k2, want_k) and torch.equal(v2, want_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, weighted", [(100, True), (64, True), (33, False)])
+def test_rms_norm_kernel_matches_the_reference(n, weighted, dtype):
+    from deepseek.backends.cuda.triton_norm import RMSNorm
+    from deepseek.ir.fused import fused_rms_norm
+
+    x = (torch.randn(7, n, device=DEVICE) * 3).to(dtype)
+    w = torch.rand(n, device=DEVICE).add(0.5).to(dtype) if weighted else None
+    got, want = RMSNorm(n, 1e-6)(x, w), fused_rms_norm(x, w, 1e-6)
+    assert got.dtype == want.dtype == dtype
+    assert rel_l2(got.float(), want.float()) < (1e-6 if dtype == torch.float32 else 1e-2)

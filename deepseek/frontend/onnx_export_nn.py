@@ -265,6 +265,19 @@ def add_layer_norm(ctx, node):
     return [s, _layer_norm(ctx, node, s, node.inputs[2:4])[0]]
 
 
+@exports(Op.FUSED_RMS_NORM)
+def fused_rms_norm(ctx, node):
+    """As the reference: float32 statistics, the row cast back, then the weight."""
+    x, w = node.inputs
+    dt = x.spec.dtype
+    h = ctx.cast(X(ctx, node), dt, torch.float32)
+    ms = reduce(ctx, "ReduceMean", ctx.one("Mul", [h, h]), [x.spec.rank - 1], True)
+    std = ctx.one("Sqrt", [ctx.one("Add", [ms, ctx.const(float(node.attrs["eps"]),
+                                                         torch.float32)])])
+    y = ctx.cast(ctx.one("Mul", [h, ctx.one("Reciprocal", [std])]), torch.float32, dt)
+    return [ctx.one("Mul", [ctx.name(w), y]) if isinstance(w, Value) else y]
+
+
 def _layer_norm(ctx, node, xn: str, params) -> list[str]:
     """LayerNormalization of ``xn`` over the node's normalized_shape: [y, mean, rstd]."""
     x = node.inputs[0]

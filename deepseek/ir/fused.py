@@ -78,3 +78,18 @@ def add_layer_norm(x, residual, weight, bias, normalized_shape, eps):
 
 _LIB.impl("add_layer_norm", add_layer_norm, "CompositeExplicitAutograd")
 _LIB.impl("add_layer_norm", add_layer_norm, "Meta")
+
+# RMS normalization (Llama's RMSNorm) as one kernel: statistics in float32, the normalized
+# value cast back to x's dtype, then scaled by the weight
+_LIB.define("fused_rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor")
+
+
+def fused_rms_norm(x, weight, eps):
+    """The reference semantics: what transformers' RMSNorm computes, op by op."""
+    h = x.to(torch.float32)
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return h if weight is None else weight * h
+
+
+_LIB.impl("fused_rms_norm", fused_rms_norm, "CompositeExplicitAutograd")
+_LIB.impl("fused_rms_norm", fused_rms_norm, "Meta")

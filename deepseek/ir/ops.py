@@ -153,6 +153,7 @@ _TABLE: list[tuple[str, Prop]] = [
     # fused kernels made by the optimizer (deepseek/ir/fused.py)
     ("deepseek::fused_pointwise.default", Prop.ELEMENTWISE | Prop.FUSED),
     ("deepseek::add_layer_norm.default", Prop.REDUCTION | Prop.FUSED),
+    ("deepseek::fused_rms_norm.default", Prop.REDUCTION | Prop.FUSED),
     # quantize / dequantize (QDQ): what compression leaves and lowering turns into int8 kernels
     *[(f"quantized_decomposed::{n}", Prop.ELEMENTWISE | Prop.QUANT) for n in (
         "quantize_per_tensor.default", "dequantize_per_tensor.default",
@@ -183,7 +184,11 @@ def _member_name(overload_name: str) -> str:
     return name.lstrip("_").upper()
 
 
-Op = enum.Enum("Op", {_member_name(n): n for n, _ in _TABLE})
+_MEMBERS = {_member_name(n): n for n, _ in _TABLE}
+if len(_MEMBERS) != len(_TABLE):  # two overloads must never share a member name
+    raise RuntimeError("op table rows with one member name: " + ", ".join(
+        sorted({n for n, _ in _TABLE if _MEMBERS[_member_name(n)] != n})))
+Op = enum.Enum("Op", _MEMBERS)
 Op.__doc__ = "Every op of the IR; the value is the ATen overload it mirrors."
 
 _TENSOR_KINDS = {"Tensor": "tensor", "Optional[Tensor]": "optional", "List[Tensor]": "list",

@@ -92,6 +92,72 @@ def fuse_add_layer_norm(graph: Graph) -> Graph:
     return graph
 
 
+def fuse_rms_norm(graph: Graph) -> Graph:
+    """Merge the ops of an RMS normalization into one ``deepseek::fused_rms_norm`` node.
+
+    ``h = float(x); y = weight * dtype_of_x(h * rsqrt(mean(h ** 2, -1) + eps))`` as
+    transformers' RMSNorm writes it (the casts absent in float32 models, the weight
+    optional) becomes ``fused_rms_norm(x, weight, eps)``: one kernel that reads the row once,
+    instead of six element-wise and reduction kernels. Each intermediate must have no
+    other reader.
+    """
+    producers, users = graph.producers(), graph.users()
+    outputs = {id(v) for v in graph.outputs}
+
+    def only_user(v: Value, op: Op) -> Node | None:
+        us = users.get(v, [])
+        if len(us) == 1 and us[0].op is op and us[0].fallback is None and id(v) not in outputs:
+            return us[0]
+        return None
+
+    replaced: dict[int, Node] = {}
+    removed: set[int] = set()
+    for pw in graph.nodes:
+        if pw.op is not Op.POW_TENSOR_SCALAR or pw.attrs.get("exponent") != 2 or \
+                pw.fallback is not None or pw.inputs[0].spec.dtype != torch.float32:
+            continue
+        h = pw.inputs[0]
+        mean = only_user(pw.outputs[0], Op.MEAN_DIM)
+        if mean is None or list(mean.attrs.get("dim") or []) not in ([-1], [h.spec.rank - 1]) \
+                or not mean.attrs.get("keepdim") or mean.attrs.get("dtype") is not None:
+            continue
+        add = only_user(mean.outputs[0], Op.ADD_TENSOR) or only_user(mean.outputs[0],
+                                                                      Op.ADD_SCALAR)
+        if add is None or add.inputs[0] is not mean.outputs[0] or \
+                not isinstance(add.inputs[1], (int, float)) or add.attrs.get("alpha", 1) != 1:
+            continue
+        rsqrt = only_user(add.outputs[0], Op.RSQRT)
+        scale = only_user(rsqrt.outputs[0], Op.MUL_TENSOR) if rsqrt is not None else None
+        if scale is None or set(map(id, scale.inputs)) != {id(h), id(rsqrt.outputs[0])}:
+            continue
+        x, last, chain = h, scale, [pw, mean, add, rsqrt, scale]
+        cast_in = producers.get(h)
+        if cast_in is not None and cast_in.op is Op.TO_COPY and set(cast_in.attrs) <= {"dtype"} \
+                and len(users.get(h, [])) == 2:
+            x = cast_in.inputs[0]
+            cast_out = only_user(scale.outputs[0], Op.TO_COPY)
+            if x.spec.dtype == torch.float32 or cast_out is None or \
+                    cast_out.attrs.get("dtype") != x.spec.dtype or set(cast_out.attrs) != {"dtype"}:
+                continue
+            last, chain = cast_out, [cast_in] + chain + [cast_out]
+        weight = None
+        scaled = only_user(last.outputs[0], Op.MUL_TENSOR)
+        if scaled is not None:
+            other = [v for v in scaled.inputs if v is not last.outputs[0]]
+            if len(other) == 1 and isinstance(other[0], Value) and graph.is_constant(other[0]) \
+                    and other[0].spec.shape == (x.spec.shape[-1],) \
+                    and other[0].spec.dtype == x.spec.dtype:  # (either order: a*b == b*a)
+                weight, last, chain = other[0], scaled, chain + [scaled]
+        if last.outputs[0].spec != x.spec:
+            continue
+        eps = float(add.inputs[1])
+        replaced[id(last)] = Node(Op.FUSED_RMS_NORM, [x, weight], {"eps": eps}, last.outputs,
+                                  last.source or pw.source)
+        removed.update(id(n) for n in chain if n is not last)
+    graph.nodes = [replaced.get(id(n), n) for n in graph.nodes if id(n) not in removed]
+    return graph
+
+
 def _fusible(node: Node) -> bool:
     if node.fallback is not None or len(node.outputs) != 1:
         return False

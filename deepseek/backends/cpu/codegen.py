@@ -283,6 +283,14 @@ class _Emitter:
             return f"{fn}({', '.join(args)})"
         if op is Op.ADD_LAYER_NORM:
             return self.add_layer_norm(node, ins, attrs)
+        if op is Op.FUSED_RMS_NORM and self.device != "cpu":
+            from deepseek.backends.cuda.triton_norm import RMSNorm
+
+            x, w = ins
+            n = x.spec.concrete(self.env)[-1]
+            if RMSNorm.supported(n, [v.spec.dtype for v in ins if v is not None]):
+                kernel = self.const(RMSNorm(n, attrs["eps"]), "triton_rms_norm")
+                return f"{kernel}({self.name(x)}, {self.name(w) if w is not None else None})"
         if op in (Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR):
             quantize = self.quantize(node, ins, attrs)
             if quantize is not None:

@@ -1,9 +1,11 @@
-"""Triton kernel for ``deepseek::add_layer_norm``: residual add and layer norm in one pass.
+"""Triton kernels for the normalization nodes: ``deepseek::add_layer_norm`` (residual add
+and layer norm in one pass) and ``deepseek::fused_rms_norm``.
 
-One program per row: the two addends are loaded once, their sum is rounded
-to the output dtype (exactly what PyTorch's add stores) and stored, and the
-row is normalized from registers with float32 statistics. Runs under
-Triton's interpreter too (``TRITON_INTERPRET=1``), on CPU tensors.
+One program per row: the row is loaded once and normalized from registers with
+float32 statistics; intermediate values are rounded to the tensor's dtype
+exactly where PyTorch's op-by-op reference rounds them (the residual sum; the
+normalized row before the RMS weight). Runs under Triton's interpreter too
+(``TRITON_INTERPRET=1``), on CPU tensors.
 """
 
 from __future__ import annotations
@@ -61,3 +63,37 @@ class AddLayerNorm:
                                      s, y, self.n, self.eps, HAS_W=w is not None,
                                      HAS_B=b is not None, BLOCK=self.block, num_warps=self.warps)
         return s, y
+
+
+@triton.jit
+def _rms_norm(X, W, Y, N, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    offs = row * N + cols
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    h = (x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)).to(Y.dtype.element_ty)
+    if HAS_W:
+        w = tl.load(W + cols, mask=mask, other=1.0).to(tl.float32)
+        h = (w * h.to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + offs, h, mask=mask)
+
+
+class RMSNorm:
+    """``deepseek::fused_rms_norm`` over rows of ``n`` elements, as one kernel launch."""
+
+    def __init__(self, n: int, eps: float):
+        self.n, self.eps = n, float(eps)
+        self.block = triton.next_power_of_2(n)
+        self.warps = min(16, max(1, self.block // 256))
+
+    supported = staticmethod(AddLayerNorm.supported)
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        rows = x.numel() // self.n
+        if rows:
+            _rms_norm[(rows,)](x, w if w is not None else x, y, self.n, self.eps,
+                               HAS_W=w is not None, BLOCK=self.block, num_warps=self.warps)
+        return y
