@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import functools
+import math
 import re
 import time
 
@@ -203,6 +204,7 @@ class _Emitter:
         for n in graph.nodes:
             for v in n.input_values():
                 self.users.setdefault(id(v), []).append(n)
+        self._position: dict[int, int] | None = None
         self.fused_into: dict[int, str] = {}  # post-op node id -> name of the fused result
         self.cl: set[int] = set()  # ids of 4-D values that are channels-last at run time
         self.nhwc_rows: dict[int, tuple] = {}  # id of an NHWC-order flatten -> its (C, H, W)
@@ -369,7 +371,7 @@ class _Emitter:
         if mine is None:
             return None
         cache, idx, new = mine
-        made = {id(o): i for i, n in enumerate(self.graph.nodes) for o in n.outputs}
+        made = self.position()
         for other in self.graph.nodes[index + 1:index + 8]:
             theirs = parts(other) if other.op is Op.INDEX_PUT and other.reuse == 0 else None
             if theirs is None or theirs[1] is not idx or theirs[0].spec != cache.spec \
@@ -404,13 +406,17 @@ class _Emitter:
                 f".add_({int(zero_point)}).clamp_({attrs['quant_min']}, {attrs['quant_max']})"
                 f".to({self.name(attrs['dtype'])})")
 
+    def position(self) -> dict[int, int]:
+        """id(value) -> index of the node producing it (built once per plan)."""
+        if self._position is None:
+            self._position = {id(o): i for i, n in enumerate(self.graph.nodes) for o in n.outputs}
+        return self._position
+
     def add_layer_norm(self, node: Node, ins, attrs) -> str:
         """Residual add + layer norm: one Triton kernel on GPUs, PyTorch's two on the CPU."""
         x, r, w, b = (self.name(v) if v is not None else "None" for v in ins)
         shape = list(attrs["normalized_shape"])
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         if self.device != "cpu":
             from deepseek.backends.cuda.triton_norm import AddLayerNorm
 
