@@ -96,16 +96,25 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
     return _build_engine(graph, backend, opt_level, disable_passes, example, precision)
 
 
+# the first of these passes runs on the graph in its final precision
+_AFTER_PRECISION = frozenset({"precompute_attention_masks", "fuse_add_layer_norm", "fuse_rms_norm",
+                              "fuse_elementwise", "reorder_for_memory", "schedule_inplace_ops"})
+
+
 def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, example,
                   precision: str = "fp32") -> Engine:
     env = _example_env(graph, example)
     concrete = not graph.inputs or env or all(v.spec.is_static for v in graph.inputs)
     b = get_backend(backend)
     passes = list(pipeline(opt_level, graph))
-    if precision in PRECISION_DTYPES:  # stage 3 first, so fusion sees the final dtypes
+    if precision in PRECISION_DTYPES:
+        # stage 3 after the clean-up (weights folded in float32), before fusion (which
+        # then sees the final dtypes)
         target = b.capabilities().device.split(":")[0]
-        passes.insert(0, functools.partial(map_to_tensorcore, precision=precision, target=target))
-        passes[0].__name__ = "map_to_tensorcore"
+        lower = functools.partial(map_to_tensorcore, precision=precision, target=target)
+        lower.__name__ = "map_to_tensorcore"
+        at = next((i for i, p in enumerate(passes) if p.__name__ in _AFTER_PRECISION), len(passes))
+        passes.insert(at, lower)
     optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
     report = Report(passes=[r.to_dict() for r in records], backend="", opt_level=opt_level,
                     nodes={"unoptimized": len(graph.nodes), "optimized": len(optimized.nodes)})

@@ -133,6 +133,20 @@ def test_add_layer_norm_kernel_matches_pytorch(n, affine, dtype):
     assert rel_l2(y.float(), want_y.float()) < tol
 
 
+def test_add_layer_norm_kernel_bf16_output_into_float32_residual():
+    """bf16 precision keeps the residual stream float32: a bf16 sub-block output x is
+    added to a float32 residual r; the sum and the norm are float32, as PyTorch's add."""
+    from deepseek.backends.cuda.triton_norm import AddLayerNorm
+
+    n = 96
+    x = torch.randn(5, n, device=DEVICE).to(torch.bfloat16)
+    r, w, b = (torch.randn(*shape, device=DEVICE) for shape in ((5, n), (n,), (n,)))
+    s, y = AddLayerNorm(n, 1e-5)(x, r, w, b)
+    assert s.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(s, x + r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, torch.layer_norm(x + r, [n], w, b, 1e-5), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_write_kernel_matches_index_put(dtype):
     """Both caches written at the same positions; new rows strided (a permuted view)."""

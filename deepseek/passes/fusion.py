@@ -59,8 +59,8 @@ def _fold(graph: Graph, conv: Node, bn: Node, w, b, gamma, beta, mean, var) -> N
 def fuse_add_layer_norm(graph: Graph) -> Graph:
     """Merge a residual add with the layer norm that reads it into one kernel.
 
-    ``s = add(x, r); y = layer_norm(s)`` (same shapes and dtypes, no
-    broadcast; the norm's mean and rstd unused) becomes
+    ``s = add(x, r); y = layer_norm(s)`` (same shapes, no broadcast, dtypes
+    that promote to the sum's: a bf16 sub-block output into a float32 residual; the norm's mean and rstd unused) becomes
     ``s, y = deepseek::add_layer_norm(x, r, weight, bias)`` at the add's
     place: the sum is written once and normalized while it is in registers,
     instead of written, read back and normalized by a second kernel. ``s``
@@ -80,7 +80,8 @@ def fuse_add_layer_norm(graph: Graph) -> Graph:
                 id(add) in merged or add.attrs.get("alpha", 1) != 1:
             continue
         s = add.outputs[0]
-        if not all(isinstance(v, Value) and v.spec == s.spec for v in add.inputs):
+        if not all(isinstance(v, Value) and v.spec.shape == s.spec.shape for v in add.inputs) \
+                or torch.promote_types(*(v.spec.dtype for v in add.inputs)) != s.spec.dtype:
             continue
         w, b = (ln.inputs[1:] + [None, None])[:2]
         merged[id(add)] = Node(Op.ADD_LAYER_NORM, [add.inputs[0], add.inputs[1], w, b],

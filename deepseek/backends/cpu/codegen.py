@@ -164,7 +164,7 @@ def _epilogue(node: Node, x: Value, graph: Graph) -> tuple[str, list, str] | Non
         return "relu", [], ""
     if node.op is Op.GELU:
         return "gelu", [], node.attrs.get("approximate", "none")
-    if node.op is not Op.FUSED_POINTWISE or node.outputs[0].spec.dtype != torch.float32 \
+    if node.op is not Op.FUSED_POINTWISE or not node.outputs[0].spec.dtype.is_floating_point \
             or not node.inputs or node.inputs[0] is not x:
         return None
     scalars = {}
@@ -211,6 +211,8 @@ class _Emitter:
         self.after_pool: dict[int, tuple] = {}  # max-pool node id -> (unary op applied to its
         # result, that op's node)
         self.hosted: dict[int, Node] = {}  # node id -> the later node whose statement runs it
+        # nodes whose statement moves to a later node's (their inputs live until then)
+        self.deferred: dict[int, Node] = {}
         self.buffers: list[tuple] = []  # (shape, dtype, format, views, zero) of each plan buffer
         self.buffer_free: list[int] = []  # index of the last node reading each buffer so far
         self.index = {id(o): i for i, n in enumerate(graph.nodes) for o in n.outputs}
@@ -243,6 +245,8 @@ class _Emitter:
         live = [o for o in outs if self.uses.get(id(o)) or o in self.graph.outputs]
         if id(node) in self.fused_into:  # already computed by its producer's fused kernel
             self.lines.append(f"    {lhs} = {self.fused_into[id(node)]}")
+            return
+        if id(node) in self.deferred:  # computed by a later node's statement
             return
         expr = self.special(index, node, ins, attrs, live)
         if expr is None:
@@ -308,16 +312,6 @@ class _Emitter:
             args, kwargs = d.call_args([f"{n(ins[0])}.contiguous()"] + [n(v) for v in ins[1:]],
                                        {k: n(a) for k, a in attrs.items()})
             return f"{self.const(d.overload._op, 'k_group_norm')}({', '.join(args)})"
-        if op is Op.CONVOLUTION and self.device != "cpu" and len(attrs["stride"]) == 2 \
-                and self.graph.is_constant(ins[1]):
-            # cuDNN's tensor-core convolutions want channels-last activations and weights
-            w = self.const(self.constants[ins[1].name].contiguous(memory_format=torch.channels_last),
-                           "wcl")
-            args = ", ".join(n(v) for v in (attrs["stride"], attrs["padding"], attrs["dilation"],
-                                            attrs["transposed"], attrs["output_padding"],
-                                            attrs["groups"]))
-            return (f"torch.convolution({n(ins[0])}.contiguous(memory_format=CL), {w}, "
-                    f"{n(ins[2]) if ins[2] is not None else None}, {args})")
         if op in (Op.ADDMM, Op.MM, Op.MATMUL) and self.device == "cpu":
             fused = self.const_gemm(node, ins, attrs)
             if fused is not None:
@@ -910,6 +904,9 @@ class _Emitter:
         self.nhwc_rows[id(out)] = tuple(shape[1:])
         return self.name(x)  # still [N, C, H, W]: the GEMM flattens it (see above)
 
+    def prepare(self) -> None:
+        """Decisions that span nodes, made before any statement (backends extend it)."""
+
     def generate(self) -> Callable:
         g = self.graph
         for v in g.inputs:
@@ -923,17 +920,26 @@ class _Emitter:
         if g.inputs:
             self.lines.append(f"    {', '.join(self.names[id(v)] for v in g.inputs)}, = inputs")
         preamble_at = len(self.lines)
+        self.prepare()
         last = g.last_use()
+        never_made = set()
+        for node_id, host in self.deferred.items():
+            node = g.nodes[self.index[node_id]]
+            self.hosted[node_id] = host  # the profiler times it as part of its host
+            never_made.update(id(o) for o in node.outputs)
+            for v in node.input_values():
+                last[v] = max(last[v], self.index[id(host)])
         dying: dict[int, list[str]] = {}
         for v, i in last.items():
-            if i < len(g.nodes) and v not in g.inputs and not g.is_constant(v):
+            if i < len(g.nodes) and v not in g.inputs and not g.is_constant(v) \
+                    and id(v) not in never_made:
                 dying.setdefault(i, []).append(self.names[id(v)])
         starts = []  # index in self.lines of each node's statement, then of the return
         for i, node in enumerate(g.nodes):
             starts.append(len(self.lines))
             self.emit(i, node)
             for o in node.outputs:  # outputs nobody reads die at once
-                if id(o) not in self.uses and o not in g.outputs:
+                if id(o) not in self.uses and o not in g.outputs and id(o) not in never_made:
                     dying.setdefault(i, []).append(self.names[id(o)])
             if dying.get(i):
                 self.lines.append(f"    del {', '.join(dying[i])}")
@@ -1019,14 +1025,16 @@ def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset
 
 def generate_plan(graph: Graph, env: Mapping[str, int], device: str = "cpu",
                   instrument: Callable[[int], object] | None = None,
-                  constants: Mapping[str, torch.Tensor] | None = None) -> Callable:
+                  constants: Mapping[str, torch.Tensor] | None = None,
+                  emitter: type | None = None) -> Callable:
     """Compile ``graph`` for the symbol bindings ``env`` into ``plan(inputs) -> outputs``.
 
     With ``instrument``, the plan calls ``instrument(i)`` just before node i and
     ``instrument(len(graph.nodes))`` after the last (the profiler's clock); without
     it the code is exactly the plain plan. ``plan.instrumented(hook)`` makes such a
     twin of a plan that already exists, with the same kernels and packed weights.
-    ``constants`` replaces the graph's weights (e.g. copies on the backend's device).
+    ``constants`` replaces the graph's weights (e.g. copies on the backend's device);
+    ``emitter`` is a backend's subclass of the code generator (its own kernel choices).
     """
-    plan = _Emitter(graph, env, device, constants).generate()
+    plan = (emitter or _Emitter)(graph, env, device, constants).generate()
     return plan if instrument is None else plan.instrumented(instrument)

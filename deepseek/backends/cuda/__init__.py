@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from deepseek.backends.cpu.codegen import generate_plan
+from deepseek.backends.cuda.codegen import CUDAEmitter
 from deepseek.backends.hal import Backend, Capabilities
 from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
@@ -77,7 +78,8 @@ class CUDAExecutable:
         if plan is None:
             env = bind_inputs(self.graph, inputs)
             plan = self.plans[key] = generate_plan(self.graph, env, str(self.device),
-                                                   constants=self.constants, instrument=self.hook)
+                                                   constants=self.constants, instrument=self.hook,
+                                                   emitter=CUDAEmitter)
         return plan
 
     def _runner(self, inputs: Sequence[torch.Tensor]):

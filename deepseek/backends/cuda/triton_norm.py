@@ -56,7 +56,8 @@ class AddLayerNorm:
     def __call__(self, x: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None,
                  b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         x, r = x.contiguous(), r.contiguous()
-        s, y = torch.empty_like(x), torch.empty_like(x)
+        dtype = torch.promote_types(x.dtype, r.dtype)  # a bf16 output into a float32 residual
+        s, y = torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=dtype)
         rows = x.numel() // self.n
         if rows:
             _add_layer_norm[(rows,)](x, r, w if w is not None else x, b if b is not None else x,

@@ -1,0 +1,167 @@
+"""The CUDA backend's kernel choices on top of the shared plan generator.
+
+Convolutions run through cuDNN on channels-last activations and weights. In
+bf16/fp16, a convolution's epilogue runs inside cuDNN's fused kernels:
+
+- convolution + bias + ReLU -> ``torch.cudnn_convolution_relu``;
+- convolution + bias + residual add + ReLU (a ResNet block's end) ->
+  ``torch.cudnn_convolution_add_relu``; when the residual is itself a
+  convolution read only there (the block's downsample), that one runs without
+  its bias and the two biases are added once, at compile time.
+
+PyTorch's plain convolution adds the bias in a second pass over the output,
+which on an H200 costs as much as the convolution itself for ResNet-50's 1x1
+layers. GEMMs with a constant bias and a following ReLU or GELU run as one
+cuBLASLt call with the activation as its epilogue (``torch._addmm_activation``).
+cuBLASLt's GELU is the tanh form: it stands for a tanh GELU exactly, and for
+the erf GELU only in bf16/fp16, where the two differ by at most 4.8e-4, less
+than a bf16 rounding step for any |y| > 0.12.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from deepseek.backends.cpu.codegen import _Emitter, _epilogue
+from deepseek.ir.graph import Node, Value
+from deepseek.ir.ops import Op
+
+_LOW = (torch.bfloat16, torch.float16)
+_ADD_RELU = [["add.Tensor", ["$0", "$1"], {}], ["relu.default", ["#0"], {}]]
+
+
+class CUDAEmitter(_Emitter):
+    """Plans for CUDA devices: cuDNN and cuBLASLt epilogues (module doc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_add_relu: dict[int, tuple[Node, Value]] = {}  # host id -> (conv, residual)
+        self.bias_moved: dict[int, Node] = {}  # conv id -> the conv whose call adds its bias
+
+    # --- decisions spanning nodes -------------------------------------------
+    def producer(self, v) -> Node | None:
+        i = self.index.get(id(v)) if isinstance(v, Value) else None
+        return self.graph.nodes[i] if i is not None else None
+
+    def fusable_conv(self, node: Node | None) -> bool:
+        """A 2-D convolution that cuDNN's fused kernels can run, read by one node only."""
+        if node is None or node.op is not Op.CONVOLUTION:
+            return False
+        x, w, b = node.inputs
+        a, out, g = node.attrs, node.outputs[0], self.graph
+        return (len(a["stride"]) == 2 and not a["transposed"] and g.is_constant(w)
+                and (b is None or g.is_constant(b)) and isinstance(x, Value)
+                and x.spec.dtype in _LOW and w.spec.dtype == x.spec.dtype
+                and len(self.users.get(id(out), [])) == 1 and out not in g.outputs)
+
+    def prepare(self) -> None:
+        """Find convolution + residual add + ReLU: the convolution's statement moves to the
+        add's (its residual may be computed after it)."""
+        for node in self.graph.nodes:
+            if node.op is not Op.FUSED_POINTWISE or json.loads(node.attrs["program"]) != _ADD_RELU:
+                continue
+            out = node.outputs[0]
+            for a, z in (node.inputs, node.inputs[::-1]):
+                conv = self.producer(a)
+                if not (self.fusable_conv(conv) and isinstance(z, Value) and z is not a
+                        and z.spec == a.spec == out.spec) or not self._inputs_kept(conv, node):
+                    continue
+                self.deferred[id(conv)] = node
+                self.conv_add_relu[id(node)] = (conv, z)
+                other = self.producer(z)
+                if self.fusable_conv(other) and other.inputs[2] is not None \
+                        and id(other) not in self.deferred:
+                    self.bias_moved[id(other)] = conv
+                break
+
+    def _inputs_kept(self, conv: Node, host: Node) -> bool:
+        """Whether no node between ``conv`` and ``host`` overwrites one of conv's inputs."""
+        ins = {id(v) for v in conv.input_values()}
+        for n in self.graph.nodes[self.index[id(conv)] + 1:self.index[id(host)]]:
+            if n.reuse is not None and id(n.inputs[n.reuse]) in ins:
+                return False
+        return True
+
+    # --- statements -----------------------------------------------------------
+    def weight(self, conv: Node) -> str:
+        w = self.constants[conv.inputs[1].name]
+        return self.const(w.contiguous(memory_format=torch.channels_last), "wcl")
+
+    def conv_args(self, node: Node, bias: str) -> str:
+        a = node.attrs
+        return (f"{self.as_cl(node.inputs[0])}, {self.weight(node)}, {bias}, "
+                f"{a['stride']}, {a['padding']}, {a['dilation']}")
+
+    def bias(self, node: Node) -> str:
+        """This convolution's bias, plus the bias of a convolution whose call it takes over."""
+        b = node.inputs[2]
+        moved = [n for n, host in ((self.graph.nodes[self.index[k]], h)
+                                   for k, h in self.bias_moved.items()) if host is node]
+        if not moved:
+            return self.name(b) if b is not None else "None"
+        total = sum(self.constants[v.name].float() for v in [b, moved[0].inputs[2]] if v is not None)
+        return self.const(total.to(node.inputs[1].spec.dtype), "bsum")
+
+    def convolution(self, node: Node, attrs) -> str | None:
+        if len(attrs["stride"]) != 2 or not self.graph.is_constant(node.inputs[1]):
+            return None
+        out = node.outputs[0]
+        users = self.users.get(id(out), [])
+        if id(node) in self.bias_moved:  # its bias is added by the fused call reading it
+            self.cl.add(id(out))
+            return (f"torch.convolution({self.conv_args(node, 'None')}, False, "
+                    f"{attrs['output_padding']}, {attrs['groups']})")
+        if self.fusable_conv(node) and users[0].op is Op.RELU:
+            self.fused_into[id(users[0])] = self.names[id(out)]
+            self.cl.update((id(out), id(users[0].outputs[0])))
+            return f"torch.cudnn_convolution_relu({self.conv_args(node, self.bias(node))}, {attrs['groups']})"
+        # cuDNN's tensor-core convolutions want channels-last activations and weights
+        self.cl.add(id(out))
+        b = self.name(node.inputs[2]) if node.inputs[2] is not None else "None"
+        return (f"torch.convolution({self.conv_args(node, b)}, {attrs['transposed']}, "
+                f"{attrs['output_padding']}, {attrs['groups']})")
+
+    def gemm_activation(self, node: Node, attrs) -> str | None:
+        """bias + GEMM + ReLU/GELU as one cuBLASLt call with the activation as epilogue."""
+        b, x, w = node.inputs
+        g, out = self.graph, node.outputs[0]
+        if not (isinstance(x, Value) and x.spec.rank == 2 and g.is_constant(w)
+                and g.is_constant(b) and b.spec.rank == 1 and x.spec.dtype in _LOW
+                and attrs.get("beta", 1) == 1 and attrs.get("alpha", 1) == 1
+                and out not in g.outputs):
+            return None
+        act_input, users = out, self.users.get(id(out), [])
+        if len(users) == 1 and users[0].op in (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE):
+            act_input = users[0].outputs[0]  # element-wise: the same either side of a reshape
+            users = self.users.get(id(act_input), [])
+        if len(users) != 1 or act_input in g.outputs:
+            return None
+        post = _epilogue(users[0], act_input, g)
+        if post is None:
+            return None
+        self.fused_into[id(users[0])] = self.names[id(act_input)]
+        return (f"torch._addmm_activation({self.name(b)}, {self.name(x)}, {self.name(w)}, "
+                f"use_gelu={post[0] == 'gelu'})")
+
+    def special(self, index, node, ins, attrs, live) -> str | None:
+        if id(node) in self.conv_add_relu:
+            conv, z = self.conv_add_relu[id(node)]
+            self.cl.add(id(node.outputs[0]))
+            return self.add_relu_call(conv, z)
+        if node.op is Op.CONVOLUTION:
+            call = self.convolution(node, attrs)
+            if call is not None:
+                return call
+        if node.op is Op.ADDMM:
+            call = self.gemm_activation(node, attrs)
+            if call is not None:
+                return call
+        return super().special(index, node, ins, attrs, live)
+
+    def add_relu_call(self, conv: Node, z: Value) -> str:
+        a = conv.attrs
+        return (f"torch.cudnn_convolution_add_relu({self.as_cl(conv.inputs[0])}, "
+                f"{self.weight(conv)}, {self.as_cl(z)}, 1.0, {self.bias(conv)}, "
+                f"{a['stride']}, {a['padding']}, {a['dilation']}, {a['groups']})")

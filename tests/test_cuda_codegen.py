@@ -1,0 +1,40 @@
+"""The CUDA backend's kernel choices, read from the generated plan's source (runs
+without a GPU: generating a plan launches nothing; GPU tests check the numbers)."""
+
+import torch
+
+import deepseek as ds
+from benchmarks.models import BENCHMARK_MODELS
+from deepseek.backends.cpu.codegen import generate_plan
+from deepseek.backends.cuda.codegen import CUDAEmitter
+from deepseek.ir.interpreter import bind_inputs
+
+
+def _cuda_source(name, precision="bf16", **kwargs) -> str:
+    model, inputs = BENCHMARK_MODELS[name](**kwargs)
+    graph = ds.compile(model.eval(), inputs, backend="cpu", precision=precision).graph
+    return generate_plan(graph, bind_inputs(graph, list(inputs)), "cuda",
+                         emitter=CUDAEmitter).source
+
+
+def test_resnet_convolutions_run_with_cudnn_epilogues():
+    src = _cuda_source("resnet50", batch=1, image=64)
+    # 53 convolutions: 33 + ReLU, 16 + residual add + ReLU (4 of them with the
+    # downsample's bias added to theirs), the 4 downsamples without bias
+    assert src.count("torch.cudnn_convolution_relu(") == 33
+    assert src.count("torch.cudnn_convolution_add_relu(") == 16
+    assert src.count("bsum") == 4
+    plain = [line for line in src.splitlines() if "torch.convolution(" in line]
+    assert len(plain) == 4 and all(", None, " in line for line in plain)
+
+
+def test_float32_convolutions_keep_pytorchs_kernel():
+    src = _cuda_source("resnet50", precision="fp32", batch=1, image=64)
+    assert "cudnn_convolution" not in src and src.count("torch.convolution(") == 53
+
+
+def test_gemm_and_gelu_run_as_one_cublaslt_call():
+    # BERT's erf GELU (bf16 only) and GPT-2's tanh GELU spelled out element-wise
+    assert _cuda_source("bert_base", batch=1, seq=16).count("_addmm_activation(") == 12
+    assert _cuda_source("gpt2_small", batch=1, seq=16).count("_addmm_activation(") == 12
+    assert "_addmm_activation" not in _cuda_source("bert_base", precision="fp32", batch=1, seq=16)
