@@ -38,3 +38,14 @@ def test_gemm_and_gelu_run_as_one_cublaslt_call():
     assert _cuda_source("bert_base", batch=1, seq=16).count("_addmm_activation(") == 12
     assert _cuda_source("gpt2_small", batch=1, seq=16).count("_addmm_activation(") == 12
     assert "_addmm_activation" not in _cuda_source("bert_base", precision="fp32", batch=1, seq=16)
+
+
+def test_layer_norm_writes_the_next_gemms_bf16_input_itself():
+    # BERT (post-norm): the norm's rows are the next residual (float32) and a GEMM's
+    # bf16 input: one kernel writes both; GPT-2 (pre-norm): only the bf16 copy is read
+    bert = _cuda_source("bert_base", batch=1, seq=16)
+    assert bert.count("also=") == 24  # all but the last norm (the pooler reads one row)
+    casts = [line for line in bert.splitlines() if "k_to_copy" in line]
+    assert len(casts) == 2 and "attention_mask" in casts[0] and "select" in casts[1]
+    gpt2 = _cuda_source("gpt2_small", batch=1, seq=16)
+    assert gpt2.count("y_dtype=") == 25  # 24 blocks' norms and the final one

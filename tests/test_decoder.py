@@ -52,6 +52,11 @@ def test_greedy_tokens_equal_transformers_generate(factory, device):
     assert torch.equal(lm.generate(ids2, max_new_tokens=9).cpu(),
                        _reference(model, ids2, 9).cpu())
     assert list(lm.buckets) == [(3, 64)]
+    # the first prompt's length again: on CUDA its prefill graph replays on new tokens
+    ids3 = torch.randint(2, 1000, (3, 7), device=device)
+    assert torch.equal(lm.generate(ids3, max_new_tokens=5).cpu(), _reference(model, ids3, 5).cpu())
+    if device == "cuda":
+        assert sorted(bucket.prefills) == [7, 12]
 
 
 def test_step_logits_match_eager_forward():

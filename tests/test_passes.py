@@ -11,6 +11,7 @@ from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import run_graph
 from deepseek.ir.ops import Op
 from deepseek.ir.types import TensorSpec
+from deepseek.ir.verify import verify
 from deepseek.passes import (eliminate_common_subexpr, eliminate_dead_code, fold_constants,
                              fuse_conv_bn, schedule_inplace_ops, simplify_algebra)
 from deepseek.runtime.plan import plan_memory
@@ -130,6 +131,31 @@ def test_fuse_add_layer_norm_keeps_the_sum_for_its_other_readers():
     check_same_outputs(build, g, inputs)
     engine = ds.compile(g, backend="cpu")  # the CPU backend's code for it
     assert rel_l2(engine(*inputs), run_graph(build(), inputs)[0]) < 1e-6
+
+
+def test_merge_sibling_gemms_makes_one_wide_gemm_of_projections_sharing_an_input():
+    from deepseek.passes import merge_sibling_gemms
+
+    def build():
+        torch.manual_seed(2)
+        g = Graph()
+        x = g.add_input("x", spec(5, 8))
+        outs = []
+        for i, n in enumerate((8, 4, 6)):  # q, k, v of different widths
+            w, b = g.add_constant(f"w{i}", torch.randn(8, n)), g.add_constant(f"b{i}", torch.randn(n))
+            y = g.add_node(Op.ADDMM, [b, x, w], {}, [spec(5, n)], name=f"y{i}").outputs[0]
+            outs.append(g.add_node(Op.RELU, [y], {}, [spec(5, n)], name=f"r{i}").outputs[0])
+        other = g.add_constant("w_other", torch.randn(4, 3))  # other K: stays alone
+        z = g.add_node(Op.MM, [outs[1], other], {}, [spec(5, 3)], name="z").outputs[0]
+        g.outputs = [outs[0], outs[2], z]
+        return g
+
+    g = merge_sibling_gemms(build())
+    assert kinds(g) == ["addmm", "slice.Tensor", "slice.Tensor", "slice.Tensor", "relu",
+                        "relu", "relu", "mm"]
+    assert g.nodes[0].inputs[2].spec.shape == (8, 18)
+    verify(g)
+    check_same_outputs(build, g, [torch.randn(5, 8)])
 
 
 def test_fuse_add_layer_norm_leaves_broadcasting_adds_alone():

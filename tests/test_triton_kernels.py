@@ -145,6 +145,13 @@ def test_add_layer_norm_kernel_bf16_output_into_float32_residual():
     assert s.dtype == y.dtype == torch.float32
     torch.testing.assert_close(s, x + r, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y, torch.layer_norm(x + r, [n], w, b, 1e-5), rtol=1e-4, atol=1e-4)
+    # the normalized rows also in bf16 (for the next GEMM), or only in bf16
+    s2, y2, low = AddLayerNorm(n, 1e-5)(x, r, w, b, also=torch.bfloat16)
+    assert torch.equal(s2, s) and torch.equal(y2, y) and low.dtype == torch.bfloat16
+    # within one bf16 rounding step (the interpreter's rounding mode may differ)
+    assert torch.allclose(low.float(), y, rtol=2 ** -7, atol=1e-6)
+    s3, y3 = AddLayerNorm(n, 1e-5)(x, r, w, b, y_dtype=torch.bfloat16)
+    assert torch.equal(s3, s) and torch.equal(y3, low)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

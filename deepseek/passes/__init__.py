@@ -18,7 +18,7 @@ from deepseek.ir.graph import Graph
 from deepseek.ir.verify import verify
 from deepseek.passes.cse import eliminate_common_subexpr
 from deepseek.passes.fusion import (fuse_add_layer_norm, fuse_conv_bn, fuse_elementwise,
-                                     fuse_rms_norm)
+                                     fuse_rms_norm, merge_sibling_gemms)
 from deepseek.passes.memory import reorder_for_memory, schedule_inplace_ops
 from deepseek.passes.precision import map_to_tensorcore
 from deepseek.passes.recompute import activate_recompute
@@ -36,8 +36,8 @@ PIPELINES: dict[int, list[Pass]] = {
     2: [
         # stage 1: fusion and clean-up
         eliminate_dead_code, fold_constants, simplify_algebra, eliminate_common_subexpr,
-        fuse_conv_bn, eliminate_dead_code, precompute_attention_masks, fuse_add_layer_norm,
-        fuse_rms_norm, fuse_elementwise,
+        fuse_conv_bn, merge_sibling_gemms, eliminate_dead_code, precompute_attention_masks,
+        fuse_add_layer_norm, fuse_rms_norm, fuse_elementwise,
         # stage 2: memory
         reorder_for_memory, schedule_inplace_ops,
     ],
@@ -111,7 +111,7 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
     return graph
 
 
-__all__ = ["fuse_conv_bn", "fuse_add_layer_norm", "fuse_rms_norm", "precompute_attention_masks", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
+__all__ = ["fuse_conv_bn", "merge_sibling_gemms", "fuse_add_layer_norm", "fuse_rms_norm", "precompute_attention_masks", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
            "eliminate_common_subexpr", "reorder_for_memory", "schedule_inplace_ops", "map_to_tensorcore", "activate_recompute",
            "run_passes",
            "pipeline", "optimize_graph", "PassRecord", "PIPELINES"]

@@ -8,6 +8,7 @@ from deepseek.ir.fused import dump_program
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop
 from deepseek.ir.serialize import encode_attr
+from deepseek.ir.types import TensorSpec
 
 
 def fuse_conv_bn(graph: Graph) -> Graph:
@@ -54,6 +55,62 @@ def _fold(graph: Graph, conv: Node, bn: Node, w, b, gamma, beta, mean, var) -> N
     new_b = ((bias - c[mean.name].double()) * scale + c[beta.name].double()).to(W.dtype)
     conv.inputs[1] = graph.add_constant(f"{w.name}_bn", new_w.contiguous())
     conv.inputs[2] = graph.add_constant(f"{conv.name}_bias_bn", new_b.contiguous())
+
+
+def merge_sibling_gemms(graph: Graph) -> Graph:
+    """Merge GEMMs that read the same input into one GEMM over their weights side by side.
+
+    ``q = addmm(bq, x, Wq); k = addmm(bk, x, Wk); v = addmm(bv, x, Wv)`` with
+    constant (K, N_i) weights and constant biases (or none at all) becomes
+    ``qkv = addmm(cat(bq, bk, bv), x, cat(Wq, Wk, Wv))`` and three column
+    slices of it (views: no copy). One wide GEMM reads x once, launches once
+    and keeps a GPU's tensor cores busier than three narrow ones (BERT's
+    attention projections). The merged GEMM takes the place of the first one.
+    """
+    def key(n: Node):
+        if n.fallback is not None or n.op not in (Op.ADDMM, Op.MM):
+            return None
+        b, x, w = n.inputs if n.op is Op.ADDMM else (None, *n.inputs)
+        if not (isinstance(x, Value) and graph.is_constant(w) and w.spec.rank == 2
+                and (b is None or (graph.is_constant(b) and b.spec.shape == (w.spec.shape[1],)))
+                and n.attrs.get("beta", 1) == 1 and n.attrs.get("alpha", 1) == 1):
+            return None
+        return id(x), n.op, w.spec.shape[0], w.spec.dtype
+
+    groups: dict[tuple, list[Node]] = {}
+    for n in graph.nodes:
+        k = key(n)
+        if k is not None:
+            groups.setdefault(k, []).append(n)
+    replaced: dict[int, list[Node]] = {}  # id(first GEMM of a group) -> the nodes replacing it
+    removed: set[int] = set()
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        first = group[0]
+        ws = [graph.constants[n.inputs[-1].name] for n in group]
+        w = graph.add_constant(f"{group[0].inputs[-1].name}_merged", torch.cat(ws, 1))
+        x = group[0].inputs[-2]
+        inputs = [x, w]
+        if first.op is Op.ADDMM:
+            b = torch.cat([graph.constants[n.inputs[0].name] for n in group])
+            inputs = [graph.add_constant(f"{group[0].inputs[0].name}_merged", b), x, w]
+        rows = x.spec.shape[0]
+        out = Value(graph.fresh_name(f"{first.outputs[0].name}_merged"),
+                    TensorSpec((rows, w.spec.shape[1]), first.outputs[0].spec.dtype))
+        nodes = [Node(first.op, inputs, {}, [out], first.source)]
+        start = 0
+        for n, wt in zip(group, ws):
+            end = start + wt.shape[1]
+            nodes.append(Node(Op.SLICE_TENSOR, [out], {"dim": 1, "start": start, "end": end,
+                                                       "step": 1}, n.outputs, n.source))
+            start = end
+        replaced[id(group[0])] = nodes
+        removed.update(id(n) for n in group[1:])
+    graph.nodes = [m for n in graph.nodes if id(n) not in removed
+                   for m in replaced.get(id(n), [n])]
+    graph.remove_unused_constants()
+    return graph
 
 
 def fuse_add_layer_norm(graph: Graph) -> Graph:

@@ -36,6 +36,7 @@ from deepseek.ir.graph import Graph
 log = logging.getLogger(__name__)
 
 _MIN_CACHE = 64
+_MAX_PREFILL_GRAPHS = 8
 
 
 class DecoderError(DeepseekError):
@@ -140,6 +141,7 @@ class _Bucket:
         self.cache = [torch.zeros(shape, dtype=p.dtype, device=self.device)
                       for _ in range(2 * layers)]
         self.graph_step = None  # the CUDA graph of one greedy step, made on first use
+        self.prefills: dict[int, tuple] = {}  # prompt length -> (replay, ids, logits)
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits of the last position; the cache updated for ``positions``."""
@@ -149,6 +151,22 @@ class _Bucket:
             for dst, i in zip(self.cache, self.order[1:]):
                 dst.copy_(out[i])
         return out[self.order[0]]
+
+    def _capture(self, body):
+        """``body`` (which writes into the cache) as a CUDA graph: (replay, its result)."""
+        saved = [t.clone() for t in self.cache]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: kernels chosen, workspaces allocated
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = body()
+        for dst, src in zip(self.cache, saved):  # the warm-up wrote into the cache
+            dst.copy_(src)
+        return graph.replay, out
 
     def greedy_graph(self):
         """(replay, ids, pos, tokens): a CUDA graph of step + argmax + bookkeeping. Each
@@ -165,20 +183,27 @@ class _Bucket:
                 ids.copy_(nxt)
                 tokens.index_copy_(1, pos, nxt)
 
-            saved = [t.clone() for t in self.cache]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: kernels chosen, workspaces allocated
-                for _ in range(2):
-                    body()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                body()
-            for dst, src in zip(self.cache, saved):  # warm-up steps wrote into the cache
-                dst.copy_(src)
-            self.graph_step = (graph.replay, ids, pos, tokens)
+            replay, _ = self._capture(body)
+            self.graph_step = (replay, ids, pos, tokens)
         return self.graph_step
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt's step from position 0: on CUDA a graph captured per prompt length
+        (the last _MAX_PREFILL_GRAPHS lengths are kept), elsewhere the plan."""
+        prompt = ids.shape[1]
+        positions = torch.arange(prompt, device=self.device)
+        if self.device.type != "cuda":
+            return self.step(ids, positions)
+        if prompt not in self.prefills:
+            if len(self.prefills) >= _MAX_PREFILL_GRAPHS:
+                del self.prefills[next(iter(self.prefills))]
+            static = ids.clone()
+            replay, logits = self._capture(lambda: self.step(static, positions))
+            self.prefills[prompt] = (replay, static, logits)
+        replay, static, logits = self.prefills[prompt]
+        static.copy_(ids)
+        replay()
+        return logits.clone()  # the next replay overwrites it
 
 
 class CompiledDecoder:
@@ -250,7 +275,7 @@ class CompiledDecoder:
 
         with b.exe.running():
             ids = input_ids.to(b.device, torch.long)
-            nxt = pick(b.step(ids, torch.arange(prompt, device=b.device)))
+            nxt = pick(b.prefill(ids))
             if b.device.type == "cuda" and not do_sample and max_new_tokens > 1:
                 replay, g_ids, g_pos, tokens = b.greedy_graph()
                 g_ids.copy_(nxt)

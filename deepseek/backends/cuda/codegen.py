@@ -21,6 +21,7 @@ than a bf16 rounding step for any |y| > 0.12.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -29,6 +30,7 @@ from deepseek.ir.graph import Node, Value
 from deepseek.ir.ops import Op
 
 _LOW = (torch.bfloat16, torch.float16)
+_RESHAPES = (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE)
 _ADD_RELU = [["add.Tensor", ["$0", "$1"], {}], ["relu.default", ["#0"], {}]]
 
 
@@ -133,7 +135,7 @@ class CUDAEmitter(_Emitter):
                 and out not in g.outputs):
             return None
         act_input, users = out, self.users.get(id(out), [])
-        if len(users) == 1 and users[0].op in (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE):
+        if len(users) == 1 and users[0].op in _RESHAPES:
             act_input = users[0].outputs[0]  # element-wise: the same either side of a reshape
             users = self.users.get(id(act_input), [])
         if len(users) != 1 or act_input in g.outputs:
@@ -144,6 +146,45 @@ class CUDAEmitter(_Emitter):
         self.fused_into[id(users[0])] = self.names[id(act_input)]
         return (f"torch._addmm_activation({self.name(b)}, {self.name(x)}, {self.name(w)}, "
                 f"use_gelu={post[0] == 'gelu'})")
+
+    def add_layer_norm(self, node: Node, ins, attrs) -> str:
+        """The Triton kernel also writes the normalized rows in the dtype a cast of them
+        (directly or through a reshape) wants: bf16 for the next GEMM while the residual
+        stream stays float32; or only in that dtype when the cast is their only reader."""
+        from deepseek.backends.cuda.triton_norm import AddLayerNorm
+
+        y, g = node.outputs[1], self.graph
+        users = self.users.get(id(y), [])
+
+        def cast(n: Node) -> bool:
+            return (n.op is Op.TO_COPY and set(n.attrs) <= {"dtype"} and n.attrs["dtype"] in _LOW
+                    and n.outputs[0] not in g.outputs)
+
+        found = None  # (cast node, reshape node between y and it, or None)
+        for u in users:
+            if cast(u):
+                found = (u, None)
+            elif u.op in _RESHAPES and u.outputs[0] not in g.outputs:
+                after = self.users.get(id(u.outputs[0]), [])
+                if len(after) == 1 and cast(after[0]):
+                    found = (after[0], u)
+            if found:
+                break
+        n = math.prod(attrs["normalized_shape"])
+        if found is None or not AddLayerNorm.supported(n, [v.spec.dtype for v in ins if v is not None]):
+            return super().add_layer_norm(node, ins, attrs)
+        kernel = self.const(AddLayerNorm(n, attrs["eps"]), "triton_add_ln")
+        args = ", ".join(self.name(v) if v is not None else "None" for v in ins)
+        (c, view), dtype = found, self.name(found[0].attrs["dtype"])
+        if len(users) == 1 and y not in g.outputs:  # only the low-precision rows are read
+            self.fused_into[id(c)] = self.names[id(view.outputs[0] if view else y)]
+            return f"{kernel}({args}, y_dtype={dtype})"
+        s_, y_, low = (self.names[id(v)] for v in (node.outputs[0], y, c.outputs[0]))
+        self.lines.append(f"    {s_}, {y_}, {low} = {kernel}({args}, also={dtype})")
+        if view is not None:
+            self.lines.append(f"    {low} = {low}.reshape({list(c.outputs[0].spec.concrete(self.env))})")
+        self.fused_into[id(c)] = low  # assigned here, before the cast's place
+        return f"{s_}, {y_}"
 
     def special(self, index, node, ins, attrs, live) -> str | None:
         if id(node) in self.conv_add_relu:

@@ -19,8 +19,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _add_layer_norm(X, R, W, B, S, Y, N, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _add_layer_norm(X, R, W, B, S, Y, Y2, N, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    HAS_Y2: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -39,6 +39,8 @@ def _add_layer_norm(X, R, W, B, S, Y, N, eps, HAS_W: tl.constexpr, HAS_B: tl.con
     if HAS_B:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if HAS_Y2:  # the normalized row once more, in another dtype (a GEMM's bf16 input)
+        tl.store(Y2 + offs, y.to(Y2.dtype.element_ty), mask=mask)
 
 
 class AddLayerNorm:
@@ -54,16 +56,21 @@ class AddLayerNorm:
         return 0 < n <= _MAX_ROW and all(d in _FLOAT_DTYPES for d in dtypes)
 
     def __call__(self, x: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None,
-                 b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 b: torch.Tensor | None, y_dtype: torch.dtype | None = None,
+                 also: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        """(sum, normalized) and, with ``also``, the normalized rows in that dtype too.
+        ``y_dtype`` overrides the normalized rows' dtype (default: the sum's)."""
         x, r = x.contiguous(), r.contiguous()
         dtype = torch.promote_types(x.dtype, r.dtype)  # a bf16 output into a float32 residual
-        s, y = torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=dtype)
+        s, y = torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=y_dtype or dtype)
+        y2 = torch.empty_like(x, dtype=also) if also is not None else None
         rows = x.numel() // self.n
         if rows:
             _add_layer_norm[(rows,)](x, r, w if w is not None else x, b if b is not None else x,
-                                     s, y, self.n, self.eps, HAS_W=w is not None,
-                                     HAS_B=b is not None, BLOCK=self.block, num_warps=self.warps)
-        return s, y
+                                     s, y, y2 if y2 is not None else y, self.n, self.eps,
+                                     HAS_W=w is not None, HAS_B=b is not None,
+                                     HAS_Y2=y2 is not None, BLOCK=self.block, num_warps=self.warps)
+        return (s, y) if y2 is None else (s, y, y2)
 
 
 @triton.jit
