@@ -1,8 +1,6 @@
 """The CUDA backend's kernel choices, read from the generated plan's source (runs
 without a GPU: generating a plan launches nothing; GPU tests check the numbers)."""
 
-import torch
-
 import deepseek as ds
 from benchmarks.models import BENCHMARK_MODELS
 from deepseek.backends.cpu.codegen import generate_plan

@@ -104,7 +104,6 @@ class _Lowering:
         return torch.float32 if any(x.spec.dtype == torch.float32 for x in acts) else self.low
 
     def lower(self, node: Node) -> None:
-        g = self.graph
         ins = [self.current(x) for x in node.inputs]
         dtype = self.compute_dtype(node, ins)
         if dtype is None:  # inputs as they were
@@ -161,17 +160,15 @@ class _Lowering:
         for node in g.nodes:
             self.lower(node)
         produced = {id(o) for n in g.nodes for o in n.outputs}
-        outputs, back = [], {}
+        back = set()
         for v in g.outputs:
             cur = self.current(v)
-            if cur is not v and id(v) in produced:  # cast back into the original value
-                if id(v) not in back:
-                    cast = _cast(g, cur, v.spec.dtype)
-                    cast.outputs = [v]
-                    self.nodes.append(cast)
-                    back[id(v)] = v
-            outputs.append(v)
-        g.nodes, g.outputs = self.nodes, outputs
+            if cur is not v and id(v) in produced and id(v) not in back:
+                cast = _cast(g, cur, v.spec.dtype)  # cast back into the original value
+                cast.outputs = [v]
+                self.nodes.append(cast)
+                back.add(id(v))
+        g.nodes = self.nodes
         g.remove_unused_constants()
         return g
 

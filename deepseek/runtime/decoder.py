@@ -141,7 +141,7 @@ class _Bucket:
         self.cache = [torch.zeros(shape, dtype=p.dtype, device=self.device)
                       for _ in range(2 * layers)]
         self.graph_step = None  # the CUDA graph of one greedy step, made on first use
-        self.prefills: dict[int, tuple] = {}  # prompt length -> (replay, ids, logits)
+        self.prefills: dict[int, tuple] = {}  # prompt length -> (replay, ids, positions, logits)
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits of the last position; the cache updated for ``positions``."""
@@ -199,8 +199,9 @@ class _Bucket:
                 del self.prefills[next(iter(self.prefills))]
             static = ids.clone()
             replay, logits = self._capture(lambda: self.step(static, positions))
-            self.prefills[prompt] = (replay, static, logits)
-        replay, static, logits = self.prefills[prompt]
+            # the graph reads its inputs where they lay at capture: keep them alive
+            self.prefills[prompt] = (replay, static, positions, logits)
+        replay, static, _, logits = self.prefills[prompt]
         static.copy_(ids)
         replay()
         return logits.clone()  # the next replay overwrites it
