@@ -4,15 +4,13 @@ without a GPU: generating a plan launches nothing; GPU tests check the numbers).
 import deepseek as ds
 from benchmarks.models import BENCHMARK_MODELS
 from deepseek.backends.cpu.codegen import generate_plan
-from deepseek.backends.cuda.codegen import CUDAEmitter
 from deepseek.ir.interpreter import bind_inputs
 
 
 def _cuda_source(name, precision="bf16", **kwargs) -> str:
     model, inputs = BENCHMARK_MODELS[name](**kwargs)
     graph = ds.compile(model.eval(), inputs, backend="cpu", precision=precision).graph
-    return generate_plan(graph, bind_inputs(graph, list(inputs)), "cuda",
-                         emitter=CUDAEmitter).source
+    return generate_plan(graph, bind_inputs(graph, list(inputs)), "cuda").source
 
 
 def test_resnet_convolutions_run_with_cudnn_epilogues():
@@ -47,3 +45,17 @@ def test_layer_norm_writes_the_next_gemms_bf16_input_itself():
     assert len(casts) == 2 and "attention_mask" in casts[0] and "select" in casts[1]
     gpt2 = _cuda_source("gpt2_small", batch=1, seq=16)
     assert gpt2.count("y_dtype=") == 25  # 24 blocks' norms and the final one
+
+
+def test_norms_and_element_wise_chains_run_as_triton_kernels():
+    from tests.model_zoo import ZOO
+
+    def source(name):
+        model, inputs = ZOO[name]()
+        graph = ds.compile(model.eval(), inputs, backend="cpu", precision="bf16").graph
+        return generate_plan(graph, bind_inputs(graph, list(inputs)), "cuda").source
+
+    llama = source("llama_gqa_tiny")  # 2 layers x 2 RMS norms + the final one
+    assert llama.count("triton_rms_norm") == 5 and "k_mean" not in llama
+    unet = source("unet_tiny")  # group norm: CUDA's kernel wants NCHW input
+    assert unet.count("k_group_norm") == 10 and unet.count(".contiguous()") >= 10

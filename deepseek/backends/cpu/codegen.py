@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import functools
-import math
 import re
 import time
 
@@ -277,10 +276,6 @@ class _Emitter:
             method, commutative = _INPLACE_BINARY[op]
             if k == 0 or commutative:
                 return f"{n(ins[k])}.{method}({n(ins[1 - k])})"
-        if k == 0 and op is Op.INDEX_PUT and self.device != "cpu":
-            fused = self.kv_write(index, node, ins)
-            if fused is not None:
-                return fused
         if k == 0 and op in _UPDATE_INPLACE:  # e.g. a KV cache updated where it lies
             args, kwargs = node.opdef.call_args([n(x) for x in ins],
                                                 {key: n(a) for key, a in attrs.items()})
@@ -289,29 +284,12 @@ class _Emitter:
             return f"{fn}({', '.join(args)})"
         if op is Op.ADD_LAYER_NORM:
             return self.add_layer_norm(node, ins, attrs)
-        if op is Op.FUSED_RMS_NORM and self.device != "cpu":
-            from deepseek.backends.cuda.triton_norm import RMSNorm
-
-            x, w = ins
-            n = x.spec.concrete(self.env)[-1]
-            if RMSNorm.supported(n, [v.spec.dtype for v in ins if v is not None]):
-                kernel = self.const(RMSNorm(n, attrs["eps"]), "triton_rms_norm")
-                return f"{kernel}({self.name(x)}, {self.name(w) if w is not None else None})"
         if op in (Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR):
             quantize = self.quantize(node, ins, attrs)
             if quantize is not None:
                 return quantize
         if op is Op.FUSED_POINTWISE:
-            if self.device != "cpu":
-                kernel = self.triton_kernel(node, ins)
-                if kernel is not None:
-                    return kernel
             return self.fused_chain(node, ins)
-        if op is Op.NATIVE_GROUP_NORM and self.device != "cpu":  # CUDA's kernel wants NCHW
-            d = node.opdef
-            args, kwargs = d.call_args([f"{n(ins[0])}.contiguous()"] + [n(v) for v in ins[1:]],
-                                       {k: n(a) for k, a in attrs.items()})
-            return f"{self.const(d.overload._op, 'k_group_norm')}({', '.join(args)})"
         if op in (Op.ADDMM, Op.MM, Op.MATMUL) and self.device == "cpu":
             fused = self.const_gemm(node, ins, attrs)
             if fused is not None:
@@ -350,37 +328,6 @@ class _Emitter:
             return f"torch.softmax({n(ins[0])}, {attrs['dim']})"
         return None
 
-    def kv_write(self, index: int, node: Node, ins) -> str | None:
-        """This in-place cache write and a later one at the same positions (a layer's keys
-        and values) as one Triton kernel; the partner's statement then names its cache."""
-        from deepseek.backends.cuda.triton_kv import KVWrite
-
-        def parts(n):  # (cache, positions, new rows) of a plain write along dim 2
-            if n.attrs.get("accumulate") or len(n.inputs) != 5 or n.inputs[1] is not None \
-                    or n.inputs[2] is not None or not isinstance(n.inputs[3], Value):
-                return None  # inputs: cache, the indices [None, None, positions], new rows
-            return n.inputs[0], n.inputs[3], n.inputs[4]
-
-        mine = parts(node)
-        if mine is None:
-            return None
-        cache, idx, new = mine
-        made = self.position()
-        for other in self.graph.nodes[index + 1:index + 8]:
-            theirs = parts(other) if other.op is Op.INDEX_PUT and other.reuse == 0 else None
-            if theirs is None or theirs[1] is not idx or theirs[0].spec != cache.spec \
-                    or theirs[2].spec != new.spec or len(self.users.get(id(theirs[0]), [])) != 1 \
-                    or any(made.get(id(v), -1) >= index for v in other.input_values()):
-                continue
-            if not KVWrite.supported(cache.spec.shape, new.spec.shape,
-                                     [cache.spec.dtype, new.spec.dtype]):
-                return None
-            self.fused_into[id(other)] = self.name(theirs[0])
-            kernel = self.const(KVWrite(), "triton_kv")
-            return (f"{kernel}({self.name(cache)}, {self.name(theirs[0])}, {self.name(idx)}, "
-                    f"{self.name(new)}, {self.name(theirs[2])})")
-        return None
-
     def quantize(self, node: Node, ins, attrs) -> str | None:
         """Per-tensor quantization with constant parameters as one multiply and three
         in-place steps: the reference's arithmetic (``clamp(round(x * (1 / scale)) + zp)``
@@ -407,33 +354,12 @@ class _Emitter:
         return self._position
 
     def add_layer_norm(self, node: Node, ins, attrs) -> str:
-        """Residual add + layer norm: one Triton kernel on GPUs, PyTorch's two on the CPU."""
+        """Residual add + layer norm: PyTorch's two kernels (GPU backends: one kernel)."""
         x, r, w, b = (self.name(v) if v is not None else "None" for v in ins)
         shape = list(attrs["normalized_shape"])
-        n = math.prod(shape)
-        if self.device != "cpu":
-            from deepseek.backends.cuda.triton_norm import AddLayerNorm
-
-            dtypes = [v.spec.dtype for v in ins if v is not None]
-            if AddLayerNorm.supported(n, dtypes):
-                kernel = self.const(AddLayerNorm(n, attrs["eps"]), "triton_add_ln")
-                return f"{kernel}({x}, {r}, {w}, {b})"
         s = self.names[id(node.outputs[0])]
         return (f"({s} := torch.add({x}, {r})), "
                 f"torch.layer_norm({s}, {shape}, {w}, {b}, {attrs['eps']!r})")
-
-    def triton_kernel(self, node: Node, ins) -> str | None:
-        """A fused element-wise node as one generated Triton kernel (GPU backends)."""
-        from deepseek.backends.cuda.triton_pointwise import PointwiseKernel
-
-        meta = [torch.empty(v.spec.concrete(self.env), dtype=v.spec.dtype, device="meta")
-                if isinstance(v, Value) else v for v in ins]
-        out = node.outputs[0].spec
-        program = node.attrs["program"]
-        if not PointwiseKernel.supported(program, meta, out.dtype):
-            return None
-        kernel = PointwiseKernel(program, meta, out.concrete(self.env), out.dtype)
-        return f"{self.const(kernel, 'triton')}({', '.join(self.name(v) for v in ins)})"
 
     def fused_chain(self, node: Node, ins) -> str:
         """A fused element-wise kernel as a chain of PyTorch ops, each step after the
@@ -612,9 +538,10 @@ class _Emitter:
         with the copy to channels-last the pool would make."""
         x, w, b = ins
         g = self.graph
+        dtype = x.spec.dtype
         if (attrs["transposed"] or len(attrs["stride"]) != 2 or not g.is_constant(w)
-                or (b is not None and not g.is_constant(b)) or x.spec.dtype != torch.float32
-                or w.spec.dtype != torch.float32):
+                or (b is not None and not g.is_constant(b))
+                or dtype not in (torch.float32, torch.bfloat16) or w.spec.dtype != dtype):
             return None
         shape = list(x.spec.concrete(self.env))
         a = attrs
@@ -626,7 +553,7 @@ class _Emitter:
                     weight.to_mkldnn(), a["padding"], a["stride"], a["dilation"], a["groups"], shape)
             except RuntimeError:
                 pass
-        gather = self.gather_conv(node, x, w, b, a, shape)
+        gather = self.gather_conv(node, x, w, b, a, shape) if dtype == torch.float32 else None
         if packed is None and gather is None:
             return None
         post, scalars, algo = "none", [], ""
@@ -637,7 +564,7 @@ class _Emitter:
         if fuse:
             post, scalars, algo = _CONV_POST_OPS[users[0].op]
         bias = g.constants[b.name] if b is not None else None
-        xr = torch.randn(shape)
+        xr = torch.randn(shape, dtype=dtype)
         xcl = xr.contiguous(memory_format=torch.channels_last)
         to_cl = self.wants_cl(out)
 
@@ -747,8 +674,8 @@ class _Emitter:
         return run, emit
 
     def gemm_operands(self, node: Node, attrs) -> tuple | None:
-        """(x, w, b) of a float32 GEMM with a constant (K, N) weight (and a constant bias of
-        N, or None) that the CPU backend lays out itself, or None for ATen's generic call."""
+        """(x, w, b) of a float32 or bf16 GEMM with a constant (K, N) weight (and a constant
+        bias of N, or None) that the CPU backend lays out itself, or None for ATen's call."""
         g = self.graph
         ins = node.inputs
         if node.op is Op.ADDMM:
@@ -759,17 +686,18 @@ class _Emitter:
             (x, w), b = ins, None
         else:
             return None
-        if not (isinstance(x, Value) and g.is_constant(w) and x.spec.dtype == torch.float32
-                and w.spec.dtype == torch.float32 and x.spec.rank >= 2 and w.spec.rank == 2
+        dtype = x.spec.dtype if isinstance(x, Value) else None
+        if not (isinstance(x, Value) and g.is_constant(w) and dtype in (torch.float32, torch.bfloat16)
+                and w.spec.dtype == dtype and x.spec.rank >= 2 and w.spec.rank == 2
                 and (x.spec.rank == 2 or node.op is Op.MATMUL)):
             return None
         if b is not None and not (g.is_constant(b) and b.spec.shape == (w.spec.shape[1],)
-                                  and b.spec.dtype == torch.float32):
+                                  and b.spec.dtype == dtype):
             return None
         return x, w, b
 
     def const_gemm(self, node: Node, ins, attrs) -> str | None:
-        """A float32 GEMM with a constant weight, through the fastest of (measured for
+        """A float32/bf16 GEMM with a constant weight, through the fastest of (measured for
         this shape): oneDNN's linear on a weight in its own blocked layout (2-3x MKL's
         sgemm on AMD CPUs for big GEMMs); ATen's addmm/mm; and, for a few rows (batch-1
         GEMV, which MKL runs on one thread), a batched GEMM over the weight's columns
@@ -789,8 +717,8 @@ class _Emitter:
         bias = self.constants[b.name] if b is not None else None
         bname = self.name(b) if b is not None else "None"
         shape = x.spec.concrete(self.env)  # (..., K): leading dims fold into the GEMM's rows
-        rows = -(-x.spec.nbytes(self.env) // 4 // k)
-        xr = torch.randn(rows, k)
+        rows = -(-x.spec.nbytes(self.env) // x.spec.dtype.itemsize // k)
+        xr = torch.randn(rows, k, dtype=x.spec.dtype)
         wname = self.const(wt, "wperm") if nhwc is not None else self.name(w)
         t = torch.get_num_threads()
 
@@ -1025,16 +953,20 @@ def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset
 
 def generate_plan(graph: Graph, env: Mapping[str, int], device: str = "cpu",
                   instrument: Callable[[int], object] | None = None,
-                  constants: Mapping[str, torch.Tensor] | None = None,
-                  emitter: type | None = None) -> Callable:
+                  constants: Mapping[str, torch.Tensor] | None = None) -> Callable:
     """Compile ``graph`` for the symbol bindings ``env`` into ``plan(inputs) -> outputs``.
 
     With ``instrument``, the plan calls ``instrument(i)`` just before node i and
     ``instrument(len(graph.nodes))`` after the last (the profiler's clock); without
     it the code is exactly the plain plan. ``plan.instrumented(hook)`` makes such a
     twin of a plan that already exists, with the same kernels and packed weights.
-    ``constants`` replaces the graph's weights (e.g. copies on the backend's device);
-    ``emitter`` is a backend's subclass of the code generator (its own kernel choices).
+    ``constants`` replaces the graph's weights (e.g. copies on the backend's device).
+    Devices other than the CPU get the CUDA backend's kernel choices
+    (``deepseek.backends.cuda.codegen``).
     """
-    plan = (emitter or _Emitter)(graph, env, device, constants).generate()
+    if device == "cpu":
+        emitter = _Emitter
+    else:  # CUDA devices (ROCm builds too): the CUDA backend's kernel choices
+        from deepseek.backends.cuda.codegen import CUDAEmitter as emitter
+    plan = emitter(graph, env, device, constants).generate()
     return plan if instrument is None else plan.instrumented(instrument)

@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 
 from deepseek.backends.cpu.codegen import generate_plan
-from deepseek.backends.cuda.codegen import CUDAEmitter
 from deepseek.backends.hal import Backend, Capabilities
 from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
@@ -78,8 +77,7 @@ class CUDAExecutable:
         if plan is None:
             env = bind_inputs(self.graph, inputs)
             plan = self.plans[key] = generate_plan(self.graph, env, str(self.device),
-                                                   constants=self.constants, instrument=self.hook,
-                                                   emitter=CUDAEmitter)
+                                                   constants=self.constants, instrument=self.hook)
         return plan
 
     def _runner(self, inputs: Sequence[torch.Tensor]):

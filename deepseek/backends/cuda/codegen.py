@@ -1,5 +1,8 @@
 """The CUDA backend's kernel choices on top of the shared plan generator.
 
+Fused element-wise programs, residual add + layer norm, RMS norm and a layer's
+key/value cache writes run as Triton kernels (``triton_*.py``).
+
 Convolutions run through cuDNN on channels-last activations and weights. In
 bf16/fp16, a convolution's epilogue runs inside cuDNN's fused kernels:
 
@@ -26,6 +29,9 @@ import math
 import torch
 
 from deepseek.backends.cpu.codegen import _Emitter, _epilogue
+from deepseek.backends.cuda.triton_kv import KVWrite
+from deepseek.backends.cuda.triton_norm import AddLayerNorm, RMSNorm
+from deepseek.backends.cuda.triton_pointwise import PointwiseKernel
 from deepseek.ir.graph import Node, Value
 from deepseek.ir.ops import Op
 
@@ -148,11 +154,10 @@ class CUDAEmitter(_Emitter):
                 f"use_gelu={post[0] == 'gelu'})")
 
     def add_layer_norm(self, node: Node, ins, attrs) -> str:
-        """The Triton kernel also writes the normalized rows in the dtype a cast of them
-        (directly or through a reshape) wants: bf16 for the next GEMM while the residual
-        stream stays float32; or only in that dtype when the cast is their only reader."""
-        from deepseek.backends.cuda.triton_norm import AddLayerNorm
-
+        """One Triton kernel. It also writes the normalized rows in the dtype a cast of
+        them (directly or through a reshape) wants: bf16 for the next GEMM while the
+        residual stream stays float32; or only in that dtype when the cast is their only
+        reader."""
         y, g = node.outputs[1], self.graph
         users = self.users.get(id(y), [])
 
@@ -171,10 +176,12 @@ class CUDAEmitter(_Emitter):
             if found:
                 break
         n = math.prod(attrs["normalized_shape"])
-        if found is None or not AddLayerNorm.supported(n, [v.spec.dtype for v in ins if v is not None]):
+        if not AddLayerNorm.supported(n, [v.spec.dtype for v in ins if v is not None]):
             return super().add_layer_norm(node, ins, attrs)
         kernel = self.const(AddLayerNorm(n, attrs["eps"]), "triton_add_ln")
         args = ", ".join(self.name(v) if v is not None else "None" for v in ins)
+        if found is None:
+            return f"{kernel}({args})"
         (c, view), dtype = found, self.name(found[0].attrs["dtype"])
         if len(users) == 1 and y not in g.outputs:  # only the low-precision rows are read
             self.fused_into[id(c)] = self.names[id(view.outputs[0] if view else y)]
@@ -186,11 +193,72 @@ class CUDAEmitter(_Emitter):
         self.fused_into[id(c)] = low  # assigned here, before the cast's place
         return f"{s_}, {y_}"
 
+    def kv_write(self, index: int, node: Node, ins) -> str | None:
+        """This in-place cache write and a later one at the same positions (a layer's keys
+        and values) as one Triton kernel; the partner's statement then names its cache."""
+        def parts(n):  # (cache, positions, new rows) of a plain write along dim 2
+            if n.attrs.get("accumulate") or len(n.inputs) != 5 or n.inputs[1] is not None \
+                    or n.inputs[2] is not None or not isinstance(n.inputs[3], Value):
+                return None  # inputs: cache, the indices [None, None, positions], new rows
+            return n.inputs[0], n.inputs[3], n.inputs[4]
+
+        mine = parts(node)
+        if mine is None:
+            return None
+        cache, idx, new = mine
+        made = self.position()
+        for other in self.graph.nodes[index + 1:index + 8]:
+            theirs = parts(other) if other.op is Op.INDEX_PUT and other.reuse == 0 else None
+            if theirs is None or theirs[1] is not idx or theirs[0].spec != cache.spec \
+                    or theirs[2].spec != new.spec or len(self.users.get(id(theirs[0]), [])) != 1 \
+                    or any(made.get(id(v), -1) >= index for v in other.input_values()):
+                continue
+            if not KVWrite.supported(cache.spec.shape, new.spec.shape,
+                                     [cache.spec.dtype, new.spec.dtype]):
+                return None
+            self.fused_into[id(other)] = self.name(theirs[0])
+            kernel = self.const(KVWrite(), "triton_kv")
+            return (f"{kernel}({self.name(cache)}, {self.name(theirs[0])}, {self.name(idx)}, "
+                    f"{self.name(new)}, {self.name(theirs[2])})")
+        return None
+
+    def triton_kernel(self, node: Node, ins) -> str | None:
+        """A fused element-wise node as one generated Triton kernel (GPU backends)."""
+        meta = [torch.empty(v.spec.concrete(self.env), dtype=v.spec.dtype, device="meta")
+                if isinstance(v, Value) else v for v in ins]
+        out = node.outputs[0].spec
+        program = node.attrs["program"]
+        if not PointwiseKernel.supported(program, meta, out.dtype):
+            return None
+        kernel = PointwiseKernel(program, meta, out.concrete(self.env), out.dtype)
+        return f"{self.const(kernel, 'triton')}({', '.join(self.name(v) for v in ins)})"
+
     def special(self, index, node, ins, attrs, live) -> str | None:
+        op = node.op
         if id(node) in self.conv_add_relu:
             conv, z = self.conv_add_relu[id(node)]
             self.cl.add(id(node.outputs[0]))
             return self.add_relu_call(conv, z)
+        if op is Op.INDEX_PUT and node.reuse == 0:
+            fused = self.kv_write(index, node, ins)
+            if fused is not None:
+                return fused
+        if op is Op.FUSED_POINTWISE:
+            kernel = self.triton_kernel(node, ins)
+            if kernel is not None:
+                return kernel
+        if op is Op.FUSED_RMS_NORM:
+            x, w = ins
+            n = x.spec.concrete(self.env)[-1]
+            if RMSNorm.supported(n, [v.spec.dtype for v in ins if v is not None]):
+                kernel = self.const(RMSNorm(n, attrs["eps"]), "triton_rms_norm")
+                return f"{kernel}({self.name(x)}, {self.name(w) if w is not None else None})"
+        if op is Op.NATIVE_GROUP_NORM:  # CUDA's kernel wants NCHW
+            d = node.opdef
+            args, kwargs = d.call_args([f"{self.name(ins[0])}.contiguous()"]
+                                       + [self.name(v) for v in ins[1:]],
+                                       {k: self.name(a) for k, a in attrs.items()})
+            return f"{self.const(d.overload._op, 'k_group_norm')}({', '.join(args)})"
         if node.op is Op.CONVOLUTION:
             call = self.convolution(node, attrs)
             if call is not None:
