@@ -255,7 +255,7 @@ class CUDAEmitter(_Emitter):
                 return f"{kernel}({self.name(x)}, {self.name(w) if w is not None else None})"
         if op is Op.NATIVE_GROUP_NORM:  # CUDA's kernel wants NCHW
             d = node.opdef
-            args, kwargs = d.call_args([f"{self.name(ins[0])}.contiguous()"]
+            args, _ = d.call_args([f"{self.name(ins[0])}.contiguous()"]
                                        + [self.name(v) for v in ins[1:]],
                                        {k: self.name(a) for k, a in attrs.items()})
             return f"{self.const(d.overload._op, 'k_group_norm')}({', '.join(args)})"
