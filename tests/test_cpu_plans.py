@@ -321,3 +321,36 @@ def test_quantize_per_tensor_code_is_bitwise_the_reference(overload, dtype, qmin
     want = qd.quantize_per_tensor(values, scale, zp, qmin, qmax, dtype)
     assert got.dtype == dtype and torch.equal(got, want)
     assert "round_()" in next(iter(engine._parts[0].executable.plans.values())).source
+
+
+class _Bottleneck(nn.Module):
+    """A ResNet block with a downsample: the residual convolution runs after the main
+    path's last convolution in the captured order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.down = nn.Conv2d(8, 32, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.down(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 1e-2)])
+def test_conv_residual_add_relu_is_one_onednn_call(precision, tol):
+    torch.manual_seed(0)
+    model = _Bottleneck().eval()
+    for bn in (model.bn1, model.bn2):  # not the identity: BN folding must be exercised
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 8, 12, 12)
+    engine = ds.compile(model, (x,), backend="cpu", precision=precision)
+    got = engine(x)
+    source = next(iter(engine._parts[0].executable.plans.values())).source
+    assert source.count("_convolution_pointwise.binary(") == int(codegen._ONEDNN)
+    with torch.no_grad():
+        assert rel_l2(got, model(x)) < tol

@@ -56,6 +56,9 @@ _MONOTONE_FNS = {Op.RELU: (torch.relu_, lambda x, o: torch.clamp_min(x, 0, out=o
                  Op.TANH: (torch.tanh_, lambda x, o: torch.tanh(x, out=o)),
                  Op.EXP: (torch.exp_, lambda x, o: torch.exp(x, out=o))}
 
+# a fused element-wise program adding its two inputs, then ReLU (a ResNet block's end)
+_ADD_RELU = [("add.Tensor", ["$0", "$1"], {}), ("relu.default", ["#0"], {})]
+
 # plan buffers (out= kernels writing memory allocated once per plan) only for tensors
 # this small: above it an allocation is noise next to the kernel that fills it
 _BUFFER_MAX_BYTES = 1 << 20
@@ -212,6 +215,8 @@ class _Emitter:
         self.hosted: dict[int, Node] = {}  # node id -> the later node whose statement runs it
         # nodes whose statement moves to a later node's (their inputs live until then)
         self.deferred: dict[int, Node] = {}
+        self.conv_add_relu: dict[int, tuple[Node, Value]] = {}  # host id -> (conv, residual)
+        self.packed: dict[int, torch.Tensor] = {}  # conv id -> its oneDNN-packed weight
         self.buffers: list[tuple] = []  # (shape, dtype, format, views, zero) of each plan buffer
         self.buffer_free: list[int] = []  # index of the last node reading each buffer so far
         self.index = {id(o): i for i, n in enumerate(graph.nodes) for o in n.outputs}
@@ -288,6 +293,9 @@ class _Emitter:
             quantize = self.quantize(node, ins, attrs)
             if quantize is not None:
                 return quantize
+        if id(node) in self.conv_add_relu:
+            self.cl.add(id(out))
+            return self.conv_residual(*self.conv_add_relu[id(node)])
         if op is Op.FUSED_POINTWISE:
             return self.fused_chain(node, ins)
         if op in (Op.ADDMM, Op.MM, Op.MATMUL) and self.device == "cpu":
@@ -832,8 +840,70 @@ class _Emitter:
         self.nhwc_rows[id(out)] = tuple(shape[1:])
         return self.name(x)  # still [N, C, H, W]: the GEMM flattens it (see above)
 
+    def producer(self, v) -> Node | None:
+        i = self.index.get(id(v)) if isinstance(v, Value) else None
+        return self.graph.nodes[i] if i is not None else None
+
+    def find_conv_residuals(self, fusable: Callable[[Node | None], bool]) -> None:
+        """Convolution + residual add + ReLU (a ResNet block's end: a fused element-wise
+        node adding a convolution read only there and another tensor of its shape, then
+        ReLU) for one fused kernel: the convolution's statement moves to the add's, as
+        the residual may be computed after it (the block's downsample)."""
+        for node in self.graph.nodes:
+            if node.op is not Op.FUSED_POINTWISE or parse_program(node.attrs["program"]) != _ADD_RELU:
+                continue
+            out = node.outputs[0]
+            for a, z in (node.inputs, node.inputs[::-1]):
+                conv = self.producer(a)
+                if fusable(conv) and isinstance(z, Value) and z is not a \
+                        and z.spec == a.spec == out.spec and self._inputs_kept(conv, node):
+                    self.deferred[id(conv)] = node
+                    self.conv_add_relu[id(node)] = (conv, z)
+                    break
+
+    def _inputs_kept(self, conv: Node, host: Node) -> bool:
+        """Whether no node between ``conv`` and ``host`` overwrites one of conv's inputs."""
+        ins = {id(v) for v in conv.input_values()}
+        for n in self.graph.nodes[self.index[id(conv)] + 1:self.index[id(host)]]:
+            if n.reuse is not None and id(n.inputs[n.reuse]) in ins:
+                return False
+        return True
+
+    def onednn_conv(self, node: Node | None) -> bool:
+        """A 2-D float32/bf16 convolution with a constant weight that oneDNN packs (the
+        packed weight kept in ``self.packed``), read by one node only."""
+        if node is None or node.op is not Op.CONVOLUTION or not _ONEDNN:
+            return False
+        x, w, b = node.inputs
+        a, out, g = node.attrs, node.outputs[0], self.graph
+        if not (len(a["stride"]) == 2 and not a["transposed"] and g.is_constant(w)
+                and (b is None or g.is_constant(b)) and isinstance(x, Value)
+                and x.spec.dtype in (torch.float32, torch.bfloat16) and w.spec.dtype == x.spec.dtype
+                and len(self.users.get(id(out), [])) == 1 and out not in g.outputs):
+            return False
+        a = {k: bind(v, self.env) for k, v in a.items()}
+        try:
+            self.packed[id(node)] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                self.constants[w.name].to_mkldnn(), a["padding"], a["stride"], a["dilation"],
+                a["groups"], list(x.spec.concrete(self.env)))
+        except RuntimeError:
+            return False
+        return True
+
+    def conv_residual(self, conv: Node, z: Value) -> str:
+        """oneDNN's convolution with the residual add and ReLU as post-ops: one pass over
+        the output instead of the convolution's and the add's (measured on ResNet-50's
+        64->256 1x1 layer at 56x56: 248 us against 682 us in float32)."""
+        b = conv.inputs[2]
+        a = {k: bind(v, self.env) for k, v in conv.attrs.items()}
+        return (f"torch.ops.mkldnn._convolution_pointwise.binary({self.as_cl(conv.inputs[0])}, "
+                f"{self.as_cl(z)}, {self.const(self.packed[id(conv)], 'packed')}, "
+                f"{self.name(b) if b is not None else None}, {a['padding']}, {a['stride']}, "
+                f"{a['dilation']}, {a['groups']}, 'add', None, 'relu', [], '')")
+
     def prepare(self) -> None:
         """Decisions that span nodes, made before any statement (backends extend it)."""
+        self.find_conv_residuals(self.onednn_conv)
 
     def generate(self) -> Callable:
         g = self.graph

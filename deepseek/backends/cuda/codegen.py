@@ -23,7 +23,6 @@ than a bf16 rounding step for any |y| > 0.12.
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -37,7 +36,6 @@ from deepseek.ir.ops import Op
 
 _LOW = (torch.bfloat16, torch.float16)
 _RESHAPES = (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE)
-_ADD_RELU = [["add.Tensor", ["$0", "$1"], {}], ["relu.default", ["#0"], {}]]
 
 
 class CUDAEmitter(_Emitter):
@@ -45,14 +43,9 @@ class CUDAEmitter(_Emitter):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.conv_add_relu: dict[int, tuple[Node, Value]] = {}  # host id -> (conv, residual)
         self.bias_moved: dict[int, Node] = {}  # conv id -> the conv whose call adds its bias
 
     # --- decisions spanning nodes -------------------------------------------
-    def producer(self, v) -> Node | None:
-        i = self.index.get(id(v)) if isinstance(v, Value) else None
-        return self.graph.nodes[i] if i is not None else None
-
     def fusable_conv(self, node: Node | None) -> bool:
         """A 2-D convolution that cuDNN's fused kernels can run, read by one node only."""
         if node is None or node.op is not Op.CONVOLUTION:
@@ -65,32 +58,14 @@ class CUDAEmitter(_Emitter):
                 and len(self.users.get(id(out), [])) == 1 and out not in g.outputs)
 
     def prepare(self) -> None:
-        """Find convolution + residual add + ReLU: the convolution's statement moves to the
-        add's (its residual may be computed after it)."""
-        for node in self.graph.nodes:
-            if node.op is not Op.FUSED_POINTWISE or json.loads(node.attrs["program"]) != _ADD_RELU:
-                continue
-            out = node.outputs[0]
-            for a, z in (node.inputs, node.inputs[::-1]):
-                conv = self.producer(a)
-                if not (self.fusable_conv(conv) and isinstance(z, Value) and z is not a
-                        and z.spec == a.spec == out.spec) or not self._inputs_kept(conv, node):
-                    continue
-                self.deferred[id(conv)] = node
-                self.conv_add_relu[id(node)] = (conv, z)
-                other = self.producer(z)
-                if self.fusable_conv(other) and other.inputs[2] is not None \
-                        and id(other) not in self.deferred:
-                    self.bias_moved[id(other)] = conv
-                break
-
-    def _inputs_kept(self, conv: Node, host: Node) -> bool:
-        """Whether no node between ``conv`` and ``host`` overwrites one of conv's inputs."""
-        ins = {id(v) for v in conv.input_values()}
-        for n in self.graph.nodes[self.index[id(conv)] + 1:self.index[id(host)]]:
-            if n.reuse is not None and id(n.inputs[n.reuse]) in ins:
-                return False
-        return True
+        """Convolution + residual add + ReLU as one cuDNN call (``find_conv_residuals``);
+        a downsample convolution read only there leaves its bias to that call."""
+        self.find_conv_residuals(self.fusable_conv)
+        for conv, z in self.conv_add_relu.values():
+            other = self.producer(z)
+            if self.fusable_conv(other) and other.inputs[2] is not None \
+                    and id(other) not in self.deferred:
+                self.bias_moved[id(other)] = conv
 
     # --- statements -----------------------------------------------------------
     def weight(self, conv: Node) -> str:
