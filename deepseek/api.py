@@ -16,7 +16,7 @@ from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
 from deepseek.ir.verify import verify
 from deepseek.passes import optimize_graph, pipeline, run_passes
-from deepseek.passes.precision import PRECISION_DTYPES, map_to_tensorcore
+from deepseek.passes.precision import PRECISION_DTYPES, map_to_fp8, map_to_tensorcore
 from deepseek.runtime.artifact import load_artifact
 from deepseek.runtime.engine import Engine, Report
 from deepseek.runtime.plan import bytes_moved, plan_memory
@@ -62,9 +62,6 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
     """
     if precision not in PRECISIONS:
         raise DeepseekError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp8":
-        raise DeepseekError("precision='fp8' needs the CUDA fp8 GEMM lowering, which this version "
-                            "does not have; use 'bf16', 'fp16', 'tf32', 'fp32' or 'int8'")
     if isinstance(model, (str, os.PathLike)):
         if not str(model).endswith(".onnx"):
             raise DeepseekError(f"cannot compile {model}: give an nn.Module, a Graph or a .onnx file "
@@ -107,14 +104,15 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
     concrete = not graph.inputs or env or all(v.spec.is_static for v in graph.inputs)
     b = get_backend(backend)
     passes = list(pipeline(opt_level, graph))
-    if precision in PRECISION_DTYPES:
+    if precision in PRECISION_DTYPES or precision == "fp8":
         # stage 3 after the clean-up (weights folded in float32), before fusion (which
-        # then sees the final dtypes)
+        # then sees the final dtypes); fp8: GEMMs in fp8, the rest as in bf16
         target = b.capabilities().device.split(":")[0]
-        lower = functools.partial(map_to_tensorcore, precision=precision, target=target)
+        lower = functools.partial(map_to_tensorcore, target=target,
+                                  precision="bf16" if precision == "fp8" else precision)
         lower.__name__ = "map_to_tensorcore"
         at = next((i for i, p in enumerate(passes) if p.__name__ in _AFTER_PRECISION), len(passes))
-        passes.insert(at, lower)
+        passes[at:at] = [lower, map_to_fp8] if precision == "fp8" else [lower]
     optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
     report = Report(passes=[r.to_dict() for r in records], backend="", opt_level=opt_level,
                     nodes={"unoptimized": len(graph.nodes), "optimized": len(optimized.nodes)})

@@ -31,8 +31,6 @@ def test_fp16_and_unknown_precisions():
     engine = ds.compile(model, inputs, backend="cpu", precision="fp16")
     assert any(n.op is Op.TO_COPY for n in engine.graph.nodes)
     assert rel_l2(engine(*inputs), model(*inputs)) < 1e-2
-    with pytest.raises(ds.DeepseekError, match="fp8"):
-        ds.compile(model, inputs, backend="cpu", precision="fp8")
     with pytest.raises(ds.DeepseekError, match="precision must be one of"):
         ds.compile(model, inputs, backend="cpu", precision="int4")
 
@@ -83,3 +81,62 @@ def test_bf16_output_dtypes_and_inputs_cast_once():
     assert engine.graph.nodes[0].op is Op.TO_COPY
     assert all(t.dtype == torch.bfloat16 for t in engine.graph.constants.values()
                if t.dtype.is_floating_point)
+
+
+def test_fp8_linear_matches_a_float_gemm_within_fp8_error():
+    from deepseek.ir.fused import FP8_MAX, fp8_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 64, dtype=torch.bfloat16)  # rows: not a multiple of 16
+    w, b = torch.randn(48, 64) * 0.1, torch.randn(48, dtype=torch.bfloat16)
+    scale = w.abs().amax(1) / FP8_MAX
+    q = (w / scale[:, None]).to(torch.float8_e4m3fn)
+    y = fp8_linear(x, q, scale, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (37, 48)
+    ref = x.float() @ w.t() + b.float()
+    assert rel_l2(y.float(), ref) < 4e-2  # e4m3 keeps 3 mantissa bits: ~2-3% per GEMM
+    # the activation's scale is per row: a row 1000x larger does not coarsen the others
+    x[0] *= 1000
+    y = fp8_linear(x, q, scale, b)
+    ref = x.float() @ w.t() + b.float()
+    assert rel_l2(y[1:].float(), ref[1:]) < 4e-2
+
+
+def test_fp8_precision_runs_gemms_in_fp8_and_the_rest_in_bf16(tmp_path):
+    model, inputs = ZOO["bert_tiny_padded"]()
+    engine = ds.compile(model, inputs, backend="cpu", precision="fp8")
+    names = [p["name"] for p in engine.report().passes]
+    assert names.index("map_to_fp8") == names.index("map_to_tensorcore") + 1
+    fp8 = [n for n in engine.graph.nodes if n.op is Op.FP8_LINEAR]
+    assert fp8 and not any(n.op in (Op.ADDMM, Op.MM) for n in engine.graph.nodes)
+    assert all(n.inputs[1].spec.dtype == torch.float8_e4m3fn for n in fp8)
+    with torch.no_grad():
+        ref = tree_leaves(model(*inputs))[0]
+    got = tree_leaves(engine(*inputs))[0]
+    assert got.dtype == torch.float32 and rel_l2(got, ref) < 2e-2
+    engine.save(tmp_path / "fp8.dsk")  # float8 weights in the artifact
+    assert torch.equal(tree_leaves(ds.load(str(tmp_path / "fp8.dsk"))(*inputs))[0], got)
+    with pytest.raises(ds.UnsupportedOpError, match="fp8_linear"):
+        engine.export_onnx(str(tmp_path / "fp8.onnx"))
+
+
+def test_fp8_leaves_gemms_fp8_tensor_cores_cannot_take_in_bf16():
+    # MobileNetV2-tiny's classifier: a GEMM whose sizes are not multiples of 16
+    model, inputs = ZOO["mobilenetv2_tiny"]()
+    engine = ds.compile(model, inputs, backend="cpu", precision="fp8")
+    gemms = [n for n in engine.graph.nodes if n.op is Op.ADDMM]
+    assert gemms and all(n.outputs[0].spec.dtype == torch.bfloat16 for n in gemms)
+    assert not any(n.op is Op.FP8_LINEAR for n in engine.graph.nodes)
+
+
+def test_fp8_gemm_flops_are_counted_as_the_gemms_they_replace():
+    from deepseek.profiler.flops import node_flops
+
+    model, inputs = ZOO["bert_tiny_padded"]()
+    fp8 = ds.compile(model, inputs, backend="cpu", precision="fp8").graph
+    bf16 = ds.compile(model, inputs, backend="cpu", precision="bf16").graph
+
+    def gemm_flops(graph, ops):
+        return sum(node_flops(n, {}) for n in graph.nodes if n.op in ops)
+
+    assert gemm_flops(fp8, (Op.FP8_LINEAR,)) == gemm_flops(bf16, (Op.ADDMM,)) > 0

@@ -93,3 +93,28 @@ def fused_rms_norm(x, weight, eps):
 
 _LIB.impl("fused_rms_norm", fused_rms_norm, "CompositeExplicitAutograd")
 _LIB.impl("fused_rms_norm", fused_rms_norm, "Meta")
+
+# A GEMM in fp8 (e4m3) on tensor cores: the weight quantized once with a scale per output
+# channel, the activation per row at run time (amax / 448), one scaled GEMM with the bias
+# in its epilogue, the result in the activation's dtype. precision="fp8" makes these.
+_LIB.define("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor")
+FP8_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+def fp8_linear(x, weight, weight_scale, bias):
+    """``x @ dequant(weight).T + bias`` with x quantized per row to float8_e4m3fn:
+    ``weight`` is (N, K) float8_e4m3fn, ``weight_scale`` (N,) float32, ``x`` (..., K)."""
+    rows = x.reshape(-1, x.shape[-1])
+    scale = rows.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    q = (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.float()[None, :],
+                         bias=bias, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fp8_linear_meta(x, weight, weight_scale, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_LIB.impl("fp8_linear", fp8_linear, "CompositeExplicitAutograd")
+_LIB.impl("fp8_linear", _fp8_linear_meta, "Meta")

@@ -154,6 +154,7 @@ _TABLE: list[tuple[str, Prop]] = [
     ("deepseek::fused_pointwise.default", Prop.ELEMENTWISE | Prop.FUSED),
     ("deepseek::add_layer_norm.default", Prop.REDUCTION | Prop.FUSED),
     ("deepseek::fused_rms_norm.default", Prop.REDUCTION | Prop.FUSED),
+    ("deepseek::fp8_linear.default", MM | Prop.FUSED),
     # quantize / dequantize (QDQ): what compression leaves and lowering turns into int8 kernels
     *[(f"quantized_decomposed::{n}", Prop.ELEMENTWISE | Prop.QUANT) for n in (
         "quantize_per_tensor.default", "dequantize_per_tensor.default",

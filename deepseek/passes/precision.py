@@ -180,3 +180,37 @@ def map_to_tensorcore(graph: Graph, precision: str = "bf16", target: str = "cuda
     runs bf16 kernels on any CPU, fast only with AVX512-BF16/AMX).
     """
     return _Lowering(graph, PRECISION_DTYPES[precision]).run()
+
+
+def map_to_fp8(graph: Graph) -> Graph:
+    """GEMMs with a constant weight as ``deepseek::fp8_linear`` (run after the bf16 data
+    flow of ``map_to_tensorcore``): ``addmm(b, x, W)`` / ``mm(x, W)`` with x 2-D bf16/fp16,
+    W a constant (K, N) and K, N multiples of 16 (what fp8 tensor cores take) becomes one
+    fp8 GEMM: W quantized here to float8_e4m3fn with a scale per output channel, x per
+    row at run time. Convolutions and other GEMMs stay in bf16."""
+    from deepseek.ir.fused import FP8_MAX
+
+    nodes = []
+    for node in graph.nodes:
+        if node.fallback is not None or node.op not in (Op.ADDMM, Op.MM):
+            nodes.append(node)
+            continue
+        b, x, w = node.inputs if node.op is Op.ADDMM else (None, *node.inputs)
+        ok = (isinstance(x, Value) and x.spec.rank == 2 and x.spec.dtype in (torch.bfloat16,
+                                                                              torch.float16)
+              and graph.is_constant(w) and w.spec.rank == 2 and w.spec.dtype == x.spec.dtype
+              and w.spec.shape[0] % 16 == 0 and w.spec.shape[1] % 16 == 0
+              and (b is None or (graph.is_constant(b) and b.spec.shape == (w.spec.shape[1],)))
+              and node.attrs.get("beta", 1) == 1 and node.attrs.get("alpha", 1) == 1)
+        if not ok:
+            nodes.append(node)
+            continue
+        weight = graph.constants[w.name].float().t()  # (N, K)
+        scale = weight.abs().amax(1).clamp_min(1e-12) / FP8_MAX
+        q = (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        nodes.append(Node(Op.FP8_LINEAR, [x, graph.add_constant(f"{w.name}_fp8", q.contiguous()),
+                                          graph.add_constant(f"{w.name}_fp8_scale", scale), b],
+                          {}, node.outputs, node.source))
+    graph.nodes = nodes
+    graph.remove_unused_constants()
+    return graph

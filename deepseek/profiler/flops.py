@@ -66,6 +66,8 @@ def node_flops(node: Node, env: Mapping[str, int]) -> int:
     if op is Op.LINEAR:
         return 2 * _numel(out) * shape[0][-1] + (_numel(out) if len(shape) > 2 and
                                                   node.inputs[2] is not None else 0)
+    if op is Op.FP8_LINEAR:  # x (..., K), weight (N, K), bias
+        return 2 * _numel(out) * shape[0][-1] + (_numel(out) if node.inputs[3] is not None else 0)
     if op in (Op.SCALED_DOT_PRODUCT_ATTENTION, Op.SCALED_DOT_PRODUCT_FLASH_ATTENTION_FOR_CPU):
         q, k, v = shape[0], shape[1], shape[2]
         batch, length, e = _numel(q[:-2]), q[-2], q[-1]
