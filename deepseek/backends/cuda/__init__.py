@@ -4,9 +4,14 @@ and Triton kernels for fused element-wise chains, replayed as one CUDA graph per
 AMD GPUs run the same code on PyTorch's ROCm build (device type "cuda",
 Triton's AMD target); that path is untested here.
 
+A graph with one symbolic dim (a dynamic batch) runs each batch size on the
+graph of the next power of two (``deepseek.runtime.buckets``): padded inputs,
+sliced outputs, one captured graph per bucket rather than per size.
+
 Settings (environment): ``DEEPSEEK_CUDA_GRAPHS=0`` turns graph capture off
-(plans then launch kernel by kernel); ``precision="tf32"`` in ``ds.compile``
-enables TF32 matmuls and convolutions while this backend executes.
+(plans then launch kernel by kernel), ``DEEPSEEK_SHAPE_BUCKETS=0`` shape
+buckets; ``precision="tf32"`` in ``ds.compile`` enables TF32 matmuls and
+convolutions while this backend executes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from deepseek.backends.cpu.codegen import generate_plan
 from deepseek.backends.hal import Backend, Capabilities
 from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
+from deepseek.runtime.buckets import ShapeBuckets
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +69,14 @@ class CUDAExecutable:
         self.runners: dict[tuple, object] = {}
         self.plans: dict[tuple, object] = {}
         self.hook = None  # the profiler's per-node hook
+        self.buckets = ShapeBuckets(graph) if cuda_graphs and \
+            os.environ.get("DEEPSEEK_SHAPE_BUCKETS", "1") != "0" else None
 
     def instrumented(self, hook) -> "CUDAExecutable":
         """Profiler twin: same weights; plans run kernel by kernel (no CUDA graph)."""
         twin = copy.copy(self)
         twin.cuda_graphs, twin.runners, twin.plans, twin.hook = False, {}, {}, hook
+        twin.buckets = None  # the profiler times the exact shape
         return twin
 
     def plan_for(self, inputs: Sequence[torch.Tensor]):
@@ -106,7 +115,10 @@ class CUDAExecutable:
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         with self.running():
-            return self._runner(inputs)(inputs)
+            if self.buckets is None or not self.buckets.enabled:
+                return self._runner(inputs)(inputs)
+            return self.buckets(lambda xs: self._runner(xs)(xs),
+                                lambda xs: self.plan_for(xs)(xs), inputs)
 
 
 class CUDABackend(Backend):
