@@ -469,3 +469,25 @@ def test_activate_recompute_leaves_a_graph_within_budget_alone():
     graph = ds.capture(SkipNet(), (torch.randn(8, 16),))
     text = str(graph)
     assert str(activate_recompute(graph, 1 << 40)) == text
+
+
+@settings(max_examples=30, deadline=None)
+@given(random_graphs())
+def test_bf16_lowering_keeps_random_graphs_well_typed(case):
+    """map_to_tensorcore on random element-wise graphs: every node's recorded dtype is what
+    its op produces (verify), every intermediate is bf16 (no float32 island without an
+    integer cast), the interface stays float32, and the CPU plan computes what the lowered
+    graph's reference interpreter computes."""
+    from deepseek.ir.verify import verify
+
+    g, shape = case
+    engine = ds.compile(g, backend="cpu", precision="bf16")
+    lowered = engine.graph
+    verify(lowered)
+    assert [v.spec for v in lowered.outputs] == [v.spec for v in g.outputs]
+    produced = [o for n in lowered.nodes for o in n.outputs if o not in lowered.outputs]
+    assert all(o.spec.dtype == torch.bfloat16 for o in produced)
+    xs = [torch.randn(shape), torch.randn(shape)]
+    for a, b in zip(engine.run_flat(xs), run_graph(lowered, xs)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2, equal_nan=True)
