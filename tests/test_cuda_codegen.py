@@ -59,3 +59,9 @@ def test_norms_and_element_wise_chains_run_as_triton_kernels():
     assert llama.count("triton_rms_norm") == 5 and "k_mean" not in llama
     unet = source("unet_tiny")  # group norm: CUDA's kernel wants NCHW input
     assert unet.count("k_group_norm") == 10 and unet.count(".contiguous()") >= 10
+
+
+def test_fp8_gemms_quantize_their_rows_in_one_triton_kernel():
+    src = _cuda_source("bert_base", precision="fp8", batch=1, seq=16)
+    # 12 layers x (Q/K/V merged, attention output, two FFN GEMMs) + the pooler
+    assert src.count("fp8_linear") == 49 and "k_addmm" not in src and "_addmm_activation" not in src

@@ -188,3 +188,31 @@ def test_rms_norm_kernel_matches_the_reference(n, weighted, dtype):
     got, want = RMSNorm(n, 1e-6)(x, w), fused_rms_norm(x, w, 1e-6)
     assert got.dtype == want.dtype == dtype
     assert rel_l2(got.float(), want.float()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_fp8_row_quantization_and_linear_match_the_reference():
+    """Rows quantized to float8_e4m3fn with a scale each (within one fp8 step of the
+    reference: the interpreter may round differently), and the whole fp8 GEMM against
+    deepseek::fp8_linear's reference (rows: 37, not a block multiple; K = 96)."""
+    from deepseek.backends.cuda.triton_fp8 import FP8Linear, quantize_rows
+    from deepseek.ir.fused import FP8_MAX, fp8_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 96, device=DEVICE).to(torch.bfloat16)
+    x[3] *= 100  # per-row scales: one large row leaves the others' precision alone
+    q, s = quantize_rows(x)
+    want_s = x.float().abs().amax(-1, keepdim=True) / FP8_MAX
+    torch.testing.assert_close(s, want_s, rtol=1e-6, atol=0)
+    want_q = (x.float() / want_s).to(torch.float8_e4m3fn).float()  # PyTorch's cast
+    assert q.dtype == torch.float8_e4m3fn
+    off = q.float() != want_q  # ties: away from zero here, to even in PyTorch
+    assert off.float().mean() < 0.01
+    assert ((q.float() - want_q).abs()[off] <= want_q.abs()[off] / 8).all()  # one step
+    assert rel_l2(q.float() * s, x.float()) < 4e-2
+    w = torch.randn(48, 96, device=DEVICE) * 0.1
+    ws = w.abs().amax(1) / FP8_MAX
+    wq = (w / ws[:, None]).to(torch.float8_e4m3fn)
+    b = torch.randn(48, device=DEVICE).to(torch.bfloat16)
+    y = FP8Linear(wq, ws)(x, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (37, 48)
+    assert rel_l2(y.float(), fp8_linear(x, wq, ws, b).float()) < 2e-2

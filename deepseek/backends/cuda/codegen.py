@@ -1,7 +1,8 @@
 """The CUDA backend's kernel choices on top of the shared plan generator.
 
-Fused element-wise programs, residual add + layer norm, RMS norm and a layer's
-key/value cache writes run as Triton kernels (``triton_*.py``).
+Fused element-wise programs, residual add + layer norm, RMS norm, a layer's
+key/value cache writes and fp8 GEMMs' activation quantization run as Triton
+kernels (``triton_*.py``).
 
 Convolutions run through cuDNN on channels-last activations and weights. In
 bf16/fp16, a convolution's epilogue runs inside cuDNN's fused kernels:
@@ -28,6 +29,7 @@ import math
 import torch
 
 from deepseek.backends.cpu.codegen import _Emitter, _epilogue
+from deepseek.backends.cuda.triton_fp8 import FP8Linear
 from deepseek.backends.cuda.triton_kv import KVWrite
 from deepseek.backends.cuda.triton_norm import AddLayerNorm, RMSNorm
 from deepseek.backends.cuda.triton_pointwise import PointwiseKernel
@@ -222,6 +224,11 @@ class CUDAEmitter(_Emitter):
             kernel = self.triton_kernel(node, ins)
             if kernel is not None:
                 return kernel
+        if op is Op.FP8_LINEAR and FP8Linear.supported(ins[0].spec.shape[-1]):
+            x, w, ws, b = ins
+            kernel = self.const(FP8Linear(self.constants[w.name], self.constants[ws.name]),
+                                "fp8_linear")
+            return f"{kernel}({self.name(x)}, {self.name(b) if b is not None else None})"
         if op is Op.FUSED_RMS_NORM:
             x, w = ins
             n = x.spec.concrete(self.env)[-1]
