@@ -68,3 +68,7 @@ def test_unsound_signatures_get_no_buckets():
     assert not ShapeBuckets(static).enabled  # nothing symbolic
     two, _ = _engine(nn.Linear(6, 3), (torch.randn(2, 4, 6),), {0: {0: "batch", 1: "seq"}})
     assert not ShapeBuckets(two).enabled  # two symbols: which one pads is not ours to pick
+    one, _ = _engine(nn.Linear(6, 3), (torch.randn(2, 6),), {0: {0: "batch"}})
+    assert ShapeBuckets(one).enabled
+    one.donated = frozenset(v.name for v in one.inputs)  # written in place: a copy would not do
+    assert not ShapeBuckets(one).enabled

@@ -8,7 +8,8 @@ mask would make NaN rows), the outputs sliced back.
 
 Taken only where it is sound by construction of the graph's signature: one
 symbolic dim, named by a single symbol and appearing in the inputs and outputs
-only as a whole dim (not inside an expression such as ``batch*128``). Whether
+only as a whole dim (not inside an expression such as ``batch*128``), and no
+input donated to be written in place. Whether
 the model keeps samples independent (no reduction or normalization across the
 batch) is checked on the first padded call against the plan for the exact
 shape; a mismatch turns buckets off for the engine, with a warning, and the
@@ -37,8 +38,9 @@ class ShapeBuckets:
         self.symbol = self._symbol(graph)
         self.in_dims = self._dims(graph.inputs) if self.symbol else None
         self.out_dims = self._dims(graph.outputs) if self.symbol else None
+        # donated inputs are written in place: a padded copy would take the writes
         self.enabled = self.in_dims is not None and self.out_dims is not None \
-            and any(d is not None for d in self.in_dims)
+            and any(d is not None for d in self.in_dims) and not graph.donated
 
     @staticmethod
     def _symbol(graph: Graph) -> str | None:
