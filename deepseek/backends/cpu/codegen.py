@@ -178,6 +178,18 @@ def _epilogue(node: Node, x: Value, graph: Graph) -> tuple[str, list, str] | Non
     return ("gelu", [], algorithm) if algorithm is not None else None
 
 
+def _packed_conv_weight(weight: torch.Tensor, a: Mapping, shape) -> torch.Tensor | None:
+    """A 2-D convolution's weight in oneDNN's blocked layout for input ``shape`` (attrs
+    ``a`` bound), or None where oneDNN has no kernel for it."""
+    if not _ONEDNN:
+        return None
+    try:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), a["padding"], a["stride"], a["dilation"], a["groups"], list(shape))
+    except RuntimeError:
+        return None
+
+
 def _kernel_hint(kind: str) -> str:
     """A Python identifier prefix for an op's kernel ("quantized_decomposed::x.y" too)."""
     return "k_" + re.sub(r"\W", "_", kind.split(".")[0]).lstrip("_") + "_"
@@ -554,13 +566,7 @@ class _Emitter:
         shape = list(x.spec.concrete(self.env))
         a = attrs
         weight = g.constants[w.name]
-        packed = None
-        if _ONEDNN:
-            try:
-                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    weight.to_mkldnn(), a["padding"], a["stride"], a["dilation"], a["groups"], shape)
-            except RuntimeError:
-                pass
+        packed = _packed_conv_weight(weight, a, shape)
         gather = self.gather_conv(node, x, w, b, a, shape) if dtype == torch.float32 else None
         if packed is None and gather is None:
             return None
@@ -744,17 +750,11 @@ class _Emitter:
         candidates: dict[str, Callable[[], object]] = {}
         calls: dict[str, Callable[[], str]] = {}
         out_value = node.outputs[0]
-        # the activation reading this GEMM alone (GELU, ReLU), directly or through a
-        # reshape (element-wise: the same either side of it), as oneDNN's post-op
-        act, act_input, post = None, out_value, None
-        users = self.users.get(id(out_value), [])
-        if len(users) == 1 and users[0].op in (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE) \
-                and out_value not in self.graph.outputs:
-            act_input = users[0].outputs[0]
-            users = self.users.get(id(act_input), [])
-        if _ONEDNN and len(users) == 1 and nhwc is None and rows > 8 \
-                and act_input not in self.graph.outputs and out_value not in self.graph.outputs:
-            act, post = users[0], _epilogue(users[0], act_input, self.graph)
+        # the activation reading this GEMM alone (GELU, ReLU), as oneDNN's post-op
+        act, post = None, None
+        reader = self.activation_reader(out_value)
+        if _ONEDNN and reader is not None and nhwc is None and rows > 8:
+            act, act_input, post = reader
         if _ONEDNN:
             weight = wt.t().contiguous().to_mkldnn()  # (N, K), oneDNN's layout
             candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
@@ -816,6 +816,20 @@ class _Emitter:
         call = calls[best]()
         out = list(node.outputs[0].spec.concrete(self.env))
         return call if len(shape) == 2 or nhwc is not None else f"{call}.view({out})"
+
+    def activation_reader(self, value: Value) -> tuple[Node, Value, tuple] | None:
+        """(node, its input, ``_epilogue`` form) of the ReLU/GELU that alone reads a GEMM's
+        result ``value``, directly or through a reshape (element-wise: the same either
+        side of it); neither may be a graph output. None if there is no such reader."""
+        g, act_input = self.graph, value
+        users = self.users.get(id(value), [])
+        if len(users) == 1 and users[0].op in (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE):
+            act_input = users[0].outputs[0]
+            users = self.users.get(id(act_input), [])
+        if len(users) != 1 or value in g.outputs or act_input in g.outputs:
+            return None
+        post = _epilogue(users[0], act_input, g)
+        return (users[0], act_input, post) if post is not None else None
 
     def nhwc_flatten(self, node: Node, ins, attrs) -> str | None:
         """Flatten a channels-last [N, C, H, W] into [N, C*H*W] in its memory's (h, w, c)
@@ -881,13 +895,12 @@ class _Emitter:
                 and x.spec.dtype in (torch.float32, torch.bfloat16) and w.spec.dtype == x.spec.dtype
                 and len(self.users.get(id(out), [])) == 1 and out not in g.outputs):
             return False
-        a = {k: bind(v, self.env) for k, v in a.items()}
-        try:
-            self.packed[id(node)] = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.constants[w.name].to_mkldnn(), a["padding"], a["stride"], a["dilation"],
-                a["groups"], list(x.spec.concrete(self.env)))
-        except RuntimeError:
+        packed = _packed_conv_weight(self.constants[w.name],
+                                     {k: bind(v, self.env) for k, v in a.items()},
+                                     x.spec.concrete(self.env))
+        if packed is None:
             return False
+        self.packed[id(node)] = packed
         return True
 
     def conv_residual(self, conv: Node, z: Value) -> str:

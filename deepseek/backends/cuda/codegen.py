@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from deepseek.backends.cpu.codegen import _Emitter, _epilogue
+from deepseek.backends.cpu.codegen import _Emitter
 from deepseek.backends.cuda.triton_fp8 import FP8Linear
 from deepseek.backends.cuda.triton_kv import KVWrite
 from deepseek.backends.cuda.triton_norm import AddLayerNorm, RMSNorm
@@ -45,7 +45,10 @@ class CUDAEmitter(_Emitter):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.bias_moved: dict[int, Node] = {}  # conv id -> the conv whose call adds its bias
+        # a downsample convolution read only by a fused residual call leaves it its bias:
+        # id(that call's conv) -> the downsample; and the downsamples' ids
+        self.bias_from: dict[int, Node] = {}
+        self.bias_moved: set[int] = set()
 
     # --- decisions spanning nodes -------------------------------------------
     def fusable_conv(self, node: Node | None) -> bool:
@@ -67,7 +70,8 @@ class CUDAEmitter(_Emitter):
             other = self.producer(z)
             if self.fusable_conv(other) and other.inputs[2] is not None \
                     and id(other) not in self.deferred:
-                self.bias_moved[id(other)] = conv
+                self.bias_from[id(conv)] = other
+                self.bias_moved.add(id(other))
 
     # --- statements -----------------------------------------------------------
     def weight(self, conv: Node) -> str:
@@ -81,12 +85,10 @@ class CUDAEmitter(_Emitter):
 
     def bias(self, node: Node) -> str:
         """This convolution's bias, plus the bias of a convolution whose call it takes over."""
-        b = node.inputs[2]
-        moved = [n for n, host in ((self.graph.nodes[self.index[k]], h)
-                                   for k, h in self.bias_moved.items()) if host is node]
-        if not moved:
+        b, moved = node.inputs[2], self.bias_from.get(id(node))
+        if moved is None:
             return self.name(b) if b is not None else "None"
-        total = sum(self.constants[v.name].float() for v in [b, moved[0].inputs[2]] if v is not None)
+        total = sum(self.constants[v.name].float() for v in [b, moved.inputs[2]] if v is not None)
         return self.const(total.to(node.inputs[1].spec.dtype), "bsum")
 
     def convolution(self, node: Node, attrs) -> str | None:
@@ -114,19 +116,13 @@ class CUDAEmitter(_Emitter):
         g, out = self.graph, node.outputs[0]
         if not (isinstance(x, Value) and x.spec.rank == 2 and g.is_constant(w)
                 and g.is_constant(b) and b.spec.rank == 1 and x.spec.dtype in _LOW
-                and attrs.get("beta", 1) == 1 and attrs.get("alpha", 1) == 1
-                and out not in g.outputs):
+                and attrs.get("beta", 1) == 1 and attrs.get("alpha", 1) == 1):
             return None
-        act_input, users = out, self.users.get(id(out), [])
-        if len(users) == 1 and users[0].op in _RESHAPES:
-            act_input = users[0].outputs[0]  # element-wise: the same either side of a reshape
-            users = self.users.get(id(act_input), [])
-        if len(users) != 1 or act_input in g.outputs:
+        reader = self.activation_reader(out)
+        if reader is None:
             return None
-        post = _epilogue(users[0], act_input, g)
-        if post is None:
-            return None
-        self.fused_into[id(users[0])] = self.names[id(act_input)]
+        act, act_input, post = reader
+        self.fused_into[id(act)] = self.names[id(act_input)]
         return (f"torch._addmm_activation({self.name(b)}, {self.name(x)}, {self.name(w)}, "
                 f"use_gelu={post[0] == 'gelu'})")
 
