@@ -107,8 +107,12 @@ def fp8_linear(x, weight, weight_scale, bias):
     rows = x.reshape(-1, x.shape[-1])
     scale = rows.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
     q = (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    y = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.float()[None, :],
-                         bias=bias, out_dtype=x.dtype)
+    if x.is_cuda:  # fp8 tensor cores
+        y = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.float()[None, :],
+                             bias=bias, out_dtype=x.dtype)
+    else:  # CPU _scaled_mm takes per-row scales only from torch 2.13: the same products in fp32
+        y = (q.float() @ weight.float().t()) * scale * weight_scale.float()
+        y = (y if bias is None else y + bias.float()).to(x.dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

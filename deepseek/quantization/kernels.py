@@ -87,20 +87,21 @@ def _finish(y: torch.Tensor, post_op: str, out_scale: float, out_zp: int,
 
 
 def reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
-                          post_op, output_scale, output_zero_point, output_dtype):
+                          post_op, output_scale, output_zero_point, output_dtype,
+                          dequantize=dequantize_weight):
     """``finish(linear((x - x_zp) * x_scale, dequantize(weight), bias))``, where finish applies
     ``post_op`` and, for an integer ``output_dtype``, quantizes with the output scale/zero point."""
     xd = (x.float() - x_zero_point) * x_scale
-    y = F.linear(xd, dequantize_weight(weight, weight_scale, weight_zero_point), bias)
+    y = F.linear(xd, dequantize(weight, weight_scale, weight_zero_point), bias)
     return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
 
 
 def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
                           stride, padding, dilation, groups, post_op, output_scale,
-                          output_zero_point, output_dtype):
+                          output_zero_point, output_dtype, dequantize=dequantize_weight):
     """As :func:`reference_linear_int8`, for a 2-D convolution."""
     xd = (x.float() - x_zero_point) * x_scale
-    w = dequantize_weight(weight, weight_scale, weight_zero_point)
+    w = dequantize(weight, weight_scale, weight_zero_point)
     y = F.conv2d(xd, w, bias, stride, padding, dilation, groups)
     return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
 
@@ -162,7 +163,18 @@ def _zero_point_term(weight, weight_scale, weight_zero_point) -> torch.Tensor:
                             * weight_zero_point.float().reshape(-1).expand(n)).contiguous())
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+# Without VNNI (AVX2, AVX-512 before Cascade Lake) oneDNN's uint8 x int8 kernels add pairs of
+# products in int16 with saturation (vpmaddubsw): results then differ from integer arithmetic by
+# whole units, so there the integer ops run their float32 formula on a weight de-quantized once
+# (exact products; correct, but no faster than float32).
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+           and torch.cpu._is_vnni_supported())
+
+
+def _dequantized(weight, weight_scale, weight_zero_point) -> torch.Tensor:
+    """The float32 weight of an int8 op, made once per weight (the float fallback's operand)."""
+    return _cached(weight, ("dequant8", *_tensor_key(weight_scale), *_tensor_key(weight_zero_point)),
+                   lambda: dequantize_weight(weight, weight_scale, weight_zero_point))
 
 
 def _onednn_ok(x, weight, weight_scale) -> bool:
@@ -176,7 +188,7 @@ def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
     if not _onednn_ok(x, weight, weight_scale) or weight.dim() != 2:
         return reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale,
                                      weight_zero_point, bias, post_op, output_scale,
-                                     output_zero_point, output_dtype)
+                                     output_zero_point, output_dtype, _dequantized)
     if x.dtype == torch.int8:  # oneDNN's int8-activation GEMM is a slow reference path (~5000x
         x = torch.bitwise_xor(x.view(torch.uint8), 128)  # here): x + 128 as uint8, exactly
         x_zero_point = x_zero_point + 128
@@ -202,7 +214,8 @@ def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
     if not _onednn_ok(x, weight, weight_scale) or weight.dim() != 4 or x.dim() != 4:
         return reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale,
                                      weight_zero_point, bias, stride, padding, dilation, groups,
-                                     post_op, output_scale, output_zero_point, output_dtype)
+                                     post_op, output_scale, output_zero_point, output_dtype,
+                                     _dequantized)
     if weight.shape[2:] == (1, 1) and list(padding) == [0, 0] and groups == 1:
         # a 1x1 convolution is a GEMM over the (strided) pixels of the channels-last input:
         # oneDNN's int8 linear runs it 3-50x faster than its convolution (whose kernel for

@@ -100,6 +100,7 @@ class ModelWorker:
         self._cv = threading.Condition()
         self._draining = False
         self._busy_until = 0.0
+        self._ran: set = set()  # (rows, bucket) shapes run once: their plans exist
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"deepseek-batcher-{sig.name}",
                                         daemon=True)
@@ -230,7 +231,11 @@ class ModelWorker:
                                                           f"this batch: {e}",
                                          queue_s=start - p.arrival, batch_rows=executed))
             return
-        self.latency.observe(executed, t1 - t0, batch[0].bucket)
+        shape = (executed, batch[0].bucket)
+        if shape in self._ran:
+            self.latency.observe(executed, t1 - t0, batch[0].bucket)
+        else:  # a shape's first call also builds its plan: learning from it would refuse
+            self._ran.add(shape)  # every later request whose deadline is shorter than that
         if self.metrics:
             self.metrics.batch_ran(self.sig.name, executed, t0, t1)
         done = self.clock()

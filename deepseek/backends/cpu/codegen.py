@@ -42,6 +42,9 @@ _CONV_POST_OPS = {
     Op.SILU: ("swish", [], ""), Op.HARDSWISH: ("hardswish", [], ""),
 }
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+# oneDNN's bf16 kernels need AVX512-BF16/AMX (or AVX-NE-CONVERT); elsewhere bf16 runs through ATen
+_ONEDNN_DTYPES = () if not _ONEDNN else (torch.float32,) + (
+    (torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
 
 # unary ops that never decrease (f(max(S)) == max(f(S))): they commute with max pooling,
 # so they can run on the pooled, smaller tensor. op -> (in-place form, out= form)
@@ -181,7 +184,7 @@ def _epilogue(node: Node, x: Value, graph: Graph) -> tuple[str, list, str] | Non
 def _packed_conv_weight(weight: torch.Tensor, a: Mapping, shape) -> torch.Tensor | None:
     """A 2-D convolution's weight in oneDNN's blocked layout for input ``shape`` (attrs
     ``a`` bound), or None where oneDNN has no kernel for it."""
-    if not _ONEDNN:
+    if weight.dtype not in _ONEDNN_DTYPES:
         return None
     try:
         return torch._C._nn.mkldnn_reorder_conv2d_weight(
@@ -753,9 +756,10 @@ class _Emitter:
         # the activation reading this GEMM alone (GELU, ReLU), as oneDNN's post-op
         act, post = None, None
         reader = self.activation_reader(out_value)
-        if _ONEDNN and reader is not None and nhwc is None and rows > 8:
+        onednn = x.spec.dtype in _ONEDNN_DTYPES
+        if onednn and reader is not None and nhwc is None and rows > 8:
             act, act_input, post = reader
-        if _ONEDNN:
+        if onednn:
             weight = wt.t().contiguous().to_mkldnn()  # (N, K), oneDNN's layout
             candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
                 xr, weight, bias, "none", [], "")
@@ -886,7 +890,7 @@ class _Emitter:
     def onednn_conv(self, node: Node | None) -> bool:
         """A 2-D float32/bf16 convolution with a constant weight that oneDNN packs (the
         packed weight kept in ``self.packed``), read by one node only."""
-        if node is None or node.op is not Op.CONVOLUTION or not _ONEDNN:
+        if node is None or node.op is not Op.CONVOLUTION:
             return False
         x, w, b = node.inputs
         a, out, g = node.attrs, node.outputs[0], self.graph
