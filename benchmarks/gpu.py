@@ -74,7 +74,7 @@ def _first(x):
     return tree_leaves(x)[0]
 
 
-def bench(name, kwargs, items, iters, max_autotune) -> dict:
+def bench(name, kwargs, items, iters, max_autotune, opt_level=2) -> dict:
     model, inputs = BENCHMARK_MODELS[name](**kwargs)
     model = model.cuda().to(torch.bfloat16).eval()
     inputs = tuple(x.cuda().to(torch.bfloat16) if x.is_floating_point() else x.cuda()
@@ -100,7 +100,8 @@ def bench(name, kwargs, items, iters, max_autotune) -> dict:
         compile_s[f"torch.compile_{mode}"] = time.perf_counter() - t0
         contenders[f"torch.compile_{mode}"] = (lambda c=compiled: c(*inputs))
     t0 = time.perf_counter()
-    engine = ds.compile(fp32_model, fp32_inputs, backend="cuda", precision="bf16")
+    engine = ds.compile(fp32_model, fp32_inputs, backend="cuda", precision="bf16",
+                        opt_level=opt_level)
     engine(*fp32_inputs)
     torch.cuda.synchronize()
     compile_s["deepseek"] = time.perf_counter() - t0
@@ -112,6 +113,7 @@ def bench(name, kwargs, items, iters, max_autotune) -> dict:
     return {"model": name, "config": kwargs, "median_ms": ms,
             "items_per_s": {k: items / (v / 1e3) for k, v in ms.items()},
             "deepseek_speedup_vs": {k: v / ms["deepseek_bf16"] for k, v in ms.items()},
+            "deepseek_opt_level": opt_level,
             "rel_l2_vs_fp32": err, "compile_seconds": compile_s}
 
 
@@ -119,6 +121,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--max-autotune", action="store_true")
+    p.add_argument("--opt-level", type=int, default=2, help="Deepseek's (3: measured kernel choices)")
     p.add_argument("--cases", default="all", help="comma-separated indices into CASES")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     results = []
     for i in idx:
         name, kwargs, items = CASES[i]
-        r = bench(name, kwargs, items, a.iters, a.max_autotune)
+        r = bench(name, kwargs, items, a.iters, a.max_autotune, a.opt_level)
         results.append(r)
         print(f"\n{name} {kwargs}")
         for k, ms in r["median_ms"].items():

@@ -84,3 +84,25 @@ def test_fp8_gemms_run_on_fp8_tensor_cores(name):
     # e4m3 keeps 3 mantissa bits: ~2-3% per GEMM, 12 layers deep (on the CPU's emulated
     # _scaled_mm: BERT-base 7.0e-2, GPT-2 small 9.5e-2); a wrong scale would give ~1
     assert rel_l2(got.float(), ref.float()) < 0.15
+
+
+def test_opt_level_3_measures_kernel_choices_and_caches_them(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path))
+    model, inputs = BENCHMARK_MODELS["bert_base"](batch=1, seq=64)
+    model = model.cuda().eval()
+    inputs = tuple(x.cuda() for x in inputs)
+    with torch.no_grad():
+        ref = tree_leaves(model(*inputs))[0]
+    tuned = ds.compile(model, inputs, backend="cuda", precision="bf16", opt_level=3)
+    assert rel_l2(tree_leaves(tuned(*inputs))[0].float(), ref) < 1e-2
+    tuner = tuned._parts[0].executable.tuner
+    assert tuner.decisions and all(d["how"] == "measured" for d in tuner.decisions[:1])
+    (path,) = (tmp_path / "autotune").iterdir()
+    table = json.loads(path.read_text())
+    entry = table[tuner.decisions[0]["problem"]]
+    assert entry["choice"] == min(entry["us"], key=entry["us"].get) and "sdpa" in entry["us"]
+    again = ds.compile(model, inputs, backend="cuda", precision="bf16")  # opt_level 2: cached
+    again(*inputs)
+    assert {d["how"] for d in again._parts[0].executable.tuner.decisions} == {"cached"}

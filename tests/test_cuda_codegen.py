@@ -65,3 +65,11 @@ def test_fp8_gemms_quantize_their_rows_in_one_triton_kernel():
     src = _cuda_source("bert_base", precision="fp8", batch=1, seq=16)
     # 12 layers x (Q/K/V merged, attention output, two FFN GEMMs) + the pooler
     assert src.count("fp8_linear") == 49 and "k_addmm" not in src and "_addmm_activation" not in src
+
+
+def test_short_few_head_attention_runs_as_the_triton_kernel():
+    # BERT at batch 1: 12 heads x 2 tiles of 64 queries would leave most SMs idle
+    assert _cuda_source("bert_base", batch=1, seq=128).count("triton_attention") == 12
+    # at batch 8 there are enough tiles: PyTorch's fused kernels
+    big = _cuda_source("bert_base", batch=8, seq=128)
+    assert "triton_attention" not in big and big.count("= k_scaled_dot_product_attention") == 12

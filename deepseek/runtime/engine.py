@@ -83,6 +83,8 @@ class Engine:
         self._parts: list[Partition] = partition(graph, backend)
         for p in self._parts:
             p.executable = p.backend.compile(p.graph, precision)
+            if report.opt_level >= 3 and getattr(p.executable, "tuner", None) is not None:
+                p.executable.tuner.measure = True  # opt_level 3: measure kernel choices
         self._report.partitions = [p.to_dict() for p in self._parts]
         self._report.fallback_nodes = [{"name": n.name, "op": n.kind, "source": n.source}
                                        for n in graph.fallback_nodes()]

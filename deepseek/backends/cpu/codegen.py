@@ -1040,7 +1040,8 @@ def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset
 
 def generate_plan(graph: Graph, env: Mapping[str, int], device: str = "cpu",
                   instrument: Callable[[int], object] | None = None,
-                  constants: Mapping[str, torch.Tensor] | None = None) -> Callable:
+                  constants: Mapping[str, torch.Tensor] | None = None,
+                  tuner=None) -> Callable:
     """Compile ``graph`` for the symbol bindings ``env`` into ``plan(inputs) -> outputs``.
 
     With ``instrument``, the plan calls ``instrument(i)`` just before node i and
@@ -1049,11 +1050,14 @@ def generate_plan(graph: Graph, env: Mapping[str, int], device: str = "cpu",
     twin of a plan that already exists, with the same kernels and packed weights.
     ``constants`` replaces the graph's weights (e.g. copies on the backend's device).
     Devices other than the CPU get the CUDA backend's kernel choices
-    (``deepseek.backends.cuda.codegen``).
+    (``deepseek.backends.cuda.codegen``), measured or cached by ``tuner``.
     """
     if device == "cpu":
-        emitter = _Emitter
+        emitter = _Emitter(graph, env, device, constants)
     else:  # CUDA devices (ROCm builds too): the CUDA backend's kernel choices
-        from deepseek.backends.cuda.codegen import CUDAEmitter as emitter
-    plan = emitter(graph, env, device, constants).generate()
+        from deepseek.backends.cuda.codegen import CUDAEmitter
+
+        emitter = CUDAEmitter(graph, env, device, constants)
+        emitter.tuner = tuner
+    plan = emitter.generate()
     return plan if instrument is None else plan.instrumented(instrument)

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from deepseek.backends.cpu.codegen import generate_plan
+from deepseek.backends.cuda.autotune import Autotuner
 from deepseek.backends.hal import Backend, Capabilities
 from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
@@ -69,6 +70,7 @@ class CUDAExecutable:
         self.runners: dict[tuple, object] = {}
         self.plans: dict[tuple, object] = {}
         self.hook = None  # the profiler's per-node hook
+        self.tuner = Autotuner(device)  # measures when the engine asks (opt_level=3)
         self.buckets = ShapeBuckets(graph) if cuda_graphs and \
             os.environ.get("DEEPSEEK_SHAPE_BUCKETS", "1") != "0" else None
 
@@ -86,7 +88,8 @@ class CUDAExecutable:
         if plan is None:
             env = bind_inputs(self.graph, inputs)
             plan = self.plans[key] = generate_plan(self.graph, env, str(self.device),
-                                                   constants=self.constants, instrument=self.hook)
+                                                   constants=self.constants, instrument=self.hook,
+                                                   tuner=self.tuner)
         return plan
 
     def _runner(self, inputs: Sequence[torch.Tensor]):

@@ -29,6 +29,7 @@ import math
 import torch
 
 from deepseek.backends.cpu.codegen import _Emitter
+from deepseek.backends.cuda.triton_attention import Attention
 from deepseek.backends.cuda.triton_fp8 import FP8Linear
 from deepseek.backends.cuda.triton_kv import KVWrite
 from deepseek.backends.cuda.triton_norm import AddLayerNorm, RMSNorm
@@ -49,6 +50,7 @@ class CUDAEmitter(_Emitter):
         # id(that call's conv) -> the downsample; and the downsamples' ids
         self.bias_from: dict[int, Node] = {}
         self.bias_moved: set[int] = set()
+        self.tuner = None  # an Autotuner (autotune.py): measured or cached kernel choices
 
     # --- decisions spanning nodes -------------------------------------------
     def fusable_conv(self, node: Node | None) -> bool:
@@ -206,8 +208,67 @@ class CUDAEmitter(_Emitter):
         kernel = PointwiseKernel(program, meta, out.concrete(self.env), out.dtype)
         return f"{self.const(kernel, 'triton')}({', '.join(self.name(v) for v in ins)})"
 
+    def attention(self, node: Node, ins, attrs) -> str | None:
+        """SDPA through PyTorch's kernels or the Triton kernel (``triton_attention.py``) in
+        one of its tilings, as the tuner chose (measured at opt_level=3, cached on disk).
+        Unmeasured, the Triton kernel runs where PyTorch's 64-128-query tiles would leave
+        most SMs idle: few heads and sequences of 32-1024 tokens (BERT at batch 1)."""
+        q, k, v = ins[:3]
+        mask = ins[3] if len(ins) > 3 else None
+        if not all(isinstance(x, Value) for x in (q, k, v)) or \
+                (mask is not None and not isinstance(mask, Value)):
+            return None
+        metas = [None if x is None else torch.empty(x.spec.concrete(self.env), dtype=x.spec.dtype,
+                                                    device="meta") for x in (q, k, v, mask)]
+        causal, scale = bool(attrs.get("is_causal", False)), attrs.get("scale")
+        gqa, dropout = bool(attrs.get("enable_gqa", False)), attrs.get("dropout_p", 0.0)
+        if not Attention.supported(*metas, dropout, gqa):
+            return None
+        kernels = {f"triton_m{m}_n{n}": Attention(m, n) for m, n in ((16, 64), (32, 64),
+                                                                      (64, 64), (16, 128))}
+        b, h, sq, _ = metas[0].shape
+        # (plans generated without a GPU, as in tests, assume an H100/H200's 132 SMs)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if torch.cuda.is_available() else 132
+        few = b * h * -(-sq // 64) < sms // 2 and 32 <= sq and metas[1].shape[2] <= 1024
+        default = "triton_m16_n128" if few else "sdpa"
+        samples: list = []
+
+        def sample():  # random inputs of these shapes, made only if the tuner measures
+            if not samples:
+                def rand(m, heads_last=True):
+                    if m.dtype == torch.bool:
+                        return torch.rand(m.shape, device=self.device) > 0.2
+                    x = torch.randn(m.shape, device=self.device).to(m.dtype)
+                    return x.transpose(1, 2).contiguous().transpose(1, 2) if heads_last else x
+                samples.extend([rand(m) for m in metas[:3]] +
+                               [None if metas[3] is None else rand(metas[3], False)])
+            return samples
+
+        def sdpa():
+            qs, ks, vs, ms = sample()
+            return torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, ms, dropout, causal, scale=scale, enable_gqa=gqa)
+
+        candidates = {"sdpa": sdpa, **{name: (lambda a=a: a(*sample(), causal, scale))
+                                       for name, a in kernels.items()}}
+        problem = (f"sdpa q{tuple(metas[0].shape)} kv{tuple(metas[1].shape)} "
+                   f"mask{None if mask is None else (tuple(metas[3].shape), str(metas[3].dtype))}"
+                   f" causal={causal} {metas[0].dtype}")
+        choice = default if self.tuner is None else self.tuner.choose(problem, candidates,
+                                                                      default)
+        if choice == "sdpa":
+            return None  # PyTorch's call, as written in the graph
+        return (f"{self.const(kernels[choice], 'triton_attention')}({self.name(q)}, "
+                f"{self.name(k)}, {self.name(v)}, {self.name(mask) if mask is not None else None},"
+                f" {causal}, {scale})")
+
     def special(self, index, node, ins, attrs, live) -> str | None:
         op = node.op
+        if op is Op.SCALED_DOT_PRODUCT_ATTENTION:
+            call = self.attention(node, ins, attrs)
+            if call is not None:
+                return call
         if id(node) in self.conv_add_relu:
             conv, z = self.conv_add_relu[id(node)]
             self.cl.add(id(node.outputs[0]))
