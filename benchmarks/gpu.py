@@ -139,7 +139,9 @@ def main(argv=None) -> int:
     results = []
     for i in idx:
         name, kwargs, items = CASES[i]
-        r = bench(name, kwargs, items, a.iters, a.max_autotune, a.opt_level)
+        with torch.no_grad():  # every contender: torch.compile guards on grad mode, and with
+            # grad on its graphs differ from the no-grad warm-up (seen: recompiles, 146 ms calls)
+            r = bench(name, kwargs, items, a.iters, a.max_autotune, a.opt_level)
         results.append(r)
         print(f"\n{name} {kwargs}")
         for k, ms in r["median_ms"].items():
