@@ -71,7 +71,7 @@ class ConvPoolHead(nn.Module):
         return (y, f) if self.flat_out else y
 
 
-@pytest.mark.parametrize("choice", ["onednn", "aten", "split", "into_cl", "pool_first", "post_op"])
+@pytest.mark.parametrize("choice", ["onednn", "aten", "aten_cl", "split", "into_cl", "pool_first", "post_op"])
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, nn.Tanh, nn.SiLU])
 def test_conv_act_pool_flatten_linear(monkeypatch, choice, act):
     """conv -> monotone op -> max pool -> flatten -> linear, every measured path."""

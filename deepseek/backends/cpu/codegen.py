@@ -597,11 +597,25 @@ class _Emitter:
                 xcl, packed, bias, a["padding"], a["stride"], a["dilation"], a["groups"], post,
                 scalars, algo)
         candidates["aten"] = aten
+        # ATen's convolution on channels-last memory (its own oneDNN call, weights unpacked):
+        # beat the packed kernel on MNIST's 32->64 3x3 at 14x14 on an AVX2 CPU (70 vs 95 us)
+        # (not for one input channel: ATen then takes the input, and returns, NCHW memory)
+        wcl = weight.contiguous(memory_format=torch.channels_last)
+        x_cl = id(x) in self.cl
+        if shape[1] > 1:
+            candidates["aten_cl"] = lambda: _POST_FNS[post](torch.convolution(
+                xcl if x_cl else xr.contiguous(memory_format=torch.channels_last), wcl, bias,
+                a["stride"], a["padding"], a["dilation"], False, a["output_padding"], a["groups"]))
         if gather is not None:
             candidates["gather"] = lambda: _POST_FNS[post](gather[0](xr))
         best = _fastest(candidates)
         if best == "aten":
             return None  # ATen's generic call, as written in the graph
+        if best == "aten_cl":
+            self.cl.add(id(out))
+            return (f"torch.convolution({self.as_cl(x)}, {self.const(wcl, 'wcl')}, "
+                    f"{self.name(b) if b is not None else None}, {a['stride']}, {a['padding']}, "
+                    f"{a['dilation']}, False, {a['output_padding']}, {a['groups']})")
         if best == "gather":
             self.cl.add(id(out))
             return gather[1]()
