@@ -28,7 +28,24 @@ CASES = [  # (model, factory kwargs, items per call)
     ("resnet50", dict(batch=1, image=224), 1),
     ("bert_base", dict(batch=128, seq=128), 128),
     ("bert_base", dict(batch=1, seq=128), 1),
+    ("mnist_cnn", dict(batch=1), 1),
 ]
+
+
+def matmul_ceiling(n: int = 8192, iters: int = 20) -> float:
+    """The measured bf16 GEMM rate of this GPU (TFLOP/s, median of ``iters`` n^3 GEMMs)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = time_cuda({"mm": lambda: a @ b}, iters)["mm"]
+    return 2 * n ** 3 / (ms / 1e3) / 1e12
+
+
+def model_flops(engine, inputs) -> int:
+    """FLOPs of one call of the compiled graph (deepseek.profiler.flops' estimates)."""
+    from deepseek.ir.interpreter import bind_inputs
+    from deepseek.profiler.flops import node_flops
+
+    env = bind_inputs(engine.graph, list(inputs))
+    return sum(node_flops(n, env) for n in engine.graph.nodes)
 
 
 def _cuda_graph(fn):
@@ -114,6 +131,7 @@ def bench(name, kwargs, items, iters, max_autotune, opt_level=2) -> dict:
             "items_per_s": {k: items / (v / 1e3) for k, v in ms.items()},
             "deepseek_speedup_vs": {k: v / ms["deepseek_bf16"] for k, v in ms.items()},
             "deepseek_opt_level": opt_level,
+            "flops_per_call": model_flops(engine, fp32_inputs),
             "rel_l2_vs_fp32": err, "compile_seconds": compile_s}
 
 
@@ -123,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-autotune", action="store_true")
     p.add_argument("--opt-level", type=int, default=2, help="Deepseek's (3: measured kernel choices)")
     p.add_argument("--cases", default="all", help="comma-separated indices into CASES")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also measure the bf16 GEMM rate and each case's fraction of it")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     idx = range(len(CASES)) if a.cases == "all" else [int(i) for i in a.cases.split(",")]
@@ -135,6 +155,8 @@ def main(argv=None) -> int:
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    if a.ceiling:
+        info["bf16_matmul_tflops"] = matmul_ceiling()
     print(info)
     results = []
     for i in idx:
@@ -142,6 +164,11 @@ def main(argv=None) -> int:
         with torch.no_grad():  # every contender: torch.compile guards on grad mode, and with
             # grad on its graphs differ from the no-grad warm-up (seen: recompiles, 146 ms calls)
             r = bench(name, kwargs, items, a.iters, a.max_autotune, a.opt_level)
+        if a.ceiling:
+            r["tflops"] = {k: r["flops_per_call"] / (v / 1e3) / 1e12
+                           for k, v in r["median_ms"].items()}
+            r["fraction_of_bf16_ceiling"] = {k: v / info["bf16_matmul_tflops"]
+                                             for k, v in r["tflops"].items()}
         results.append(r)
         print(f"\n{name} {kwargs}")
         for k, ms in r["median_ms"].items():
