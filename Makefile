@@ -21,4 +21,5 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
-	$(PY) -m benchmarks.run
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m benchmarks.run --threads 2

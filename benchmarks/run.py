@@ -1,7 +1,8 @@
 """Side-by-side CPU benchmark: eager PyTorch, torch.compile, ONNX Runtime, OpenVINO, Deepseek.
 
 OpenVINO and Deepseek also run in bf16 (``openvino_bf16``, ``deepseek_bf16``:
-matmul-class ops in bf16); their relative L2 against eager float32 is reported.
+matmul-class ops in bf16) on CPUs with native bf16 kernels (AVX-512/AMX; elsewhere
+both would run float32); their relative L2 against eager float32 is reported.
 
 All contenders run in this one process on the same inputs, interleaved
 round-robin (so drift hits all alike); the medians and the ratios against
@@ -22,6 +23,7 @@ from typing import Callable
 import torch
 
 import deepseek as ds
+from deepseek.backends.cpu import native_precisions
 from benchmarks import cpu_run_setup, print_case, save_json
 from benchmarks.models import BENCHMARK_MODELS
 from deepseek.numerics import rel_l2
@@ -81,7 +83,8 @@ def _openvino(model, inputs, threads: int) -> dict[str, Callable]:
         print(f"  openvino: conversion failed ({type(e).__name__}: {str(e)[:120]})")
         return {}
     out = {}
-    for label, precision in (("openvino", "f32"), ("openvino_bf16", "bf16")):
+    precisions = [("openvino", "f32")] + [("openvino_bf16", "bf16")] * ("bf16" in native_precisions())
+    for label, precision in precisions:
         compiled = ov.compile_model(converted, "CPU", {
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": precision})
@@ -125,7 +128,7 @@ def bench_model(name: str, threads: int, iters: int | None, skip: set[str]) -> d
             contenders["onnxruntime"] = fn
     if "openvino" not in skip:
         contenders.update(_openvino(model, inputs, threads))
-    if "deepseek_bf16" not in skip:
+    if "deepseek_bf16" not in skip and "bf16" in native_precisions():
         engine_bf16 = ds.compile(model, inputs, backend="cpu", precision="bf16")
         engine_bf16(*inputs)
         contenders["deepseek_bf16"] = lambda: engine_bf16(*inputs)

@@ -6,7 +6,8 @@
 """
 
 from deepseek.api import capture, compile, load, optimize_graph
-from deepseek.errors import (ArtifactError, BackendError, CaptureError, DeepseekError, InputError,
+from deepseek.errors import (ArtifactError, BackendError, CaptureError, DeepseekError, DeepseekWarning,
+                             InputError,
                              IRError, MemoryBudgetError, UnsupportedOpError)
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.types import Sym, TensorSpec
@@ -32,5 +33,5 @@ def profile(engine, **options):
 
 
 __all__ = ["compile", "compile_decoder", "load", "capture", "optimize_graph", "profile", "Graph", "Node", "Value",
-           "TensorSpec", "Sym", "DeepseekError", "ArtifactError", "BackendError", "CaptureError",
+           "TensorSpec", "Sym", "DeepseekError", "DeepseekWarning", "ArtifactError", "BackendError", "CaptureError",
            "InputError", "IRError", "MemoryBudgetError", "UnsupportedOpError", "__version__"]

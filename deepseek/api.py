@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from deepseek.backends.hal import get_backend
-from deepseek.errors import DeepseekError
+from deepseek.errors import DeepseekError, DeepseekWarning
 from deepseek.frontend.torch_export import capture
 from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
@@ -103,6 +104,15 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
     env = _example_env(graph, example)
     concrete = not graph.inputs or env or all(v.spec.is_static for v in graph.inputs)
     b = get_backend(backend)
+    notes = []
+    native = b.capabilities().precisions
+    if precision in PRECISION_DTYPES and native is not None and precision not in native:
+        notes.append(f"precision={precision!r} compiled as fp32: backend {b.name!r} has no native "
+                     f"{precision} kernels on this machine (it would convert element by element, "
+                     "many times slower than float32); int8 quantization (deepseek.quantization) "
+                     "is the way to lower precision here")
+        warnings.warn(notes[-1], DeepseekWarning, stacklevel=3)
+        precision = "fp32"
     passes = list(pipeline(opt_level, graph))
     if precision in PRECISION_DTYPES or precision == "fp8":
         # stage 3 after the clean-up (weights folded in float32), before fusion (which
@@ -115,7 +125,8 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
         passes[at:at] = [lower, map_to_fp8] if precision == "fp8" else [lower]
     optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
     report = Report(passes=[r.to_dict() for r in records], backend="", opt_level=opt_level,
-                    nodes={"unoptimized": len(graph.nodes), "optimized": len(optimized.nodes)})
+                    nodes={"unoptimized": len(graph.nodes), "optimized": len(optimized.nodes)},
+                    notes=notes)
     if concrete:  # accounting needs sizes: the example's, for symbolic graphs
         before, after = plan_memory(graph, env), plan_memory(optimized, env)
         report.bytes_moved = {"unoptimized": bytes_moved(graph, env),

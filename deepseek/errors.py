@@ -31,3 +31,7 @@ class ArtifactError(DeepseekError):
 
 class MemoryBudgetError(DeepseekError):
     """A memory budget cannot be met (the message gives the least the pass reaches)."""
+
+
+class DeepseekWarning(UserWarning):
+    """Something compiled, but not as asked (e.g. a precision this machine runs slowly)."""

@@ -19,3 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def half_precisions_native(monkeypatch):
+    """Let the CPU backend lower to bf16/fp16 even where this CPU has no native kernels for
+    them (it then keeps float32): tests of the lowering itself run on every CPU."""
+    import deepseek.backends.cpu as cpu
+
+    monkeypatch.setattr(cpu, "native_precisions", lambda: frozenset({"bf16", "fp16"}))

@@ -341,7 +341,7 @@ class _Bottleneck(nn.Module):
 
 
 @pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 1e-2)])
-def test_conv_residual_add_relu_is_one_onednn_call(precision, tol):
+def test_conv_residual_add_relu_is_one_onednn_call(half_precisions_native, precision, tol):
     torch.manual_seed(0)
     model = _Bottleneck().eval()
     for bn in (model.bn1, model.bn2):  # not the identity: BN folding must be exercised

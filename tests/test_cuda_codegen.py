@@ -1,10 +1,15 @@
 """The CUDA backend's kernel choices, read from the generated plan's source (runs
 without a GPU: generating a plan launches nothing; GPU tests check the numbers)."""
 
+import pytest
+
 import deepseek as ds
 from benchmarks.models import BENCHMARK_MODELS
 from deepseek.backends.cpu.codegen import generate_plan
 from deepseek.ir.interpreter import bind_inputs
+
+# bf16 graphs come from the CPU backend's lowering, whatever this CPU runs natively
+pytestmark = pytest.mark.usefixtures("half_precisions_native")
 
 
 def _cuda_source(name, precision="bf16", **kwargs) -> str:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deepseek as ds
@@ -471,9 +471,10 @@ def test_activate_recompute_leaves_a_graph_within_budget_alone():
     assert str(activate_recompute(graph, 1 << 40)) == text
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the patch is constant
 @given(random_graphs())
-def test_bf16_lowering_keeps_random_graphs_well_typed(case):
+def test_bf16_lowering_keeps_random_graphs_well_typed(half_precisions_native, case):
     """map_to_tensorcore on random element-wise graphs: every node's recorded dtype is what
     its op produces (verify), every intermediate is bf16 (no float32 island without an
     integer cast), the interface stays float32, and the CPU plan computes what the lowered

@@ -9,6 +9,8 @@ from deepseek.ir.ops import Op, Prop
 from tests.conftest import rel_l2
 from tests.model_zoo import ZOO
 
+pytestmark = pytest.mark.usefixtures("half_precisions_native")
+
 
 @pytest.mark.parametrize("name", ["bert_tiny_padded", "llama_gqa_tiny", "mobilenetv2_tiny",
                                   "lstm_classifier"])
@@ -33,6 +35,20 @@ def test_fp16_and_unknown_precisions():
     assert rel_l2(engine(*inputs), model(*inputs)) < 1e-2
     with pytest.raises(ds.DeepseekError, match="precision must be one of"):
         ds.compile(model, inputs, backend="cpu", precision="int4")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_compiles_fp32_and_says_so(monkeypatch):
+    import deepseek.backends.cpu as cpu
+
+    monkeypatch.setattr(cpu, "native_precisions", lambda: frozenset())
+    model, inputs = ZOO["small_cnn"]()
+    with pytest.warns(ds.DeepseekWarning, match="precision='bf16' compiled as fp32"):
+        engine = ds.compile(model, inputs, backend="cpu", precision="bf16")
+    report = engine.report()
+    assert report.precision == "fp32" and "map_to_tensorcore" not in [p["name"] for p in report.passes]
+    assert "no native bf16 kernels" in str(report) and report.to_dict()["notes"]
+    assert all(v.spec.dtype != torch.bfloat16 for n in engine.graph.nodes for v in n.outputs)
+    assert rel_l2(engine(*inputs), model(*inputs)) < 1e-5
 
 
 def test_bf16_does_not_touch_the_captured_graph():

@@ -38,6 +38,9 @@ class Capabilities:
     priority: int = 0  # "auto" picks the available backend with the highest priority
     memory_types: tuple[str, ...] = ("device",)
     extras: dict[str, Any] = field(default_factory=dict)
+    # reduced float precisions ("bf16", "fp16") with native kernels on this machine;
+    # ds.compile(precision=...) keeps float32 for any other, with a warning. None: all.
+    precisions: frozenset[str] | None = None
 
 
 class Backend:

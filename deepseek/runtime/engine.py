@@ -43,6 +43,7 @@ class Report:
     backend: str = ""
     opt_level: int = 2
     precision: str = "fp32"
+    notes: list[str] = field(default_factory=list)  # where the compile differs from the request
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -68,6 +69,7 @@ class Report:
         if self.fallback_nodes:
             lines.append(f"  {len(self.fallback_nodes)} node(s) run through PyTorch (fallback):")
             lines += [f"    %{f['name']} {f['op']} at {f['source']}" for f in self.fallback_nodes]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 

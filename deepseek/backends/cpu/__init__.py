@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from deepseek.backends.cpu.codegen import generate_plan
+from deepseek.backends.cpu.codegen import generate_plan, native_precisions
 from deepseek.backends.hal import Backend, Capabilities
 from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
@@ -95,7 +95,8 @@ class CPUBackend(Backend):
         return Capabilities(device="cpu", priority=10,
                             dtypes=frozenset({torch.float32, torch.float64, torch.bfloat16,
                                               torch.float16, torch.int8, torch.uint8, torch.int32,
-                                              torch.int64, torch.bool}))
+                                              torch.int64, torch.bool}),
+                            precisions=native_precisions())
 
     def supports(self, node) -> bool:
         return node.fallback is None
