@@ -105,8 +105,8 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
     concrete = not graph.inputs or env or all(v.spec.is_static for v in graph.inputs)
     b = get_backend(backend)
     notes = []
-    native = b.capabilities().precisions
-    if precision in PRECISION_DTYPES and native is not None and precision not in native:
+    native = b.capabilities().precisions if precision in PRECISION_DTYPES else None
+    if native is not None and precision not in native:
         notes.append(f"precision={precision!r} compiled as fp32: backend {b.name!r} has no native "
                      f"{precision} kernels on this machine (it would convert element by element, "
                      "many times slower than float32); int8 quantization (deepseek.quantization) "
