@@ -108,6 +108,15 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _onednn_linear_weight(wt: torch.Tensor, rows: int) -> torch.Tensor:
+    """The (K, N) weight as oneDNN's linear reads it for ``rows``-row inputs: in the blocked
+    layout its kernel picks for that shape (so no reorder runs per call), where this
+    PyTorch can ask for it; else a plain (N, K) oneDNN tensor."""
+    w = wt.t().contiguous()
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    return reorder(w, rows) if reorder is not None else w.to_mkldnn()
+
+
 def _fastest(candidates: Mapping[str, Callable[[], object]]) -> str:
     """The name of the fastest of ``candidates`` (kernels for one exact shape), measured.
 
@@ -787,7 +796,7 @@ class _Emitter:
         if onednn and reader is not None and nhwc is None and rows > 8:
             act, act_input, post = reader
         if onednn:
-            weight = wt.t().contiguous().to_mkldnn()  # (N, K), oneDNN's layout
+            weight = _onednn_linear_weight(wt, rows)
             candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
                 xr, weight, bias, "none", [], "")
             calls["onednn"] = lambda: (f"torch.ops.mkldnn._linear_pointwise({operand()}, "
