@@ -78,3 +78,26 @@ def test_short_few_head_attention_runs_as_the_triton_kernel():
     # at batch 8 there are enough tiles: PyTorch's fused kernels
     big = _cuda_source("bert_base", batch=8, seq=128)
     assert "triton_attention" not in big and big.count("= k_scaled_dot_product_attention") == 12
+
+
+def test_replayed_graph_leaves_its_boundary_casts_to_the_copies_in_and_out():
+    import torch
+
+    from deepseek.backends.cuda import strip_boundary_casts
+    from deepseek.ir.interpreter import run_graph
+
+    model, (x,) = BENCHMARK_MODELS["mnist_cnn"](batch=2)
+    graph = ds.compile(model.eval(), (x,), backend="cpu", precision="bf16").graph
+    stripped, in_dtypes, out_dtypes = strip_boundary_casts(graph)
+    # float32 in and out of a bf16 graph: the cast in and the cast out go
+    assert in_dtypes == [torch.bfloat16] and out_dtypes == [torch.float32]
+    assert len(stripped.nodes) == len(graph.nodes) - 2 and len(graph.nodes) > 2
+    assert [v.spec.dtype for v in stripped.inputs] == [torch.bfloat16]
+    assert [v.spec.dtype for v in stripped.outputs] == [torch.bfloat16]
+    x = torch.randn(2, 1, 28, 28)
+    (want,) = run_graph(graph, [x])
+    (got,) = run_graph(stripped, [x.to(torch.bfloat16)])
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=0)
+    # a float32 graph has no casts at its boundary: nothing changes
+    fp32 = ds.compile(model.eval(), (x,), backend="cpu").graph
+    assert strip_boundary_casts(fp32) == (fp32, [None], [None])
