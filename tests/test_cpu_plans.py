@@ -267,6 +267,15 @@ def test_gemm_activation_epilogue(monkeypatch, choice, act):
     assert (source.count(kind) == 1) == (choice == "onednn")
 
 
+def test_written_out_gelu_runs_as_atens_one_kernel():
+    """A tanh GELU spelled out element-wise (GPT-2's) that no GEMM can take as a post-op
+    runs as ATen's GELU, one pass over memory instead of eight."""
+    model = nn.Sequential(nn.LayerNorm(32), _TanhGelu()).eval()
+    engine = _check(model, torch.randn(4, 32))
+    source = _plan_source(engine)
+    assert source.count("torch._C._nn.gelu(") == 1 and "tanh" in source and "pow" not in source
+
+
 def test_gelu_programs_are_recognised_by_their_values():
     from deepseek.ir.fused import dump_program
 
