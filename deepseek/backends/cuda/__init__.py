@@ -79,7 +79,8 @@ class _GraphReplay:
     """One captured CUDA graph: static inputs in, static outputs out; the copies in and
     out cast where the graph's boundary casts were stripped (``strip_boundary_casts``)."""
 
-    def __init__(self, plan, inputs: Sequence[torch.Tensor], in_dtypes: Sequence, out_dtypes: Sequence):
+    def __init__(self, plan, inputs: Sequence[torch.Tensor], in_dtypes: Sequence,
+                 out_dtypes: Sequence):
         self.plan = plan
         self.static_in = [t.to(d or t.dtype, copy=True) for t, d in zip(inputs, in_dtypes)]
         self.out_dtypes = out_dtypes
