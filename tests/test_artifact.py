@@ -109,7 +109,10 @@ def test_load_in_process_dynamic_batch_two_sizes(art):
         x = torch.randn(b, 1, 28, 28)
         got = loaded(x)
         assert got.shape == (b, 10)
-        assert torch.equal(got, art["engine"](x)) or rel_l2(got, art["engine"](x)) < 1e-6
+        # each engine chooses its kernels by timing (as across processes, above)
+        assert torch.equal(got, art["engine"](x)) or rel_l2(got, art["engine"](x)) < 1e-5
+        with torch.no_grad():
+            assert rel_l2(got, art["model"](x)) < 1e-4
     r = loaded.report()
     assert r.passes and r.nodes == art["engine"].report().nodes
     assert r.partitions and r.partitions[0]["backend"] == "cpu"
