@@ -40,7 +40,7 @@ def _check(model, x, atol=1e-4):
     return engine
 
 
-@pytest.mark.parametrize("choice", ["onednn", "aten", "split"])
+@pytest.mark.parametrize("choice", ["onednn", "conv1x1", "aten", "split"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_gemm_candidates_match_eager(monkeypatch, choice, rows):
     _forcing(monkeypatch, choice)
@@ -48,12 +48,15 @@ def test_gemm_candidates_match_eager(monkeypatch, choice, rows):
     engine = _check(model, torch.randn(rows, 96))
     if choice == "split" and torch.get_num_threads() > 1:
         assert "baddbmm" in _plan_source(engine) and "torch.bmm" in _plan_source(engine)
+    if choice == "conv1x1":  # both GEMMs (the first with the ReLU as its post-op)
+        assert _plan_source(engine).count("_convolution_pointwise(") == 2
 
 
-@pytest.mark.parametrize("choice", ["onednn", "aten", "split"])
+@pytest.mark.parametrize("choice", ["onednn", "conv1x1", "aten", "split"])
 def test_gemm_on_3d_input(monkeypatch, choice):
     _forcing(monkeypatch, choice)
-    _check(nn.Linear(48, 32).eval(), torch.randn(1, 2, 48))
+    engine = _check(nn.Linear(48, 32).eval(), torch.randn(1, 2, 48))
+    assert ("_convolution_pointwise(" in _plan_source(engine)) == (choice == "conv1x1")
 
 
 class ConvPoolHead(nn.Module):
@@ -252,7 +255,7 @@ class _TanhGelu(nn.Module):
         return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3))))
 
 
-@pytest.mark.parametrize("choice", ["onednn", "aten"])  # "onednn": the post-op candidate
+@pytest.mark.parametrize("choice", ["onednn", "conv1x1", "aten"])  # oneDNN: post-op candidates
 @pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), _TanhGelu(), nn.ReLU()],
                          ids=["gelu", "gelu_tanh", "gelu_tanh_written_out", "relu"])
 def test_gemm_activation_epilogue(monkeypatch, choice, act):
@@ -264,7 +267,8 @@ def test_gemm_activation_epilogue(monkeypatch, choice, act):
     engine = _check(model, x)
     source = _plan_source(engine)
     kind = "'relu'" if isinstance(act, nn.ReLU) else "'gelu'"
-    assert (source.count(kind) == 1) == (choice == "onednn")
+    assert (source.count(kind) == 1) == (choice != "aten")
+    assert ("_convolution_pointwise(" in source) == (choice == "conv1x1")
 
 
 def test_written_out_gelu_runs_as_atens_one_kernel():
