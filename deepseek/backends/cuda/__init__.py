@@ -75,14 +75,18 @@ def strip_boundary_casts(graph: Graph) -> tuple[Graph, list, list]:
     return stripped, in_dtypes, out_dtypes
 
 
+def _key(inputs: Sequence[torch.Tensor]) -> tuple:
+    """The (shape, dtype) signature a plan or a captured graph is kept under."""
+    return tuple([(t.shape, t.dtype) for t in inputs])
+
+
 class _GraphReplay:
     """One captured CUDA graph: static inputs in, static outputs out; the copies in and
     out cast where the graph's boundary casts were stripped (``strip_boundary_casts``)."""
 
-    def __init__(self, plan, inputs: Sequence[torch.Tensor], in_dtypes: Sequence,
-                 out_dtypes: Sequence):
+    def __init__(self, plan, static_in: list[torch.Tensor], out_dtypes: Sequence):
         self.plan = plan
-        self.static_in = [t.to(d or t.dtype, copy=True) for t, d in zip(inputs, in_dtypes)]
+        self.static_in = static_in
         self.out_dtypes = out_dtypes
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -130,7 +134,7 @@ class CUDAExecutable:
 
     def plan_for(self, inputs: Sequence[torch.Tensor]):
         """The kernel-by-kernel plan for these input shapes (no CUDA graph), cached."""
-        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        key = _key(inputs)
         plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = self._generate(self.graph, inputs)
@@ -141,12 +145,11 @@ class CUDAExecutable:
                              constants=self.constants, instrument=self.hook, tuner=self.tuner)
 
     def _capture(self, inputs: Sequence[torch.Tensor]) -> "_GraphReplay":
-        cast = [t.to(d) if d is not None else t for t, d in zip(inputs, self.in_dtypes)]
-        return _GraphReplay(self._generate(self.replayed, cast), inputs, self.in_dtypes,
-                            self.out_dtypes)
+        static_in = [t.to(d or t.dtype, copy=True) for t, d in zip(inputs, self.in_dtypes)]
+        return _GraphReplay(self._generate(self.replayed, static_in), static_in, self.out_dtypes)
 
     def _runner(self, inputs: Sequence[torch.Tensor]):
-        key = tuple([(t.shape, t.dtype) for t in inputs])
+        key = _key(inputs)
         runner = self.runners.get(key)
         if runner is None:
             if self.cuda_graphs:
@@ -173,7 +176,7 @@ class CUDAExecutable:
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         # a captured graph of these shapes replays without the settings below (its kernels
         # are fixed; autograd sees nothing): the context costs ~9 us of a 70 us MNIST call
-        runner = self.runners.get(tuple([(t.shape, t.dtype) for t in inputs]))
+        runner = self.runners.get(_key(inputs))
         if type(runner) is _GraphReplay and torch.cuda.current_device() == self.device.index:
             return runner(inputs)
         with self.running():
