@@ -255,7 +255,7 @@ class _TanhGelu(nn.Module):
         return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3))))
 
 
-@pytest.mark.parametrize("choice", ["onednn", "conv1x1", "aten"])  # oneDNN: post-op candidates
+@pytest.mark.parametrize("choice", ["onednn", "conv1x1", "apart"])  # oneDNN: post-op candidates
 @pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), _TanhGelu(), nn.ReLU()],
                          ids=["gelu", "gelu_tanh", "gelu_tanh_written_out", "relu"])
 def test_gemm_activation_epilogue(monkeypatch, choice, act):
@@ -267,17 +267,25 @@ def test_gemm_activation_epilogue(monkeypatch, choice, act):
     engine = _check(model, x)
     source = _plan_source(engine)
     kind = "'relu'" if isinstance(act, nn.ReLU) else "'gelu'"
-    assert (source.count(kind) == 1) == (choice != "aten")
+    assert (source.count(kind) == 1) == (choice != "apart")
     assert ("_convolution_pointwise(" in source) == (choice == "conv1x1")
 
 
-def test_written_out_gelu_runs_as_atens_one_kernel():
+def test_written_out_gelu_runs_as_one_gelu():
     """A tanh GELU spelled out element-wise (GPT-2's) that no GEMM can take as a post-op
-    runs as ATen's GELU, one pass over memory instead of eight."""
-    model = nn.Sequential(nn.LayerNorm(32), _TanhGelu()).eval()
-    engine = _check(model, torch.randn(4, 32))
-    source = _plan_source(engine)
-    assert source.count("torch._C._nn.gelu(") == 1 and "tanh" in source and "pow" not in source
+    runs as one GELU (``gelu_tanh``), not eight passes over memory; so does nn.GELU's."""
+    for act in (_TanhGelu(), nn.GELU(approximate="tanh")):
+        engine = _check(nn.Sequential(nn.LayerNorm(32), act).eval(), torch.randn(4, 32))
+        source = _plan_source(engine)
+        assert source.count("gelu_tanh") == 1 and "pow" not in source and "tanh(" not in source
+
+
+def test_gelu_tanh_matches_float64_reference():
+    x = torch.cat([torch.randn(10_000) * 4, torch.tensor([-30.0, -8.0, 0.0, 8.0, 30.0])])
+    ref = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    got = codegen.gelu_tanh(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=2e-6)
 
 
 def test_gelu_programs_are_recognised_by_their_values():
