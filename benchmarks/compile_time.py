@@ -74,7 +74,12 @@ def worker(step: str, name: str, device: str, precision: str, artifact: str) -> 
         return time.perf_counter() - t0
 
 
-def run(names, device: str, precision: str) -> list[dict]:
+def run(names, device: str, precision: str, step_timeout: float, out: str | None,
+        info: dict) -> list[dict]:
+    """Every step of every model; a step over ``step_timeout`` seconds is recorded as None
+    and the rest go on. The results are written to ``out`` after each step."""
+    from benchmarks import save_json
+
     results = []
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,18 +87,26 @@ def run(names, device: str, precision: str) -> list[dict]:
                        TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
                        TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"))
             row = {"model": name, "config": MODELS[name], "seconds": {}}
+            results.append(row)
             for step in STEPS:
                 if step == "torch.compile_cold":  # its own fresh Triton cache, not Deepseek's
                     env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton_inductor")
                 cmd = [sys.executable, "-m", "benchmarks.compile_time", "--worker", step,
                        "--models", name, "--device", device, "--precision", precision,
                        "--artifact", os.path.join(tmp, f"{name}.dsk")]
-                p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if p.returncode != 0:
-                    raise RuntimeError(f"{step} {name} failed:\n{p.stderr[-3000:]}")
-                row["seconds"][step] = float(p.stdout.strip().splitlines()[-1])
-                print(f"{name:<11} {step:<20} {row['seconds'][step]:8.2f} s", flush=True)
-            results.append(row)
+                try:
+                    p = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                       timeout=step_timeout)
+                except subprocess.TimeoutExpired:
+                    row["seconds"][step] = None
+                    print(f"{name:<11} {step:<20} over {step_timeout:.0f} s", flush=True)
+                else:
+                    if p.returncode != 0:
+                        raise RuntimeError(f"{step} {name} failed:\n{p.stderr[-3000:]}")
+                    row["seconds"][step] = float(p.stdout.strip().splitlines()[-1])
+                    print(f"{name:<11} {step:<20} {row['seconds'][step]:8.2f} s", flush=True)
+                if out:
+                    save_json(out, {"machine": info, "results": results})
     return results
 
 
@@ -103,7 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--precision", default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON results, rewritten after each step")
+    p.add_argument("--step-timeout", type=float, default=600.0,
+                   help="seconds one step may take; a slower one is recorded as null")
     p.add_argument("--worker", default=None, choices=STEPS, help=argparse.SUPPRESS)
     p.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -114,13 +129,9 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from benchmarks import save_json
-
     info = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
             "torch": torch.__version__, "precision": precision}
-    results = run(names, a.device, precision)
-    if a.out:
-        save_json(a.out, {"machine": info, "results": results})
+    run(names, a.device, precision, a.step_timeout, a.out, info)
     print(json.dumps(info))
     return 0
 
