@@ -17,7 +17,8 @@ from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
 from deepseek.ir.verify import verify
 from deepseek.passes import optimize_graph, pipeline, run_passes
-from deepseek.passes.precision import PRECISION_DTYPES, map_to_fp8, map_to_tensorcore
+from deepseek.passes.precision import (PRECISION_DTYPES, map_to_fp8, map_to_tensorcore,
+                                       pad_gemm_dims)
 from deepseek.runtime.artifact import load_artifact
 from deepseek.runtime.engine import Engine, Report
 from deepseek.runtime.plan import bytes_moved, plan_memory
@@ -122,7 +123,8 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
                                   precision="bf16" if precision == "fp8" else precision)
         lower.__name__ = "map_to_tensorcore"
         at = next((i for i, p in enumerate(passes) if p.__name__ in _AFTER_PRECISION), len(passes))
-        passes[at:at] = [lower, map_to_fp8] if precision == "fp8" else [lower]
+        passes[at:at] = [lower] + ([pad_gemm_dims] if target == "cuda" else []) + \
+            ([map_to_fp8] if precision == "fp8" else [])
     optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
     report = Report(passes=[r.to_dict() for r in records], backend="", opt_level=opt_level,
                     nodes={"unoptimized": len(graph.nodes), "optimized": len(optimized.nodes)},

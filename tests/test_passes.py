@@ -158,6 +158,46 @@ def test_merge_sibling_gemms_makes_one_wide_gemm_of_projections_sharing_an_input
     check_same_outputs(build, g, [torch.randn(5, 8)])
 
 
+def test_pad_gemm_dims_pads_wide_low_precision_weights_and_slices_the_result():
+    from deepseek.passes import pad_gemm_dims
+
+    bf16 = torch.bfloat16
+
+    def build():
+        torch.manual_seed(3)
+        g = Graph()
+        x = g.add_input("x", TensorSpec((2, 5, 96), bf16))
+        x2 = g.add_input("x2", TensorSpec((5, 96), bf16))
+        w = g.add_constant("w", torch.randn(96, 1003).to(bf16))  # an LM head's odd N
+        b = g.add_constant("b", torch.randn(1003).to(bf16))
+        y = g.add_node(Op.MATMUL, [x, w], {}, [TensorSpec((2, 5, 1003), bf16)], name="y")
+        z = g.add_node(Op.ADDMM, [b, x2, w], {}, [TensorSpec((5, 1003), bf16)], name="z")
+        aligned = g.add_constant("w8", torch.randn(96, 1000).to(bf16))  # N % 8 == 0
+        small = g.add_constant("ws", torch.randn(96, 10).to(bf16))  # too small to matter
+        u = g.add_node(Op.MM, [x2, aligned], {}, [TensorSpec((5, 1000), bf16)], name="u")
+        v = g.add_node(Op.MM, [x2, small], {}, [TensorSpec((5, 10), bf16)], name="v")
+        g.outputs = [y.outputs[0], z.outputs[0], u.outputs[0], v.outputs[0]]
+        return g
+
+    g = pad_gemm_dims(build())
+    verify(g)
+    assert kinds(g) == ["matmul", "slice.Tensor", "addmm", "slice.Tensor", "mm", "mm"]
+    assert g.nodes[0].inputs[1].spec.shape == (96, 1008)
+    assert g.nodes[2].inputs[0].spec.shape == (1008,)
+    assert g.nodes[1].attrs == {"dim": 2, "start": 0, "end": 1003, "step": 1}
+    inputs = [torch.randn(2, 5, 96).to(bf16), torch.randn(5, 96).to(bf16)]
+    got, ref = run_graph(g, inputs), run_graph(build(), inputs)
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        assert rel_l2(a.float(), r.float()) < 1e-3  # each column: the same dot product
+    # float32 GEMMs (no tensor-core alignment rule) are left alone
+    g32 = Graph()
+    x = g32.add_input("x", spec(5, 96))
+    w = g32.add_constant("w", torch.randn(96, 1003))
+    g32.outputs = g32.add_node(Op.MM, [x, w], {}, [spec(5, 1003)], name="y").outputs
+    assert kinds(pad_gemm_dims(g32)) == ["mm"]
+
+
 def test_fuse_add_layer_norm_leaves_broadcasting_adds_alone():
     from deepseek.passes import fuse_add_layer_norm
 

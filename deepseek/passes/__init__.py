@@ -20,7 +20,7 @@ from deepseek.passes.cse import eliminate_common_subexpr
 from deepseek.passes.fusion import (fuse_add_layer_norm, fuse_conv_bn, fuse_elementwise,
                                      fuse_rms_norm, merge_sibling_gemms)
 from deepseek.passes.memory import reorder_for_memory, schedule_inplace_ops
-from deepseek.passes.precision import map_to_fp8, map_to_tensorcore
+from deepseek.passes.precision import map_to_fp8, map_to_tensorcore, pad_gemm_dims
 from deepseek.passes.recompute import activate_recompute
 from deepseek.passes.simplify import (eliminate_dead_code, fold_constants,
                                       precompute_attention_masks, simplify_algebra)
@@ -74,7 +74,7 @@ def run_passes(graph: Graph, passes: Iterable[Pass], disabled: Iterable[str] = (
     """Run ``passes`` in order (skipping names in ``disabled``); returns the graph and records."""
     skip = set(disabled)
     unknown = skip - {p.__name__ for ps in PIPELINES.values() for p in ps} \
-        - {"map_to_tensorcore", "map_to_fp8"} \
+        - {"map_to_tensorcore", "pad_gemm_dims", "map_to_fp8"} \
         - {p.__name__ for p, _ in CONDITIONAL_PASSES}
     if unknown:
         raise ValueError(f"disable_passes names unknown passes {sorted(unknown)}")
@@ -113,6 +113,6 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
 
 
 __all__ = ["fuse_conv_bn", "merge_sibling_gemms", "fuse_add_layer_norm", "fuse_rms_norm", "precompute_attention_masks", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
-           "eliminate_common_subexpr", "reorder_for_memory", "schedule_inplace_ops", "map_to_tensorcore", "map_to_fp8", "activate_recompute",
+           "eliminate_common_subexpr", "reorder_for_memory", "schedule_inplace_ops", "map_to_tensorcore", "pad_gemm_dims", "map_to_fp8", "activate_recompute",
            "run_passes",
            "pipeline", "optimize_graph", "PassRecord", "PIPELINES"]

@@ -182,6 +182,54 @@ def map_to_tensorcore(graph: Graph, precision: str = "bf16", target: str = "cuda
     return _Lowering(graph, PRECISION_DTYPES[precision]).run()
 
 
+# pad a GEMM's N only where it is big enough for the tensor cores' tiling to matter
+_PAD_MIN_WEIGHT = 1 << 16
+
+
+def pad_gemm_dims(graph: Graph, multiple: int = 8) -> Graph:
+    """Pad the output columns of low-precision GEMMs with a constant weight to a multiple
+    of ``multiple`` (run after ``map_to_tensorcore``; CUDA only).
+
+    ``addmm(b, x, W)`` / ``mm(x, W)`` / ``matmul(x, W)`` with a constant bf16/fp16
+    (K, N) weight, N not a multiple of 8 and K*N at least 64k elements (GPT-2's
+    50257-word LM head) becomes the same GEMM on W and b padded with zero columns to
+    N' (a row stride of whole 16-byte vectors, what cuBLAS's tensor-core kernels
+    load and store) and a slice of its first N columns (a view: no copy). The
+    activation side (K) is left alone: padding it would copy x every call."""
+    nodes = []
+    for node in graph.nodes:
+        if node.fallback is not None or node.op not in (Op.ADDMM, Op.MM, Op.MATMUL):
+            nodes.append(node)
+            continue
+        b, x, w = node.inputs if node.op is Op.ADDMM else (None, *node.inputs)
+        ok = (isinstance(x, Value) and x.spec.dtype in (torch.bfloat16, torch.float16)
+              and x.spec.rank >= 2 and (x.spec.rank == 2 or node.op is Op.MATMUL)
+              and graph.is_constant(w) and w.spec.rank == 2 and w.spec.dtype == x.spec.dtype
+              and w.spec.shape[1] % multiple != 0
+              and graph.constants[w.name].numel() >= _PAD_MIN_WEIGHT
+              and (b is None or (graph.is_constant(b) and b.spec.shape == (w.spec.shape[1],)))
+              and node.attrs.get("beta", 1) == 1 and node.attrs.get("alpha", 1) == 1)
+        if not ok:
+            nodes.append(node)
+            continue
+        n = w.spec.shape[1]
+        extra = -n % multiple
+        weight = torch.nn.functional.pad(graph.constants[w.name], (0, extra))
+        inputs = [x, graph.add_constant(f"{w.name}_padded", weight)]
+        if b is not None:
+            bias = torch.nn.functional.pad(graph.constants[b.name], (0, extra))
+            inputs.insert(0, graph.add_constant(f"{b.name}_padded", bias))
+        out = node.outputs[0]
+        wide = Value(graph.fresh_name(f"{out.name}_padded"),
+                     TensorSpec(out.spec.shape[:-1] + (n + extra,), out.spec.dtype))
+        nodes.append(Node(node.op, inputs, dict(node.attrs), [wide], node.source))
+        nodes.append(Node(Op.SLICE_TENSOR, [wide], {"dim": out.spec.rank - 1, "start": 0,
+                                                     "end": n, "step": 1}, [out], node.source))
+    graph.nodes = nodes
+    graph.remove_unused_constants()
+    return graph
+
+
 def map_to_fp8(graph: Graph) -> Graph:
     """GEMMs with a constant weight as ``deepseek::fp8_linear`` (run after the bf16 data
     flow of ``map_to_tensorcore``): ``addmm(b, x, W)`` / ``mm(x, W)`` with x 2-D bf16/fp16,
