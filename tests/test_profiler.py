@@ -394,6 +394,17 @@ def test_cli_profile_and_compare(tmp_path, capsys):
     assert "removed" in capsys.readouterr().out
 
 
+def test_cli_compiles_in_the_precision_asked_for(tmp_path, half_precisions_native):
+    """--precision reaches ds.compile: the report says bf16 and the plan runs bf16 GEMMs."""
+    from deepseek.profiler.cli import main
+
+    assert main(["mnist_cnn", "--iters", "2", "--warmup", "1", "--backend", "cpu",
+                 "--precision", "bf16", "--out", str(tmp_path)]) == 0
+    report = _load(tmp_path / "report.json")
+    assert report["precision"] == "bf16"
+    assert any("bfloat16" in str(op["dtypes"]) for op in report["ops"])
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     from deepseek.profiler.cli import main
 

@@ -18,11 +18,14 @@ import sys
 
 import torch
 
+from deepseek.api import PRECISIONS
 from deepseek.errors import DeepseekError
 
 EXAMPLES = """examples:
   deepseek-profiler mnist_cnn --iters 50 --out prof/
   deepseek-profiler benchmarks.models:resnet50 --input-shape 1,3,224,224 --backend cpu --out prof/
+  deepseek-profiler benchmarks.models:bert_base --input-shape 128,128 --input-shape 128,128 \
+      --backend cuda --precision bf16 --out prof/
   deepseek-profiler model.dsk --dim batch=8 --iters 20 --out prof/
   deepseek-profiler --compare before/report.json after/report.json
 """
@@ -60,7 +63,7 @@ def _engine_and_inputs(a) -> tuple[object, list[torch.Tensor], str]:
         else:
             try:
                 engine = ds.compile(path, backend=a.backend, opt_level=a.opt_level,
-                                    disable_passes=a.disable_pass or ())
+                                    precision=a.precision, disable_passes=a.disable_pass or ())
             except ImportError as e:
                 raise DeepseekError(f"ONNX import is not available in this installation ({e}); "
                                     "compile the model with PyTorch and save a .dsk") from None
@@ -83,7 +86,7 @@ def _engine_and_inputs(a) -> tuple[object, list[torch.Tensor], str]:
         new = iter(_random_like(s, t.dtype) for s, t in zip(shapes, tensors))
         example = tuple(next(new) if isinstance(x, torch.Tensor) else x for x in example)
     engine = ds.compile(model, example, backend=a.backend, opt_level=a.opt_level,
-                        disable_passes=a.disable_pass or ())
+                        precision=a.precision, disable_passes=a.disable_pass or ())
     inputs = [x for x in example if isinstance(x, torch.Tensor)]
     return engine, inputs, path
 
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="calls left out first (default 2)")
     p.add_argument("--out", help="directory for trace.json, report.json and report.html")
     p.add_argument("--opt-level", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="as ds.compile's (a .dsk keeps the precision it was saved with)")
     p.add_argument("--disable-pass", action="append", metavar="NAME",
                    help="compile without this pass (e.g. fuse_conv_bn), to see its effect")
     p.add_argument("--threads", type=int, help="PyTorch intra-op threads")
