@@ -186,32 +186,40 @@ def map_to_tensorcore(graph: Graph, precision: str = "bf16", target: str = "cuda
 _PAD_MIN_WEIGHT = 1 << 16
 
 
+def _low_precision_gemm(graph: Graph, node: Node, batched: bool) -> tuple | None:
+    """(b or None, x, W) of ``addmm(b, x, W)`` / ``mm(x, W)`` (and, with ``batched``,
+    ``matmul(x, W)`` on an x of any rank) with x bf16/fp16, W a constant (K, N) of x's
+    dtype and b None or a constant of N; else None."""
+    ops = (Op.ADDMM, Op.MM, Op.MATMUL) if batched else (Op.ADDMM, Op.MM)
+    if node.fallback is not None or node.op not in ops:
+        return None
+    b, x, w = node.inputs if node.op is Op.ADDMM else (None, *node.inputs)
+    ok = (isinstance(x, Value) and x.spec.dtype in (torch.bfloat16, torch.float16)
+          and x.spec.rank >= 2 and (x.spec.rank == 2 or node.op is Op.MATMUL)
+          and graph.is_constant(w) and w.spec.rank == 2 and w.spec.dtype == x.spec.dtype
+          and (b is None or (graph.is_constant(b) and b.spec.shape == (w.spec.shape[1],)))
+          and node.attrs.get("beta", 1) == 1 and node.attrs.get("alpha", 1) == 1)
+    return (b, x, w) if ok else None
+
+
 def pad_gemm_dims(graph: Graph, multiple: int = 8) -> Graph:
     """Pad the output columns of low-precision GEMMs with a constant weight to a multiple
     of ``multiple`` (run after ``map_to_tensorcore``; CUDA only).
 
     ``addmm(b, x, W)`` / ``mm(x, W)`` / ``matmul(x, W)`` with a constant bf16/fp16
-    (K, N) weight, N not a multiple of 8 and K*N at least 64k elements (GPT-2's
+    (K, N) weight, N not a multiple of ``multiple`` and K*N at least 64k elements (GPT-2's
     50257-word LM head) becomes the same GEMM on W and b padded with zero columns to
     N' (a row stride of whole 16-byte vectors, what cuBLAS's tensor-core kernels
     load and store) and a slice of its first N columns (a view: no copy). The
     activation side (K) is left alone: padding it would copy x every call."""
     nodes = []
     for node in graph.nodes:
-        if node.fallback is not None or node.op not in (Op.ADDMM, Op.MM, Op.MATMUL):
+        gemm = _low_precision_gemm(graph, node, batched=True)
+        if gemm is None or gemm[2].spec.shape[1] % multiple == 0 \
+                or graph.constants[gemm[2].name].numel() < _PAD_MIN_WEIGHT:
             nodes.append(node)
             continue
-        b, x, w = node.inputs if node.op is Op.ADDMM else (None, *node.inputs)
-        ok = (isinstance(x, Value) and x.spec.dtype in (torch.bfloat16, torch.float16)
-              and x.spec.rank >= 2 and (x.spec.rank == 2 or node.op is Op.MATMUL)
-              and graph.is_constant(w) and w.spec.rank == 2 and w.spec.dtype == x.spec.dtype
-              and w.spec.shape[1] % multiple != 0
-              and graph.constants[w.name].numel() >= _PAD_MIN_WEIGHT
-              and (b is None or (graph.is_constant(b) and b.spec.shape == (w.spec.shape[1],)))
-              and node.attrs.get("beta", 1) == 1 and node.attrs.get("alpha", 1) == 1)
-        if not ok:
-            nodes.append(node)
-            continue
+        b, x, w = gemm
         n = w.spec.shape[1]
         extra = -n % multiple
         weight = torch.nn.functional.pad(graph.constants[w.name], (0, extra))
@@ -240,19 +248,11 @@ def map_to_fp8(graph: Graph) -> Graph:
 
     nodes = []
     for node in graph.nodes:
-        if node.fallback is not None or node.op not in (Op.ADDMM, Op.MM):
+        gemm = _low_precision_gemm(graph, node, batched=False)
+        if gemm is None or gemm[2].spec.shape[0] % 16 or gemm[2].spec.shape[1] % 16:
             nodes.append(node)
             continue
-        b, x, w = node.inputs if node.op is Op.ADDMM else (None, *node.inputs)
-        ok = (isinstance(x, Value) and x.spec.rank == 2 and x.spec.dtype in (torch.bfloat16,
-                                                                              torch.float16)
-              and graph.is_constant(w) and w.spec.rank == 2 and w.spec.dtype == x.spec.dtype
-              and w.spec.shape[0] % 16 == 0 and w.spec.shape[1] % 16 == 0
-              and (b is None or (graph.is_constant(b) and b.spec.shape == (w.spec.shape[1],)))
-              and node.attrs.get("beta", 1) == 1 and node.attrs.get("alpha", 1) == 1)
-        if not ok:
-            nodes.append(node)
-            continue
+        b, x, w = gemm
         weight = graph.constants[w.name].float().t()  # (N, K)
         scale = weight.abs().amax(1).clamp_min(1e-12) / FP8_MAX
         q = (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

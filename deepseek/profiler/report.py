@@ -344,7 +344,8 @@ def build_report(prof: Profile) -> ProfileReport:
     walls = [(c.end_ns - c.start_ns) / 1e6 for c in calls]
     op_ms = sum(r["time_ms"] for r in ops)
     meta = {"model": prof.name, "backend": prof.engine.backend.name, "device": prof.device,
-            "precision": prof.engine.precision, "iterations": n_calls, "warmup_calls": len(prof.calls) - n_calls,
+            "precision": prof.engine.precision, "iterations": n_calls,
+            "warmup_calls": len(prof.calls) - n_calls,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "wall_ms": {"mean": statistics.fmean(walls), "median": statistics.median(walls),
