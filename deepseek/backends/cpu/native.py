@@ -1,0 +1,82 @@
+"""C kernels of the CPU backend, compiled on first use and loaded through ctypes.
+
+Each ``<name>.c`` beside this module is plain C (no Python or PyTorch headers) built
+with ``gcc -O3 -march=native -fopenmp`` into ``$DEEPSEEK_CACHE_DIR/native`` (default
+``~/.cache/deepseek/native``), keyed by the source, the compiler and this CPU's model
+and flags, so a machine compiles each source once. OpenMP comes from the libgomp that
+PyTorch has already loaded (the same soname), so these kernels share its thread pool
+instead of starting a second one. Without a C compiler ``library`` returns None and
+the kernels that need it are simply not among the candidates (``unavailable`` says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_LOCK = threading.Lock()
+_LIBS: dict[str, ctypes.CDLL | None] = {}
+unavailable: dict[str, str] = {}  # library name -> why it could not be built
+
+
+def _cpu_key() -> str:
+    """This CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    return cc if cc and shutil.which(cc) else None
+
+
+def _build(name: str, cc: str) -> str:
+    with open(os.path.join(_HERE, f"{name}.c"), "rb") as f:
+        source = f.read()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout.splitlines()[:1]
+    key = hashlib.sha256(source + repr((cc, version, _FLAGS, _cpu_key())).encode()).hexdigest()
+    base = os.environ.get("DEEPSEEK_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "deepseek"))
+    out_dir = os.path.join(base, "native")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}_{key[:20]}.so")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, os.path.join(_HERE, f"{name}.c")],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {name}.c: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)  # atomic: a concurrent process never loads half a file
+    return path
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled ``<name>.c`` (built once per machine), or None where it cannot be built."""
+    with _LOCK:
+        if name not in _LIBS:
+            import torch  # noqa: F401  (its libgomp must be loaded first: see the module doc)
+
+            cc = _compiler()
+            lib = None
+            if cc is None:
+                unavailable[name] = "no C compiler (set CC or install gcc)"
+            else:
+                try:
+                    lib = ctypes.CDLL(_build(name, cc))
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    unavailable[name] = str(e)
+            _LIBS[name] = lib
+        return _LIBS[name]

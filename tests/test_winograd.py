@@ -1,0 +1,92 @@
+"""Winograd 3x3 convolutions on the CPU (deepseek/backends/cpu/winograd.{py,c}): the C
+transforms and the batched GEMM between them against a float64 convolution, and the
+kernel inside generated plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import deepseek.backends.cpu.codegen as codegen
+from deepseek.backends.cpu import native, winograd
+from tests.conftest import rel_l2
+from tests.test_cpu_plans import _check, _forcing, _plan_source
+
+pytestmark = pytest.mark.skipif(winograd.library() is None,
+                                reason=f"no C compiler: {native.unavailable.get('winograd')}")
+
+
+@pytest.mark.parametrize("tile", winograd.TILES)
+@pytest.mark.parametrize("n,c,k,h,w,pad", [
+    (1, 64, 64, 14, 14, 1),  # tiles divide the output (F4: no, F2: yes)
+    (2, 13, 21, 9, 11, 1),   # channel counts off the 8-wide vectors, odd sizes, a batch
+    (1, 8, 5, 7, 7, 0),      # no padding: output 5x5
+    (1, 16, 24, 5, 6, 2),    # padding 2: output wider than the input
+    (1, 9, 8, 3, 3, 1),      # one tile, mostly padding
+])
+@pytest.mark.parametrize("bias,relu", [(True, False), (False, True), (True, True)])
+def test_matches_float64_convolution(tile, n, c, k, h, w, pad, bias, relu):
+    torch.manual_seed(c * k + h)
+    x = torch.randn(n, c, h, w)
+    wt = torch.randn(k, c, 3, 3) / (3 * c ** 0.5)
+    b = torch.randn(k) if bias else None
+    ref = torch.nn.functional.conv2d(x.double(), wt.double(), None if b is None else b.double(),
+                                     padding=pad)
+    if relu:
+        ref = ref.clamp_min(0)
+    conv = winograd.WinogradConv(wt, b, (pad, pad), x.shape, relu=relu, tile=tile)
+    v = torch.full(conv.v_shape, float("nan"))  # every entry must be written before read
+    m = torch.full(conv.m_shape, float("nan"))
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        y = conv(inp, v, m)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert rel_l2(y.double(), ref) < 1e-5
+
+
+def test_scratch_bytes_counts_both_matrices():
+    conv = winograd.WinogradConv(torch.randn(32, 16, 3, 3), None, (1, 1), (1, 16, 10, 10), tile=4)
+    assert conv.v_shape == (36, 9, 16) and conv.m_shape == (36, 9, 32)
+    assert conv.scratch_bytes() == 4 * 36 * 9 * (16 + 32)
+
+
+class ConvReluConv(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.a = nn.Conv2d(c, 24, 3, padding=1)
+        self.b = nn.Conv2d(24, 8, 3, padding=0, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("choice", ["winograd4", "winograd2"])
+def test_chosen_in_a_plan(monkeypatch, choice):
+    """Forced, both convolutions run through it (the first with its ReLU as it writes)."""
+    _forcing(monkeypatch, choice)
+    engine = _check(ConvReluConv().eval(), torch.randn(2, 16, 13, 10))
+    source = _plan_source(engine)
+    assert source.count("= wino") == 2 and "v_relu = v_convolution\n" in source
+
+
+def test_not_offered_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setattr(native, "unavailable", {})
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert winograd.library() is None and "compiler" in native.unavailable["winograd"]
+    seen = []
+    monkeypatch.setattr(codegen, "_fastest", lambda c: seen.append(set(c)) or next(iter(c)))
+    _check(ConvReluConv().eval(), torch.randn(1, 16, 8, 8))
+    assert seen and not any(name.startswith("winograd") for names in seen for name in names)
+
+
+def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\necho 'cc: broken' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setattr(native, "unavailable", {})
+    monkeypatch.setenv("CC", str(bad))
+    monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path / "cache"))
+    assert native.library("winograd") is None and "broken" in native.unavailable["winograd"]
