@@ -62,11 +62,14 @@ class ConvReluConv(nn.Module):
 
 @pytest.mark.parametrize("choice", ["winograd4", "winograd2"])
 def test_chosen_in_a_plan(monkeypatch, choice):
-    """Forced, both convolutions run through it (the first with its ReLU as it writes)."""
+    """Forced, both convolutions run through it: the first with its ReLU as it writes and
+    into a plan buffer (the second writes the caller's output: a fresh tensor)."""
     _forcing(monkeypatch, choice)
     engine = _check(ConvReluConv().eval(), torch.randn(2, 16, 13, 10))
     source = _plan_source(engine)
     assert source.count("= wino") == 2 and "v_relu = v_convolution\n" in source
+    first, second = (ln for ln in source.splitlines() if "= wino" in ln)
+    assert first.count("_b") == 3 and second.count("_b") == 2
 
 
 def test_not_offered_without_a_compiler(monkeypatch):

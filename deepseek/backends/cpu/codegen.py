@@ -691,7 +691,8 @@ class _Emitter:
                 self.cl.add(id(users[0].outputs[0]))
             self.cl.add(id(out))
             v, m = (self.scratch(node, shape, torch.float32) for shape in (wino.v_shape, wino.m_shape))
-            return f"{self.const(wino, 'wino')}({self.as_cl(x)}, {v}, {m})"
+            res = self.buffer(out, out.spec.concrete(self.env), torch.channels_last)
+            return f"{self.const(wino, 'wino')}({self.as_cl(x)}, {v}, {m}{f', {res}' if res else ''})"
         pool = self.pooled_by(users[0]) if fuse else None
         if pool is not None:  # the post-op could run after a max pool instead: measured
             pa = {k: bind(v, self.env) for k, v in pool.attrs.items()}

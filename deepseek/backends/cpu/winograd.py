@@ -68,11 +68,15 @@ class WinogradConv:
         points, t, c = self.v_shape
         return 4 * points * t * (c + self.m_shape[2])
 
-    def __call__(self, x: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution of ``x``, written into ``out`` (channels-last, of the output's
+        shape) where given, else into a new tensor."""
         n, c, h, w, k = self.dims
         threads = torch.get_num_threads()
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.empty((n, k) + self.out_hw, memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op on channels-last input
+        y = torch.empty((n, k) + self.out_hw, memory_format=torch.channels_last) \
+            if out is None else out
         self.lib.ds_wino_input(self.tile, x.data_ptr(), v.data_ptr(), v.stride(0), n, h, w, c,
                                self.pad[0], self.pad[1], self.tiles[0], self.tiles[1], threads)
         torch.bmm(v, self.weight, out=m)
