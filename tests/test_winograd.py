@@ -93,3 +93,23 @@ def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(bad))
     monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path / "cache"))
     assert native.library("winograd") is None and "broken" in native.unavailable["winograd"]
+
+
+def test_profiler_names_the_algorithm_and_keeps_the_roof(monkeypatch):
+    """A Winograd convolution's effective GFLOP/s (direct-convolution FLOPs over its time)
+    is reported with the algorithm's name and never raises the compute roof."""
+    import deepseek as ds
+    from deepseek.profiler import DevicePeaks
+
+    _forcing(monkeypatch, "winograd4")
+    model, x = ConvReluConv(c=32).eval(), torch.randn(1, 32, 40, 40)
+    engine = ds.compile(model, (x,), backend="cpu")
+    tiny = DevicePeaks(device="cpu", gflops=0.001, gbps=1000.0)  # every op beats this roof
+    with ds.profile(engine, peaks={"cpu": tiny}) as prof:
+        for _ in range(3):
+            engine(x)
+    rows = {r["name"]: r for r in prof.report().ops}
+    assert rows["convolution"]["algorithm"] == "winograd F(4x4,3x3)"
+    assert rows["convolution_1"]["algorithm"] == "winograd F(4x4,3x3)"
+    assert all(r["algorithm"] is None for n, r in rows.items() if not n.startswith("convolution"))
+    assert prof.report().meta["peaks"]["cpu"]["gflops"] == 0.001  # not raised by Winograd rows

@@ -31,7 +31,8 @@ def _roof(r: dict) -> str:
         return f"fused into %{r['fused_into']}"
     if r.get("bound") is None:
         return "-"
-    return f"{r['roofline_pct']:.0f}% {r['bound']}"
+    roof = f"{r['roofline_pct']:.0f}% {r['bound']}"
+    return f"{roof} ({r['algorithm']})" if r.get("algorithm") else roof
 
 
 def _header(report) -> str:

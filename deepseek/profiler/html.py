@@ -204,6 +204,8 @@ def _ops_table(report) -> str:
     for r in report.ops:
         roof = (f"fused into %{r['fused_into']}" if r["fused_into"] else
                 f"{r['roofline_pct']:.0f}% ({r['bound']})" if r["bound"] else "-")
+        if r.get("algorithm"):
+            roof += f", {r['algorithm']}"
         shape = " ".join(str(s) for s in r["output_shapes"][:1])
         cells = [f"%{r['name']}", r["op"], r["module"], r["location"], shape]
         nums = [f"{r['time_ms']:.4f}", f"{r['share']:.1f}%", _fmt(r["gflops_per_s"]),

@@ -8,7 +8,9 @@ with the device's measured peaks (:mod:`.peaks`): an op whose arithmetic
 intensity is under the ridge point is memory-bound, else compute-bound, and
 ``roofline_pct`` is how close it gets to the roof it sits under. A compute
 roof below the fastest op (a peak measured under load) is raised to it; the
-measured value stays in the report. The bandwidth roof is a large copy's,
+measured value stays in the report; ops run by a fast algorithm (Winograd convolutions:
+``algorithm`` in their row) count the op's FLOPs, so their rate is an effective one and
+never raises a roof. The bandwidth roof is a large copy's,
 through DRAM: ops whose tensors stay in cache can sit above it.
 """
 
@@ -190,7 +192,9 @@ def _raise_compute_roofs(timed, peaks_for, peaks_used: dict) -> dict[str, float]
     """
     fastest: dict[str, float] = {}
     for row, acc, total in timed:
-        if total and acc.flops and total / len(acc.times) >= MIN_RATE_NS:
+        # a fast algorithm (Winograd) does fewer operations than its FLOPs count: its
+        # effective rate says nothing about the roof
+        if total and acc.flops and total / len(acc.times) >= MIN_RATE_NS and not row["algorithm"]:
             d = acc.probe.device
             fastest[d] = max(fastest.get(d, 0.0), acc.flops / total)
     raised = {}
@@ -311,7 +315,8 @@ def build_report(prof: Profile) -> ProfileReport:
                "class": op_class(acc.node), "partition": acc.probe.index,
                "backend": acc.probe.backend, "device": acc.probe.device,
                "fallback": acc.node is not None and acc.node.fallback is not None,
-               "fused_into": None, **_static(acc, calls[-1].env)}
+               "fused_into": None, "algorithm": acc.probe.algorithms.get(acc.key[1])
+               if acc.node is not None else None, **_static(acc, calls[-1].env)}
         if fused:  # computed inside its producer's kernel (a oneDNN post-op, say)
             first = acc.node.input_values()[0]
             row["fused_into"] = producers[first].name if first in producers else None

@@ -49,6 +49,7 @@ class Probe:
     stamps: list[int] = field(default_factory=list)  # perf_counter_ns, filled by the hook
     fused: set[int] = field(default_factory=set)  # node indices run inside a producer's kernel
     fused_hosts: dict[int, int] = field(default_factory=dict)  # of those, run by a later node
+    algorithms: dict[int, str] = field(default_factory=dict)  # node index -> fast algorithm run
     executable: Any = None  # the instrumented twin (CPU), read for fused_nodes afterwards
 
 
@@ -251,6 +252,7 @@ class Profile:
             for plan in getattr(exe, "plans", {}).values():
                 probe.fused.update(getattr(plan, "fused_nodes", ()))
                 probe.fused_hosts.update(getattr(plan, "fused_hosts", {}))
+                probe.algorithms.update(getattr(plan, "algorithms", {}))
         for p, exe, backend in self._saved:
             p.executable, p.backend = exe, backend
         self._saved.clear()

@@ -268,6 +268,7 @@ class _Emitter:
                 self.users.setdefault(id(v), []).append(n)
         self._position: dict[int, int] | None = None
         self.fused_into: dict[int, str] = {}  # post-op node id -> name of the fused result
+        self.algorithms: dict[int, str] = {}  # node id -> a fast algorithm's name (Winograd)
         self.cl: set[int] = set()  # ids of 4-D values that are channels-last at run time
         self.nhwc_rows: dict[int, tuple] = {}  # id of an NHWC-order flatten -> its (C, H, W)
         self.after_pool: dict[int, tuple] = {}  # max-pool node id -> (unary op applied to its
@@ -686,6 +687,7 @@ class _Emitter:
             return gather[1]()
         if best in winos:
             wino = winos[best]
+            self.algorithms[id(node)] = f"winograd F({wino.tile}x{wino.tile},3x3)"
             if post == "relu":
                 self.fused_into[id(users[0])] = self.names[id(out)]
                 self.cl.add(id(users[0].outputs[0]))
@@ -1109,8 +1111,17 @@ class _Emitter:
         index = {id(n): i for i, n in enumerate(g.nodes)}
         fused = frozenset(i for i, n in enumerate(g.nodes) if id(n) in self.fused_into
                           or id(n) in self.hosted)
-        hosts = {index[k]: index[id(h)] for k, h in self.hosted.items()}
-        return _build(self.lines, self.globals, starts, fused, None, hosts)
+        marks = {
+            # indices of nodes computed by another node's kernel (post-ops)
+            "fused_nodes": fused,
+            # of those, the ones a later node's statement computes (an op moved past a max
+            # pool): index -> that node's index; the others are computed by their producer
+            "fused_hosts": {index[k]: index[id(h)] for k, h in self.hosted.items()},
+            # nodes run by an algorithm doing fewer operations than the op's definition
+            # counts (Winograd): index -> its name; their FLOP rates are effective ones
+            "algorithms": {index[k]: name for k, name in self.algorithms.items()},
+        }
+        return _build(self.lines, self.globals, starts, None, marks)
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
@@ -1145,10 +1156,11 @@ def _make_buffers(specs: tuple) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset,
-           hook: Callable[[int], object] | None, hosts: Mapping[int, int] | None = None) -> Callable:
+def _build(lines: list[str], globals_: dict, starts: list[int],
+           hook: Callable[[int], object] | None, marks: Mapping[str, object]) -> Callable:
     """Exec the plan's source; with ``hook``, a ``_hook(i)`` line goes before node i's
-    statement (its ``del`` line stays with it) and ``_hook(len(nodes))`` before the return."""
+    statement (its ``del`` line stays with it) and ``_hook(len(nodes))`` before the return.
+    ``marks`` (what the profiler reads about nodes) become attributes of the function."""
     if hook is not None:
         lines = list(lines)
         for i in reversed(range(len(starts))):
@@ -1161,12 +1173,9 @@ def _build(lines: list[str], globals_: dict, starts: list[int], fused: frozenset
     exec(compile(source, name, "exec"), namespace)  # our own generated code
     fn = namespace["plan"]
     fn.source = source
-    fn.fused_nodes = fused  # indices of nodes computed by another node's kernel (post-ops)
-    # of those, the ones a later node's statement computes (an op moved past a max pool):
-    # index -> that node's index; the others are computed by their producer
-    fn.fused_hosts = dict(hosts or {})
+    vars(fn).update(marks)
     if hook is None:  # the twin shares this plan's kernels, packed weights and choices
-        fn.instrumented = lambda h: _build(lines, globals_, starts, fused, h, hosts)
+        fn.instrumented = lambda h: _build(lines, globals_, starts, h, marks)
     return fn
 
 
