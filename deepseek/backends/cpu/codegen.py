@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from deepseek.backends.cpu import winograd
+from deepseek.backends.cpu import direct, winograd
 from deepseek.ir.fused import parse_program, run_steps
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop, op_from_name, opdef
@@ -518,21 +518,23 @@ class _Emitter:
         return self.storage_reach(value)[0]
 
     def buffer(self, value: Value, shape, memory_format=torch.contiguous_format,
-               views: tuple = ()) -> str | None:
+               views: tuple = (), writer: Node | None = None) -> str | None:
         """A buffer of the plan for an out= kernel computing ``value``: allocated once, not
         per call. None where ``value`` may reach the caller (outputs are always fresh
         tensors, never overwritten by a later call) or is too big for an allocation to
         matter next to the kernel writing it. Values of one shape whose storages live at
         different times share a buffer. Calls running the same plan at once each take
         their own set of buffers (see ``generate``). ``views`` (see ``_make_buffers``)
-        are made once with the buffer, named ``<buffer>_v0``, ``_v1``..."""
+        are made once with the buffer, named ``<buffer>_v0``, ``_v1``... ``writer``: the node
+        whose statement writes it, where that comes before ``value``'s own (a kernel that
+        also computes the ops after it)."""
         spec = (tuple(shape), value.spec.dtype, memory_format, tuple(views), False)
         if self.device != "cpu" or _nbytes(shape, value.spec.dtype) > _BUFFER_MAX_BYTES:
             return None
         escapes, last = self.storage_reach(value)
         if escapes:
             return None
-        return self.slot(spec, self.index[id(value)], last)
+        return self.slot(spec, self.index[id(writer if writer is not None else value)], last)
 
     def scratch(self, node: Node, shape, dtype, views: tuple = (), zero: bool = False) -> str:
         """A buffer of the plan that ``node``'s statement alone uses (e.g. a zero-padded
@@ -618,7 +620,9 @@ class _Emitter:
         ATen's convolution; and, for small ones, a gather of the input's patches (through
         an index table made once) and one GEMM, whose result is channels-last as it
         stands; for 3x3 ones with stride 1, Winograd F(4x4, 3x3) and F(2x2, 3x3)
-        (``winograd.py``: 4x and 2.25x fewer multiplications, ReLU applied as it writes). Where a max pool reads the result, the candidates leaving NCHW are timed
+        (``winograd.py``: 4x and 2.25x fewer multiplications, ReLU applied as it writes);
+        for few input channels, a direct kernel (``direct.py``) that also does a
+        following 2x2 max pool as it writes. Where a max pool reads the result, the candidates leaving NCHW are timed
         with the copy to channels-last the pool would make."""
         x, w, b = ins
         g = self.graph
@@ -669,6 +673,9 @@ class _Emitter:
                 a["stride"], a["padding"], a["dilation"], False, a["output_padding"], a["groups"]))
         if gather is not None:
             candidates["gather"] = lambda: _POST_FNS[post](gather[0](xr))
+        direct = self.direct_conv(w, b, a, shape, post)
+        if direct is not None:
+            candidates["direct"] = functools.partial(direct, xcl)
         winos = self.winograd_convs(w, b, a, shape, post)
         for name, wino in winos.items():
             with torch.inference_mode(False):
@@ -685,6 +692,8 @@ class _Emitter:
         if best == "gather":
             self.cl.add(id(out))
             return gather[1]()
+        if best == "direct":
+            return self.emit_direct(node, x, w, b, a, shape, post, users)
         if best in winos:
             wino = winos[best]
             self.algorithms[id(node)] = f"winograd F({wino.tile}x{wino.tile},3x3)"
@@ -719,6 +728,46 @@ class _Emitter:
                 f"{self.const(packed, 'packed')}, {self.name(b) if b is not None else None}, "
                 f"{a['padding']}, {a['stride']}, {a['dilation']}, {a['groups']}, "
                 f"{post!r}, {scalars}, {algo!r})")
+
+    def direct_conv(self, w: Value, b, a, shape, post: str, pool: bool = False):
+        """The direct kernel (``direct.py``) for a float32 convolution with few input channels
+        (ReLU applied as it writes where ``post`` says so; with ``pool``, a 2x2 max pool
+        too), or None where it does not apply or no C compiler can build it."""
+        c = w.spec.concrete(self.env)[1]
+        if (len(shape) != 4 or c > direct.MAX_IN_CHANNELS or a["groups"] != 1
+                or list(a["dilation"]) != [1, 1] or post not in ("none", "relu")
+                or w.spec.dtype != torch.float32 or direct.library() is None):
+            return None
+        return direct.DirectConv(self.constants[w.name],
+                                 self.constants[b.name] if b is not None else None,
+                                 a["stride"], a["padding"], shape, relu=post == "relu", pool=pool)
+
+    def emit_direct(self, node: Node, x: Value, w: Value, b, a, shape, post: str, users) -> str:
+        """The direct kernel's statement; a 2x2 stride-2 max pool that alone reads the result
+        (after the ReLU, if any) is done by the kernel too, as it writes."""
+        out = node.outputs[0]
+        last = users[0].outputs[0] if post == "relu" else out
+        pool = self.sole_reader(last)
+        pa = {} if pool is None or pool.op is not Op.MAX_POOL2D or pool.inputs[0] is not last \
+            else {k: bind(v, self.env) for k, v in pool.attrs.items()}
+        two = [2, 2]
+        if not (list(pa.get("kernel_size", ())) == two and list(pa.get("stride") or two) == two
+                and pa.get("padding", 0) in (0, [0, 0]) and pa.get("dilation", 1) in (1, [1, 1])
+                and not pa.get("ceil_mode", False)):
+            pool = None
+        kernel = self.direct_conv(w, b, a, shape, post, pool=pool is not None)
+        result = out if pool is None else pool.outputs[0]
+        for fused in ([users[0]] if post == "relu" else []) + ([pool] if pool is not None else []):
+            self.fused_into[id(fused)] = self.names[id(fused.inputs[0])]  # its input: an alias
+            self.cl.add(id(fused.outputs[0]))
+        self.cl.add(id(out))
+        res = self.buffer(result, result.spec.concrete(self.env), torch.channels_last, writer=node)
+        return f"{self.const(kernel, 'direct')}({self.as_cl(x)}{f', {res}' if res else ''})"
+
+    def sole_reader(self, value: Value) -> Node | None:
+        """The one node reading ``value``, where it is not also a graph output."""
+        users = self.users.get(id(value), [])
+        return users[0] if len(users) == 1 and value not in self.graph.outputs else None
 
     def winograd_convs(self, w: Value, b, a, shape, post: str) -> dict[str, winograd.WinogradConv]:
         """Winograd kernels for a float32 3x3 convolution with stride 1 (ReLU applied as

@@ -1,6 +1,7 @@
-"""Winograd 3x3 convolutions on the CPU (deepseek/backends/cpu/winograd.{py,c}): the C
-transforms and the batched GEMM between them against a float64 convolution, and the
-kernel inside generated plans."""
+"""The CPU backend's C kernels (deepseek/backends/cpu/*.c, built by native.py): Winograd
+3x3 convolutions (winograd.{py,c}: the C transforms and the batched GEMM between them)
+and direct convolutions for few input channels with a fused 2x2 max pool (direct.{py,c}),
+each against a float64 convolution, inside generated plans, and without a compiler."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import torch
 import torch.nn as nn
 
 import deepseek.backends.cpu.codegen as codegen
-from deepseek.backends.cpu import native, winograd
+from deepseek.backends.cpu import direct, native, winograd
 from tests.conftest import rel_l2
 from tests.test_cpu_plans import _check, _forcing, _plan_source
 
-pytestmark = pytest.mark.skipif(winograd.library() is None,
-                                reason=f"no C compiler: {native.unavailable.get('winograd')}")
+pytestmark = pytest.mark.skipif(winograd.library() is None or direct.library() is None,
+                                reason=f"no C compiler: {native.unavailable}")
 
 
 @pytest.mark.parametrize("tile", winograd.TILES)
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(winograd.library() is None,
     (1, 9, 8, 3, 3, 1),      # one tile, mostly padding
 ])
 @pytest.mark.parametrize("bias,relu", [(True, False), (False, True), (True, True)])
-def test_matches_float64_convolution(tile, n, c, k, h, w, pad, bias, relu):
+def test_winograd_matches_float64_convolution(tile, n, c, k, h, w, pad, bias, relu):
     torch.manual_seed(c * k + h)
     x = torch.randn(n, c, h, w)
     wt = torch.randn(k, c, 3, 3) / (3 * c ** 0.5)
@@ -61,7 +62,7 @@ class ConvReluConv(nn.Module):
 
 
 @pytest.mark.parametrize("choice", ["winograd4", "winograd2"])
-def test_chosen_in_a_plan(monkeypatch, choice):
+def test_winograd_chosen_in_a_plan(monkeypatch, choice):
     """Forced, both convolutions run through it: the first with its ReLU as it writes and
     into a plan buffer (the second writes the caller's output: a fresh tensor)."""
     _forcing(monkeypatch, choice)
@@ -72,7 +73,7 @@ def test_chosen_in_a_plan(monkeypatch, choice):
     assert first.count("_b") == 3 and second.count("_b") == 2
 
 
-def test_not_offered_without_a_compiler(monkeypatch):
+def test_native_kernels_not_offered_without_a_compiler(monkeypatch):
     monkeypatch.setattr(native, "_LIBS", {})
     monkeypatch.setattr(native, "unavailable", {})
     monkeypatch.setenv("CC", "/nonexistent/cc")
@@ -81,7 +82,62 @@ def test_not_offered_without_a_compiler(monkeypatch):
     seen = []
     monkeypatch.setattr(codegen, "_fastest", lambda c: seen.append(set(c)) or next(iter(c)))
     _check(ConvReluConv().eval(), torch.randn(1, 16, 8, 8))
-    assert seen and not any(name.startswith("winograd") for names in seen for name in names)
+    _check(FirstLayer().eval(), torch.randn(1, 1, 12, 12))
+    assert seen and not any(name.startswith("winograd") or name == "direct"
+                            for names in seen for name in names)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("n,c,k,h,w,kernel,stride,pad", [
+    (1, 1, 32, 28, 28, 3, 1, 1),   # MNIST's first layer
+    (2, 3, 20, 9, 11, 3, 2, 1),    # RGB, stride 2, channels off the 8-wide vectors, a batch
+    (1, 1, 70, 13, 13, 5, 1, 2),   # more than 32 output channels, a 5x5 kernel
+    (1, 4, 8, 7, 6, 7, 2, 3),      # kernel bigger than the image: every tap near a border
+    (1, 2, 3, 6, 5, 1, 1, 0),      # 1x1, three output channels
+])
+@pytest.mark.parametrize("bias,relu", [(True, True), (False, False)])
+def test_direct_matches_float64_convolution(n, c, k, h, w, kernel, stride, pad, pool, bias, relu):
+    torch.manual_seed(k * h + c)
+    x = torch.randn(n, c, h, w)
+    wt = torch.randn(k, c, kernel, kernel)
+    b = torch.randn(k) if bias else None
+    ref = torch.nn.functional.conv2d(x.double(), wt.double(), None if b is None else b.double(),
+                                     stride=stride, padding=pad)
+    if relu:
+        ref = ref.clamp_min(0)
+    if pool:
+        ref = torch.max_pool2d(ref, 2)
+    conv = direct.DirectConv(wt, b, (stride, stride), (pad, pad), x.shape, relu=relu, pool=pool)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        y = conv(inp)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert rel_l2(y.double(), ref) < 1e-6
+    out = torch.full(ref.shape, float("nan")).contiguous(memory_format=torch.channels_last)
+    assert conv(x, out) is out and rel_l2(out.double(), ref) < 1e-6
+
+
+class FirstLayer(nn.Module):
+    """MNIST's first block: conv (one channel) -> ReLU -> 2x2 max pool, then a layer that
+    keeps the pooled result inside the plan (a buffer)."""
+
+    def __init__(self, pool=2, hw=(12, 12)):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 12, 3, padding=1)
+        self.pool = nn.MaxPool2d(pool)
+        self.fc = nn.Linear(12 * (hw[0] // pool) * (hw[1] // pool), 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("pool,fused", [(2, True), (3, False)])
+def test_direct_chosen_in_a_plan_takes_the_pool(monkeypatch, pool, fused):
+    """Forced, the first layer runs through the direct kernel; a 2x2 max pool after its ReLU
+    is done by the kernel as it writes (a 3x3 one stays a pool)."""
+    _forcing(monkeypatch, "direct")
+    model = FirstLayer(pool, hw=(13, 12)).eval()
+    source = _plan_source(_check(model, torch.randn(1, 1, 13, 12)))
+    assert "= direct" in source and ("max_pool2d(" not in source) == fused
 
 
 def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
