@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(winograd.library() is None or direct.library() i
     (1, 16, 24, 5, 6, 2),    # padding 2: output wider than the input
     (1, 9, 8, 3, 3, 1),      # one tile, mostly padding
 ])
-@pytest.mark.parametrize("bias,relu", [(True, False), (False, True), (True, True)])
-def test_winograd_matches_float64_convolution(tile, n, c, k, h, w, pad, bias, relu):
+@pytest.mark.parametrize("bias,relu,pool", [(True, False, False), (False, True, False),
+                                           (True, True, True), (False, False, True)])
+def test_winograd_matches_float64_convolution(tile, n, c, k, h, w, pad, bias, relu, pool):
     torch.manual_seed(c * k + h)
     x = torch.randn(n, c, h, w)
     wt = torch.randn(k, c, 3, 3) / (3 * c ** 0.5)
@@ -36,13 +37,17 @@ def test_winograd_matches_float64_convolution(tile, n, c, k, h, w, pad, bias, re
                                      padding=pad)
     if relu:
         ref = ref.clamp_min(0)
-    conv = winograd.WinogradConv(wt, b, (pad, pad), x.shape, relu=relu, tile=tile)
+    if pool:  # floor: an odd last row or column dropped
+        ref = torch.max_pool2d(ref, 2)
+    conv = winograd.WinogradConv(wt, b, (pad, pad), x.shape, relu=relu, tile=tile, pool=pool)
     v = torch.full(conv.v_shape, float("nan"))  # every entry must be written before read
     m = torch.full(conv.m_shape, float("nan"))
     for inp in (x, x.contiguous(memory_format=torch.channels_last)):
         y = conv(inp, v, m)
         assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
         assert rel_l2(y.double(), ref) < 1e-5
+    out = torch.full(ref.shape, float("nan")).contiguous(memory_format=torch.channels_last)
+    assert conv(x, v, m, out) is out and rel_l2(out.double(), ref) < 1e-5
 
 
 def test_scratch_bytes_counts_both_matrices():
@@ -71,6 +76,17 @@ def test_winograd_chosen_in_a_plan(monkeypatch, choice):
     assert source.count("= wino") == 2 and "v_relu = v_convolution\n" in source
     first, second = (ln for ln in source.splitlines() if "= wino" in ln)
     assert first.count("_b") == 3 and second.count("_b") == 2
+
+
+@pytest.mark.parametrize("choice", ["winograd4", "winograd2"])
+def test_winograd_in_a_plan_takes_the_pool(monkeypatch, choice):
+    """conv -> ReLU -> 2x2 max pool, forced through Winograd: one statement (odd sizes: the
+    pool drops the last row)."""
+    _forcing(monkeypatch, choice)
+    model = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(24, 8, 1)).eval()
+    source = _plan_source(_check(model, torch.randn(2, 16, 11, 10)))
+    assert "= wino" in source and "max_pool2d(" not in source
 
 
 def test_native_kernels_not_offered_without_a_compiler(monkeypatch):

@@ -697,13 +697,14 @@ class _Emitter:
         if best in winos:
             wino = winos[best]
             self.algorithms[id(node)] = f"winograd F({wino.tile}x{wino.tile},3x3)"
-            if post == "relu":
-                self.fused_into[id(users[0])] = self.names[id(out)]
-                self.cl.add(id(users[0].outputs[0]))
-            self.cl.add(id(out))
+            pool = self.fuse_after(node, post, users)
+            if pool is not None:
+                wino = winograd.WinogradConv(
+                    self.constants[w.name], self.constants[b.name] if b is not None else None,
+                    a["padding"], shape, relu=post == "relu", tile=wino.tile, pool=True)
             v, m = (self.scratch(node, shape, torch.float32) for shape in (wino.v_shape, wino.m_shape))
-            res = self.buffer(out, out.spec.concrete(self.env), torch.channels_last)
-            return f"{self.const(wino, 'wino')}({self.as_cl(x)}, {v}, {m}{f', {res}' if res else ''})"
+            res = self.result_buffer(node, pool)
+            return f"{self.const(wino, 'wino')}({self.as_cl(x)}, {v}, {m}{res})"
         pool = self.pooled_by(users[0]) if fuse else None
         if pool is not None:  # the post-op could run after a max pool instead: measured
             pa = {k: bind(v, self.env) for k, v in pool.attrs.items()}
@@ -743,8 +744,16 @@ class _Emitter:
                                  a["stride"], a["padding"], shape, relu=post == "relu", pool=pool)
 
     def emit_direct(self, node: Node, x: Value, w: Value, b, a, shape, post: str, users) -> str:
-        """The direct kernel's statement; a 2x2 stride-2 max pool that alone reads the result
-        (after the ReLU, if any) is done by the kernel too, as it writes."""
+        """The direct kernel's statement (with the ReLU and 2x2 max pool after it, as
+        ``fuse_after`` finds them)."""
+        pool = self.fuse_after(node, post, users)
+        kernel = self.direct_conv(w, b, a, shape, post, pool=pool is not None)
+        return f"{self.const(kernel, 'direct')}({self.as_cl(x)}{self.result_buffer(node, pool)})"
+
+    def fuse_after(self, node: Node, post: str, users) -> Node | None:
+        """Mark what a native convolution kernel computes besides ``node``: its ReLU (``post``)
+        and a 2x2 stride-2 max pool (floor) that alone reads the result, which it returns
+        (None where there is none): both become aliases of the kernel's result."""
         out = node.outputs[0]
         last = users[0].outputs[0] if post == "relu" else out
         pool = self.sole_reader(last)
@@ -755,14 +764,18 @@ class _Emitter:
                 and pa.get("padding", 0) in (0, [0, 0]) and pa.get("dilation", 1) in (1, [1, 1])
                 and not pa.get("ceil_mode", False)):
             pool = None
-        kernel = self.direct_conv(w, b, a, shape, post, pool=pool is not None)
-        result = out if pool is None else pool.outputs[0]
         for fused in ([users[0]] if post == "relu" else []) + ([pool] if pool is not None else []):
             self.fused_into[id(fused)] = self.names[id(fused.inputs[0])]  # its input: an alias
             self.cl.add(id(fused.outputs[0]))
         self.cl.add(id(out))
+        return pool
+
+    def result_buffer(self, node: Node, pool: Node | None) -> str:
+        """``, <buffer>`` for a native kernel's out= argument (its result, pooled by ``pool``
+        where given, is written at ``node``), or "" where it gets a fresh tensor."""
+        result = node.outputs[0] if pool is None else pool.outputs[0]
         res = self.buffer(result, result.spec.concrete(self.env), torch.channels_last, writer=node)
-        return f"{self.const(kernel, 'direct')}({self.as_cl(x)}{f', {res}' if res else ''})"
+        return f", {res}" if res else ""
 
     def sole_reader(self, value: Value) -> Node | None:
         """The one node reading ``value``, where it is not also a graph output."""

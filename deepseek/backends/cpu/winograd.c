@@ -7,7 +7,7 @@
  * A^T M A (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015;
  * F(4x4, 3x3) with interpolation points 0, +-1, +-2). Tiles cover the output in steps
  * of m; input pixels outside the image (the padding) read as zeros, output pixels past
- * its edge are not written. Channels go 8 at a time as GCC/Clang vectors (one AVX2
+ * its edge are not written. A following 2x2 max pool can be done as the output is written. Channels go 8 at a time as GCC/Clang vectors (one AVX2
  * register; two NEON ones); the last C % 8 channels go through the same code on a
  * zero-padded copy. Compiled on first use by deepseek/backends/cpu/native.py.
  */
@@ -26,6 +26,11 @@ INLINE v8 load(const float *p, int nv) {
 }
 
 INLINE void store(float *p, v8 r, int nv) { memcpy(p, &r, (size_t)nv * sizeof(float)); }
+
+INLINE v8 vmax(v8 a, v8 b) {
+    v8i m = a > b; /* all ones where a > b */
+    return (v8)(((v8i)a & m) | ((v8i)b & ~m));
+}
 
 /* t[k * ts] = (B^T s)[k], k < m + 2, for s[k] at s[k * ss] */
 INLINE void bt(int m, v8 *t, int ts, const v8 *s, int ss) {
@@ -108,49 +113,61 @@ INLINE void input_tiles(int m, const float *x, float *V, long stride, int N, int
 }
 
 /* one output tile, channels [k, k + nv): m_in is M's row for the tile ((m + 2)^2 points,
- * stride apart); y is output pixel (0, 0) of the tile, pixels K floats apart, rows pitch
- * apart; only the tile's first oh rows and ow columns lie inside the image */
+ * stride apart); y is the tile's first output pixel, pixels K floats apart, rows pitch
+ * apart; only the tile's first oh rows and ow columns lie inside the image. With pool,
+ * each 2x2 block of the tile becomes its maximum, one pixel of the pooled output (y the
+ * tile's first pooled pixel, pitch the pooled row), and a last odd row or column is
+ * dropped (floor, as max_pool2d's default) */
 INLINE void output_block(int m, const float *m_in, size_t stride, const float *bias, int relu,
-                         float *y, size_t K, size_t pitch, int oh, int ow, int nv) {
+                         int pool, float *y, size_t K, size_t pitch, int oh, int ow, int nv) {
     const int a = m + 2;
-    v8 s[36], u[24];
+    v8 s[36], u[24], o[4][4];
     for (int p = 0; p < a * a; p++)
         s[p] = load(m_in + (size_t)p * stride, nv);
     for (int j = 0; j < a; j++) /* columns: u[.][j] = A^T s[.][j] */
         at(m, u + j, a, s + j, a);
     v8 add = bias ? load(bias, nv) : (v8){0};
-    for (int p = 0; p < oh; p++) { /* rows: o[p][.] = A^T u[p][.] */
-        v8 o[4];
-        at(m, o, 1, u + p * a, 1);
-        for (int q = 0; q < ow; q++) {
-            v8 r = o[q] + add;
+    for (int p = 0; p < oh; p++) /* rows: o[p][.] = A^T u[p][.] */
+        at(m, o[p], 1, u + p * a, 1);
+    int step = pool ? 2 : 1;
+    for (int p = 0; p + step <= oh; p += step)
+        for (int q = 0; q + step <= ow; q += step) {
+            v8 r = o[p][q];
+            if (pool) {
+                r = vmax(vmax(r, o[p][q + 1]), vmax(o[p + 1][q], o[p + 1][q + 1]));
+            }
+            r += add; /* after the max: the bias is the same for the four */
             if (relu)
                 r = (v8)((v8i)r & (r > 0.f)); /* lanes where r > 0 are all ones */
-            store(y + p * pitch + q * K, r, nv);
+            store(y + (p / step) * pitch + (q / step) * K, r, nv);
         }
-    }
 }
 
-/* M: [(m + 2)^2][T][K], `stride` floats apart (T tiles as for the input); y: NHWC
- * [N][OH][OW][K]; bias: K floats or NULL; relu: clamp the result at 0 */
+/* M: [(m + 2)^2][T][K], `stride` floats apart (T tiles as for the input); the convolution
+ * is OH x OW; y: NHWC [N][OH][OW][K], or with pool [N][OH / 2][OW / 2][K]; bias: K floats
+ * or NULL; relu: clamp the result at 0 */
 INLINE void output_tiles(int m, const float *M, long stride, const float *bias, float *y, int N,
-                         int OH, int OW, int K, int tH, int tW, int relu, int threads) {
+                         int OH, int OW, int K, int tH, int tW, int relu, int pool,
+                         int threads) {
     const long T = (long)N * tH * tW;
-    const size_t pitch = (size_t)OW * K;
+    const int YH = pool ? OH / 2 : OH, YW = pool ? OW / 2 : OW, f = pool ? 2 : 1;
+    const size_t pitch = (size_t)YW * K;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long t = 0; t < T; t++) {
         int n = (int)(t / ((long)tH * tW)), r = (int)(t % ((long)tH * tW));
         int y0 = (r / tW) * m, x0 = (r % tW) * m;
         int oh = OH - y0 < m ? OH - y0 : m, ow = OW - x0 < m ? OW - x0 : m;
+        if (oh < f || ow < f)
+            continue; /* an odd last row or column, dropped by the pool */
         const float *src = M + (size_t)t * K;
-        float *dst = y + (((size_t)n * OH + y0) * OW + x0) * K;
+        float *dst = y + (((size_t)n * YH + y0 / f) * YW + x0 / f) * K;
         int k = 0;
         for (; k + 8 <= K; k += 8)
-            output_block(m, src + k, (size_t)stride, bias ? bias + k : NULL, relu, dst + k, K,
-                         pitch, oh, ow, 8);
+            output_block(m, src + k, (size_t)stride, bias ? bias + k : NULL, relu, pool, dst + k,
+                         K, pitch, oh, ow, 8);
         if (k < K)
-            output_block(m, src + k, (size_t)stride, bias ? bias + k : NULL, relu, dst + k, K,
-                         pitch, oh, ow, K - k);
+            output_block(m, src + k, (size_t)stride, bias ? bias + k : NULL, relu, pool, dst + k,
+                         K, pitch, oh, ow, K - k);
     }
 }
 
@@ -164,9 +181,9 @@ void ds_wino_input(int m, const float *x, float *V, long stride, int N, int H, i
 }
 
 void ds_wino_output(int m, const float *M, long stride, const float *bias, float *y, int N,
-                    int OH, int OW, int K, int tH, int tW, int relu, int threads) {
+                    int OH, int OW, int K, int tH, int tW, int relu, int pool, int threads) {
     if (m == 4)
-        output_tiles(4, M, stride, bias, y, N, OH, OW, K, tH, tW, relu, threads);
+        output_tiles(4, M, stride, bias, y, N, OH, OW, K, tH, tW, relu, pool, threads);
     else
-        output_tiles(2, M, stride, bias, y, N, OH, OW, K, tH, tW, relu, threads);
+        output_tiles(2, M, stride, bias, y, N, OH, OW, K, tH, tW, relu, pool, threads);
 }

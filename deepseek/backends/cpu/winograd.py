@@ -34,7 +34,7 @@ def library() -> ctypes.CDLL | None:
     if lib is not None and not getattr(lib, "typed", False):
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.ds_wino_input.argtypes = [i, p, p, ctypes.c_long] + [i] * 9
-        lib.ds_wino_output.argtypes = [i, p, ctypes.c_long, p, p] + [i] * 8
+        lib.ds_wino_output.argtypes = [i, p, ctypes.c_long, p, p] + [i] * 9
         lib.ds_wino_input.restype = lib.ds_wino_output.restype = None
         lib.typed = True
     return lib
@@ -43,12 +43,13 @@ def library() -> ctypes.CDLL | None:
 class WinogradConv:
     """``conv2d(x, weight, bias, padding=padding)`` (then ReLU with ``relu``) for inputs of
     ``in_shape`` (N, C, H, W) through F(``tile`` x ``tile``, 3x3): stride 1, dilation 1,
-    one group; the result in channels-last memory. A call takes its scratch: ``v`` of
+    one group; with ``pool``, a 2x2 stride-2 max pool (floor) after; the result in
+    channels-last memory. A call takes its scratch: ``v`` of
     ``v_shape`` (the transformed input) and ``m`` of ``m_shape`` (the GEMM's result),
     float32 and contiguous."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, padding, in_shape,
-                 relu: bool = False, tile: int = 4):
+                 relu: bool = False, tile: int = 4, pool: bool = False):
         self.lib = library()
         n, c, h, w = in_shape
         k = weight.shape[0]
@@ -62,7 +63,8 @@ class WinogradConv:
         u = torch.einsum("ai,kcij,bj->abck", g, weight.detach().double(), g)
         self.weight = u.reshape(points, c, k).float().contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.relu = int(relu)
+        self.relu, self.pool = int(relu), int(pool)
+        self.shape = (n, k) + ((self.out_hw[0] // 2, self.out_hw[1] // 2) if pool else self.out_hw)
 
     def scratch_bytes(self) -> int:
         points, t, c = self.v_shape
@@ -75,13 +77,12 @@ class WinogradConv:
         n, c, h, w, k = self.dims
         threads = torch.get_num_threads()
         x = x.contiguous(memory_format=torch.channels_last)  # a no-op on channels-last input
-        y = torch.empty((n, k) + self.out_hw, memory_format=torch.channels_last) \
-            if out is None else out
+        y = torch.empty(self.shape, memory_format=torch.channels_last) if out is None else out
         self.lib.ds_wino_input(self.tile, x.data_ptr(), v.data_ptr(), v.stride(0), n, h, w, c,
                                self.pad[0], self.pad[1], self.tiles[0], self.tiles[1], threads)
         torch.bmm(v, self.weight, out=m)
         self.lib.ds_wino_output(self.tile, m.data_ptr(), m.stride(0),
                                 0 if self.bias is None else self.bias.data_ptr(),
                                 y.data_ptr(), n, self.out_hw[0], self.out_hw[1], k,
-                                self.tiles[0], self.tiles[1], self.relu, threads)
+                                self.tiles[0], self.tiles[1], self.relu, self.pool, threads)
         return y
