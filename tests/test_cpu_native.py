@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 
 import deepseek.backends.cpu.codegen as codegen
-from deepseek.backends.cpu import direct, native, winograd
+from deepseek.backends.cpu import direct, native, rowwise, winograd
 from tests.conftest import rel_l2
 from tests.test_cpu_plans import _check, _forcing, _plan_source
 
-pytestmark = pytest.mark.skipif(winograd.library() is None or direct.library() is None,
+pytestmark = pytest.mark.skipif(any(m.library() is None for m in (winograd, direct, rowwise)),
                                 reason=f"no C compiler: {native.unavailable}")
 
 
@@ -154,6 +154,42 @@ def test_direct_chosen_in_a_plan_takes_the_pool(monkeypatch, pool, fused):
     model = FirstLayer(pool, hw=(13, 12)).eval()
     source = _plan_source(_check(model, torch.randn(1, 1, 13, 12)))
     assert "= direct" in source and ("max_pool2d(" not in source) == fused
+
+
+def test_gelu_tanh_one_pass_matches_float64():
+    x = torch.cat([torch.randn(3001) * 4, torch.tensor([-1e4, -100.0, -30.0, 0.0, 30.0, 1e4])])
+    ref = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    got = rowwise.gelu_tanh(x)
+    assert (got.double() - ref).abs().max() < 1e-6 and torch.isfinite(got).all()
+    assert codegen.gelu_tanh(x).equal(got)  # the backend's GELU is this kernel here
+
+
+@pytest.mark.parametrize("cols", [768, 13, 8])
+@pytest.mark.parametrize("affine", [True, False])
+def test_add_layer_norm_matches_float64(cols, affine):
+    x, r = torch.randn(2, 5, cols) * 3 + 1, torch.randn(2, 5, cols)
+    w, b = (torch.randn(cols), torch.randn(cols)) if affine else (None, None)
+    s, y = rowwise.add_layer_norm(x, r, w, b, 1e-5)
+    ref = torch.layer_norm(x.double() + r.double(), [cols],
+                           None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+    assert torch.equal(s, x + r) and rel_l2(y.double(), ref) < 1e-6
+
+
+class Residual(nn.Module):
+    def __init__(self, d=24):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(d, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = self.ln(x + self.fc(x))  # residual add + layer norm: one fused node
+        return h, self.ln(h + x)
+
+
+@pytest.mark.parametrize("choice", ["native", "aten"])
+def test_add_layer_norm_in_a_plan(monkeypatch, choice):
+    _forcing(monkeypatch, choice)
+    source = _plan_source(_check(Residual().eval(), torch.randn(3, 7, 24)))
+    assert ("add_ln" in source) == (choice == "native")
 
 
 def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from deepseek.backends.cpu import direct, winograd
+from deepseek.backends.cpu import direct, rowwise, winograd
 from deepseek.ir.fused import parse_program, run_steps
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop, op_from_name, opdef
@@ -170,11 +170,15 @@ _GELU_2C_TENSOR = torch.tensor(_GELU_2C)
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """The tanh GELU of float32 ``x`` as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
-    (the same function: (1 + tanh(u)) / 2 = sigmoid(2u)), in four passes: 2u = x (2c +
-    2c 0.044715 x^2) is one addcmul and one multiply. ATen's vectorized tanh is 3.5x
-    slower than its sigmoid on AVX2, and oneDNN's tanh-GELU post-op no faster: after a
-    128 x 3072 GEMM on an EPYC (2 threads) this GELU costs 0.45-0.5 ms, ATen's 0.8,
-    the post-op 0.95. Max error 5e-7 against float64, as ATen's."""
+    (the same function: (1 + tanh(u)) / 2 = sigmoid(2u)): one pass of C (``rowwise.c``)
+    on contiguous memory where it is built, else four ATen passes (2u = x (2c + 2c
+    0.044715 x^2) is one addcmul and one multiply). ATen's vectorized tanh is 3.5x slower
+    than its sigmoid on AVX2, and oneDNN's tanh-GELU post-op no faster: after a 128 x
+    3072 GEMM on an EPYC (2 threads) the four passes cost 0.45-0.5 ms, ATen's GELU 0.8,
+    the post-op 0.95; the C pass 0.27 ms where the four take 0.36. Max error 5e-7
+    against float64, as ATen's."""
+    if x.is_contiguous() and rowwise.library() is not None:
+        return rowwise.gelu_tanh(x)
     t = torch.addcmul(_GELU_2C_TENSOR, x, x, value=_GELU_2C * 0.044715)
     t.mul_(x)
     return torch.sigmoid_(t).mul_(x)
@@ -425,12 +429,25 @@ class _Emitter:
         return self._position
 
     def add_layer_norm(self, node: Node, ins, attrs) -> str:
-        """Residual add + layer norm: PyTorch's two kernels (GPU backends: one kernel)."""
+        """Residual add + layer norm: one C kernel (``rowwise.c``) for float32 over the last
+        dim where it is built and measured faster, else PyTorch's two kernels (GPU
+        backends: one Triton kernel)."""
         x, r, w, b = (self.name(v) if v is not None else "None" for v in ins)
         shape = list(attrs["normalized_shape"])
+        eps = attrs["eps"]
+        if (self.device == "cpu" and len(shape) == 1 and ins[0].spec.dtype == torch.float32
+                and all(v is None or v.spec.dtype == torch.float32 for v in ins)
+                and rowwise.library() is not None):
+            xr, rr = (torch.randn(ins[0].spec.concrete(self.env)) for _ in range(2))
+            wr, br = (None if v is None else torch.randn(shape) for v in ins[2:])
+            if _fastest({"native": lambda: rowwise.add_layer_norm(xr, rr, wr, br, eps),
+                         "aten": lambda: torch.layer_norm(torch.add(xr, rr), shape, wr, br, eps)
+                         }) == "native":
+                return (f"{self.const(rowwise.add_layer_norm, 'add_ln')}({x}.contiguous(), "
+                        f"{r}.contiguous(), {w}, {b}, {eps!r})")
         s = self.names[id(node.outputs[0])]
         return (f"({s} := torch.add({x}, {r})), "
-                f"torch.layer_norm({s}, {shape}, {w}, {b}, {attrs['eps']!r})")
+                f"torch.layer_norm({s}, {shape}, {w}, {b}, {eps!r})")
 
     def fused_chain(self, node: Node, ins) -> str:
         """A fused element-wise kernel as a chain of PyTorch ops, each step after the

@@ -98,7 +98,10 @@ INLINE void finish(v8 *r, int nv, int relu, int left, float *dst) {
         if (relu)
             t = (v8)((v8i)t & (t > 0.f));
         int n = left - 8 * v;
-        memcpy(dst + 8 * v, &t, (size_t)(n < 8 ? n : 8) * sizeof(float));
+        if (n >= 8) /* a constant size: one vector store, not a call */
+            memcpy(dst + 8 * v, &t, sizeof t);
+        else if (n > 0)
+            memcpy(dst + 8 * v, &t, (size_t)n * sizeof(float));
     }
 }
 

@@ -1,0 +1,110 @@
+/* Element-wise and per-row float32 kernels of the CPU backend that PyTorch runs in
+ * several passes: the tanh GELU (one pass, where ATen's tanh is slow on AVX2) and the
+ * residual add + layer norm of transformers (one kernel writing both the sum and the
+ * normalized rows). 8-wide GCC/Clang vectors; built by native.py.
+ */
+#include <stddef.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+/* nv of 8 lanes (the rest zero); a constant-size copy is one vector move, so the full
+ * case is spelled out (a variable size would call memcpy) */
+INLINE v8 load(const float *p, int nv) {
+    v8 r = {0};
+    if (nv == 8)
+        memcpy(&r, p, sizeof r);
+    else
+        memcpy(&r, p, (size_t)nv * sizeof(float));
+    return r;
+}
+
+INLINE void store(float *p, v8 r, int nv) {
+    if (nv == 8)
+        memcpy(p, &r, sizeof r);
+    else
+        memcpy(p, &r, (size_t)nv * sizeof(float));
+}
+
+INLINE v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
+
+/* exp(x) for x in [-87, 88] (clamped there): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its
+ * degree-6 Taylor polynomial (relative error under 4e-8 there), times 2^n built in the
+ * exponent bits */
+INLINE v8 vexp(v8 x) {
+    x = (v8)(((v8i)x & (x <= 88.f)) | ((v8i)splat(88.f) & ~(x <= 88.f)));
+    x = (v8)(((v8i)x & (x >= -87.f)) | ((v8i)splat(-87.f) & ~(x >= -87.f)));
+    const v8 shift = splat(12582912.f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v8 n = (x * 1.44269504088896341f + shift) - shift;
+    v8 r = x - n * 0.693359375f - n * -2.12194440e-4f; /* ln 2 in two parts */
+    v8 p = splat(1.f / 720);
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+    return p * (v8)bits;
+}
+
+/* y = x * sigmoid(2u), 2u = x (2c + 2c 0.044715 x^2), c = sqrt(2 / pi): the tanh GELU
+ * ((1 + tanh(u)) / 2 = sigmoid(2u)); y may be x */
+void ds_gelu_tanh(const float *x, float *y, long n, int threads) {
+    const float c2 = 1.5957691216057308f, c3 = c2 * 0.044715f;
+    const long blocks = (n + 7) / 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < blocks; i++) {
+        int nv = n - i * 8 < 8 ? (int)(n - i * 8) : 8;
+        v8 v = load(x + i * 8, nv);
+        v8 z = v * (c2 + c3 * v * v);
+        store(y + i * 8, v / (1.f + vexp(-z)), nv);
+    }
+}
+
+/* per row of cols floats: s = x + r; y = (s - mean) / sqrt(var + eps) * w + b (w, b may
+ * be NULL); the mean first, then the variance around it (two passes over s, in cache) */
+void ds_add_layer_norm(const float *x, const float *r, const float *w, const float *b,
+                       float *s, float *y, long rows, int cols, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < rows; i++) {
+        const float *xi = x + i * cols, *ri = r + i * cols;
+        float *si = s + i * cols, *yi = y + i * cols;
+        v8 acc = {0};
+        for (int j = 0; j < cols; j += 8) {
+            int nv = cols - j < 8 ? cols - j : 8;
+            v8 t = load(xi + j, nv) + load(ri + j, nv);
+            store(si + j, t, nv);
+            acc += t;
+        }
+        float mean = 0.f;
+        for (int v = 0; v < 8; v++)
+            mean += acc[v];
+        mean /= cols;
+        v8 sq = {0};
+        for (int j = 0; j < cols; j += 8) {
+            int nv = cols - j < 8 ? cols - j : 8;
+            v8 d = load(si + j, nv) - mean;
+            if (nv < 8) /* the lanes past the row read zeros: not part of the variance */
+                for (int v = nv; v < 8; v++)
+                    d[v] = 0.f;
+            sq += d * d;
+        }
+        float var = 0.f;
+        for (int v = 0; v < 8; v++)
+            var += sq[v];
+        float rstd = 1.f / __builtin_sqrtf(var / cols + eps); /* sqrtss: no errno */
+        for (int j = 0; j < cols; j += 8) {
+            int nv = cols - j < 8 ? cols - j : 8;
+            v8 t = (load(si + j, nv) - mean) * rstd;
+            if (w)
+                t *= load(w + j, nv);
+            if (b)
+                t += load(b + j, nv);
+            store(yi + j, t, nv);
+        }
+    }
+}
