@@ -192,6 +192,21 @@ def test_add_layer_norm_in_a_plan(monkeypatch, choice):
     assert ("add_ln" in source) == (choice == "native")
 
 
+def test_built_once_per_machine_then_loaded_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_LIBS", {})
+    assert native.library("rowwise") is not None
+    built = list((tmp_path / "native").glob("rowwise_*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(native, "_LIBS", {})  # a new process: only the disk cache is left
+    calls = []
+    real = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run",
+                        lambda args, **kw: calls.append(args) or real(args, **kw))
+    assert native.library("rowwise") is not None
+    assert all("-o" not in args for args in calls)  # asked the compiler's version only
+
+
 def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     bad = tmp_path / "cc"
     bad.write_text("#!/bin/sh\necho 'cc: broken' >&2\nexit 1\n")
