@@ -50,6 +50,28 @@ def test_winograd_matches_float64_convolution(tile, n, c, k, h, w, pad, bias, re
     assert conv(x, v, m, out) is out and rel_l2(out.double(), ref) < 1e-5
 
 
+@pytest.mark.parametrize("kernel", ["winograd4", "winograd2", "direct"])
+def test_a_nan_input_is_not_hidden_by_relu_or_pool(kernel):
+    """torch.relu and max_pool2d keep NaN; so do the fused kernels. The direct kernel gives
+    PyTorch's NaN pattern; Winograd's transforms mix a whole tile, so its NaNs cover at
+    least PyTorch's (as cuDNN's Winograd kernels do)."""
+    c = 1 if kernel == "direct" else 8
+    x = torch.randn(1, c, 12, 12)
+    x[0, 0, 5, 6] = float("nan")
+    w, b = torch.randn(16, c, 3, 3), torch.randn(16)
+    ref = torch.max_pool2d(torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1)), 2)
+    if kernel == "direct":
+        y = direct.DirectConv(w, b, (1, 1), (1, 1), x.shape, relu=True, pool=True)(x)
+        assert torch.equal(y.isnan(), ref.isnan())
+    else:
+        conv = winograd.WinogradConv(w, b, (1, 1), x.shape, relu=True, tile=int(kernel[-1]),
+                                     pool=True)
+        y = conv(x, torch.empty(conv.v_shape), torch.empty(conv.m_shape))
+        assert ref.isnan().any() and (y.isnan() | ~ref.isnan()).all()
+    keep = ~y.isnan()
+    assert torch.allclose(y[keep], ref[keep], rtol=1e-4, atol=1e-4)
+
+
 def test_scratch_bytes_counts_both_matrices():
     conv = winograd.WinogradConv(torch.randn(32, 16, 3, 3), None, (1, 1), (1, 16, 10, 10), tile=4)
     assert conv.v_shape == (36, 9, 16) and conv.m_shape == (36, 9, 32)

@@ -12,25 +12,7 @@
  * The weight is [KH][KW][C][Kp], Kp = K rounded up to 8 with zero columns. Compiled on
  * first use by deepseek/backends/cpu/native.py.
  */
-#include <float.h>
-#include <stddef.h>
-#include <string.h>
-
-#define INLINE static inline __attribute__((always_inline))
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef int v8i __attribute__((vector_size(32)));
-
-INLINE v8 load(const float *p) {
-    v8 r;
-    memcpy(&r, p, sizeof r);
-    return r;
-}
-
-INLINE v8 vmax(v8 a, v8 b) {
-    v8i m = a > b; /* all ones where a > b */
-    return (v8)(((v8i)a & m) | ((v8i)b & ~m));
-}
+#include "simd.h"
 
 struct conv {
     const float *x, *w, *bias;
@@ -42,7 +24,7 @@ struct conv {
 INLINE void pixel(const struct conv *p, int KH, int KW, int C, int n, int oy, int ox, int kb,
                   int nv, v8 acc[8]) {
     for (int v = 0; v < nv; v++)
-        acc[v] = p->bias ? load(p->bias + kb + 8 * v) : (v8){0};
+        acc[v] = p->bias ? load(p->bias + kb + 8 * v, 8) : (v8){0};
     const int y0 = oy * p->sh - p->ph, x0 = ox * p->sw - p->pw;
     /* the taps inside the image: all of them away from the border */
     const int i0 = y0 < 0 ? -y0 : 0, i1 = y0 + KH > p->H ? p->H - y0 : KH;
@@ -56,7 +38,7 @@ INLINE void pixel(const struct conv *p, int KH, int KW, int C, int n, int oy, in
             for (int c = 0; c < C; c++) {
                 float a = xp[c];
                 for (int v = 0; v < nv; v++)
-                    acc[v] += a * load(wp + (size_t)c * p->Kp + 8 * v);
+                    acc[v] += a * load(wp + (size_t)c * p->Kp + 8 * v, 8);
             }
         }
 }
@@ -67,7 +49,7 @@ INLINE void pixel(const struct conv *p, int KH, int KW, int C, int n, int oy, in
 INLINE void pixel_pair(const struct conv *p, int KH, int KW, int C, int n, int oy, int ox,
                        int kb, int nv, v8 acc0[8], v8 acc1[8]) {
     for (int v = 0; v < nv; v++)
-        acc0[v] = acc1[v] = p->bias ? load(p->bias + kb + 8 * v) : (v8){0};
+        acc0[v] = acc1[v] = p->bias ? load(p->bias + kb + 8 * v, 8) : (v8){0};
     const size_t row = (size_t)p->W * C, step = (size_t)p->sw * C;
     const float *base = p->x + (((size_t)n * p->H + oy * p->sh - p->ph) * p->W
                                 + ox * p->sw - p->pw) * C;
@@ -78,7 +60,7 @@ INLINE void pixel_pair(const struct conv *p, int KH, int KW, int C, int n, int o
             for (int c = 0; c < C; c++) {
                 float a0 = xp[c], a1 = xp[step + c];
                 for (int v = 0; v < nv; v++) {
-                    v8 wv = load(wp + (size_t)c * p->Kp + 8 * v);
+                    v8 wv = load(wp + (size_t)c * p->Kp + 8 * v, 8);
                     acc0[v] += a0 * wv;
                     acc1[v] += a1 * wv;
                 }
@@ -96,12 +78,9 @@ INLINE void finish(v8 *r, int nv, int relu, int left, float *dst) {
     for (int v = 0; v < nv; v++) {
         v8 t = r[v];
         if (relu)
-            t = (v8)((v8i)t & (t > 0.f));
+            t = vrelu(t);
         int n = left - 8 * v;
-        if (n >= 8) /* a constant size: one vector store, not a call */
-            memcpy(dst + 8 * v, &t, sizeof t);
-        else if (n > 0)
-            memcpy(dst + 8 * v, &t, (size_t)n * sizeof(float));
+        store(dst + 8 * v, t, n < 8 ? n : 8);
     }
 }
 

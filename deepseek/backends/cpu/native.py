@@ -1,8 +1,9 @@
 """C kernels of the CPU backend, compiled on first use and loaded through ctypes.
 
-Each ``<name>.c`` beside this module is plain C (no Python or PyTorch headers) built
+Each ``<name>.c`` beside this module is plain C (no Python or PyTorch headers; the
+``.h`` files beside it are shared) built
 with ``gcc -O3 -march=native -fopenmp`` into ``$DEEPSEEK_CACHE_DIR/native`` (default
-``~/.cache/deepseek/native``), keyed by the source, the compiler and this CPU's model
+``~/.cache/deepseek/native``), keyed by the sources, the compiler and this CPU's model
 and flags, so a machine compiles each source once. OpenMP comes from the libgomp that
 PyTorch has already loaded (the same soname), so these kernels share its thread pool
 instead of starting a second one. Without a C compiler ``library`` returns None and
@@ -43,8 +44,10 @@ def _compiler() -> str | None:
 
 
 def _build(name: str, cc: str) -> str:
-    with open(os.path.join(_HERE, f"{name}.c"), "rb") as f:
-        source = f.read()
+    source = b""
+    for file in [f"{name}.c"] + sorted(f for f in os.listdir(_HERE) if f.endswith(".h")):
+        with open(os.path.join(_HERE, file), "rb") as f:  # the headers it may include too
+            source += f.read()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30).stdout.splitlines()[:1]
     key = hashlib.sha256(source + repr((cc, version, _FLAGS, _cpu_key())).encode()).hexdigest()

@@ -3,40 +3,14 @@
  * residual add + layer norm of transformers (one kernel writing both the sum and the
  * normalized rows). 8-wide GCC/Clang vectors; built by native.py.
  */
-#include <stddef.h>
-#include <string.h>
-
-#define INLINE static inline __attribute__((always_inline))
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef int v8i __attribute__((vector_size(32)));
-
-/* nv of 8 lanes (the rest zero); a constant-size copy is one vector move, so the full
- * case is spelled out (a variable size would call memcpy) */
-INLINE v8 load(const float *p, int nv) {
-    v8 r = {0};
-    if (nv == 8)
-        memcpy(&r, p, sizeof r);
-    else
-        memcpy(&r, p, (size_t)nv * sizeof(float));
-    return r;
-}
-
-INLINE void store(float *p, v8 r, int nv) {
-    if (nv == 8)
-        memcpy(p, &r, sizeof r);
-    else
-        memcpy(p, &r, (size_t)nv * sizeof(float));
-}
-
-INLINE v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
+#include "simd.h"
 
 /* exp(x) for x in [-87, 88] (clamped there): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its
  * degree-6 Taylor polynomial (relative error under 4e-8 there), times 2^n built in the
  * exponent bits */
 INLINE v8 vexp(v8 x) {
-    x = (v8)(((v8i)x & (x <= 88.f)) | ((v8i)splat(88.f) & ~(x <= 88.f)));
-    x = (v8)(((v8i)x & (x >= -87.f)) | ((v8i)splat(-87.f) & ~(x >= -87.f)));
+    x = select(x <= 88.f, x, splat(88.f));
+    x = select(x >= -87.f, x, splat(-87.f));
     const v8 shift = splat(12582912.f); /* 1.5 * 2^23: adding it rounds to an integer */
     v8 n = (x * 1.44269504088896341f + shift) - shift;
     v8 r = x - n * 0.693359375f - n * -2.12194440e-4f; /* ln 2 in two parts */

@@ -11,26 +11,7 @@
  * register; two NEON ones); the last C % 8 channels go through the same code on a
  * zero-padded copy. Compiled on first use by deepseek/backends/cpu/native.py.
  */
-#include <stddef.h>
-#include <string.h>
-
-#define INLINE static inline __attribute__((always_inline))
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef int v8i __attribute__((vector_size(32)));
-
-INLINE v8 load(const float *p, int nv) {
-    v8 r = {0};
-    memcpy(&r, p, (size_t)nv * sizeof(float)); /* one unaligned load when nv == 8 */
-    return r;
-}
-
-INLINE void store(float *p, v8 r, int nv) { memcpy(p, &r, (size_t)nv * sizeof(float)); }
-
-INLINE v8 vmax(v8 a, v8 b) {
-    v8i m = a > b; /* all ones where a > b */
-    return (v8)(((v8i)a & m) | ((v8i)b & ~m));
-}
+#include "simd.h"
 
 /* t[k * ts] = (B^T s)[k], k < m + 2, for s[k] at s[k * ss] */
 INLINE void bt(int m, v8 *t, int ts, const v8 *s, int ss) {
@@ -138,7 +119,7 @@ INLINE void output_block(int m, const float *m_in, size_t stride, const float *b
             }
             r += add; /* after the max: the bias is the same for the four */
             if (relu)
-                r = (v8)((v8i)r & (r > 0.f)); /* lanes where r > 0 are all ones */
+                r = vrelu(r);
             store(y + (p / step) * pitch + (q / step) * K, r, nv);
         }
 }
