@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import deepseek as ds
 import deepseek.backends.cpu.codegen as codegen
 from deepseek.backends.cpu import direct, native, rowwise, winograd
 from tests.conftest import rel_l2
@@ -243,7 +244,6 @@ def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
 def test_profiler_names_the_algorithm_and_keeps_the_roof(monkeypatch):
     """A Winograd convolution's effective GFLOP/s (direct-convolution FLOPs over its time)
     is reported with the algorithm's name and never raises the compute roof."""
-    import deepseek as ds
     from deepseek.profiler import DevicePeaks
 
     _forcing(monkeypatch, "winograd4")

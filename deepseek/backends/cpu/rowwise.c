@@ -5,26 +5,6 @@
  */
 #include "simd.h"
 
-/* exp(x) for x in [-87, 88] (clamped there): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its
- * degree-6 Taylor polynomial (relative error under 4e-8 there), times 2^n built in the
- * exponent bits */
-INLINE v8 vexp(v8 x) {
-    x = select(x <= 88.f, x, splat(88.f));
-    x = select(x >= -87.f, x, splat(-87.f));
-    const v8 shift = splat(12582912.f); /* 1.5 * 2^23: adding it rounds to an integer */
-    v8 n = (x * 1.44269504088896341f + shift) - shift;
-    v8 r = x - n * 0.693359375f - n * -2.12194440e-4f; /* ln 2 in two parts */
-    v8 p = splat(1.f / 720);
-    p = p * r + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-    return p * (v8)bits;
-}
-
 /* y = x * sigmoid(2u), 2u = x (2c + 2c 0.044715 x^2), c = sqrt(2 / pi): the tanh GELU
  * ((1 + tanh(u)) / 2 = sigmoid(2u)); y may be x */
 void ds_gelu_tanh(const float *x, float *y, long n, int threads) {
