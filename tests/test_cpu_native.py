@@ -230,6 +230,17 @@ def test_built_once_per_machine_then_loaded_from_the_cache(monkeypatch, tmp_path
     assert all("-o" not in args for args in calls)  # asked the compiler's version only
 
 
+def test_an_unwritable_cache_builds_into_a_temporary_directory(monkeypatch, tmp_path):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")  # the cache path is a file: no directory can be made there
+    monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(blocked))
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setattr(native, "_TMP_DIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert native.library("rowwise") is not None
+    assert list((tmp_path / "tmp").glob("rowwise_*.so"))
+
+
 def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     bad = tmp_path / "cc"
     bad.write_text("#!/bin/sh\necho 'cc: broken' >&2\nexit 1\n")

@@ -3,8 +3,9 @@
 Each ``<name>.c`` beside this module is plain C (no Python or PyTorch headers; the
 ``.h`` files beside it are shared) built
 with ``gcc -O3 -march=native -fopenmp`` into ``$DEEPSEEK_CACHE_DIR/native`` (default
-``~/.cache/deepseek/native``), keyed by the sources, the compiler and this CPU's model
-and flags, so a machine compiles each source once. OpenMP comes from the libgomp that
+``~/.cache/deepseek/native``; a temporary directory where that cannot be written), keyed
+by the sources, the compiler and this CPU's model and flags, so a machine compiles each
+source once. OpenMP comes from the libgomp that
 PyTorch has already loaded (the same soname), so these kernels share its thread pool
 instead of starting a second one. Without a C compiler ``library`` returns None and
 the kernels that need it are simply not among the candidates (``unavailable`` says why).
@@ -17,6 +18,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 
 # -ffp-contract=fast: a * b + c as one FMA (ISO C modes such as -std=c99 turn that off,
@@ -26,6 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _LOCK = threading.Lock()
 _LIBS: dict[str, ctypes.CDLL | None] = {}
 unavailable: dict[str, str] = {}  # library name -> why it could not be built
+_TMP_DIR: str | None = None
 
 
 def _cpu_key() -> str:
@@ -45,6 +48,24 @@ def _compiler() -> str | None:
     return cc if cc and shutil.which(cc) else None
 
 
+def _out_dir() -> str:
+    """Where built kernels go: the cache, or a private temporary directory where the cache
+    cannot be written (a read-only home in a container): built once per process then."""
+    base = os.environ.get("DEEPSEEK_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "deepseek"))
+    out_dir = os.path.join(base, "native")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.access(out_dir, os.W_OK):
+            return out_dir
+    except OSError:
+        pass
+    global _TMP_DIR
+    if _TMP_DIR is None:
+        _TMP_DIR = tempfile.mkdtemp(prefix="deepseek-native-")
+    return _TMP_DIR
+
+
 def _build(name: str, cc: str) -> str:
     source = b""
     for file in [f"{name}.c"] + sorted(f for f in os.listdir(_HERE) if f.endswith(".h")):
@@ -53,11 +74,7 @@ def _build(name: str, cc: str) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30).stdout.splitlines()[:1]
     key = hashlib.sha256(source + repr((cc, version, _FLAGS, _cpu_key())).encode()).hexdigest()
-    base = os.environ.get("DEEPSEEK_CACHE_DIR",
-                          os.path.join(os.path.expanduser("~"), ".cache", "deepseek"))
-    out_dir = os.path.join(base, "native")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}_{key[:20]}.so")
+    path = os.path.join(_out_dir(), f"{name}_{key[:20]}.so")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
         done = subprocess.run([cc, *_FLAGS, "-o", tmp, os.path.join(_HERE, f"{name}.c")],
