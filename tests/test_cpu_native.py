@@ -193,8 +193,8 @@ def test_add_layer_norm_matches_float64(cols, affine):
     x, r = torch.randn(2, 5, cols) * 3 + 1, torch.randn(2, 5, cols)
     w, b = (torch.randn(cols), torch.randn(cols)) if affine else (None, None)
     s, y = rowwise.add_layer_norm(x, r, w, b, 1e-5)
-    ref = torch.layer_norm(x.double() + r.double(), [cols],
-                           None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+    wd, bd = (None if t is None else t.double() for t in (w, b))
+    ref = torch.layer_norm(x.double() + r.double(), [cols], wd, bd, 1e-5)
     assert torch.equal(s, x + r) and rel_l2(y.double(), ref) < 1e-6
 
 

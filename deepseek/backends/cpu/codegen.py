@@ -639,8 +639,9 @@ class _Emitter:
         stands; for 3x3 ones with stride 1, Winograd F(4x4, 3x3) and F(2x2, 3x3)
         (``winograd.py``: 4x and 2.25x fewer multiplications, ReLU applied as it writes);
         for few input channels, a direct kernel (``direct.py``) that also does a
-        following 2x2 max pool as it writes. Where a max pool reads the result, the candidates leaving NCHW are timed
-        with the copy to channels-last the pool would make."""
+        following 2x2 max pool as it writes. Where a max pool reads the result, the
+        candidates leaving NCHW are timed with the copy to channels-last the pool would
+        make."""
         x, w, b = ins
         g = self.graph
         dtype = x.spec.dtype
@@ -712,16 +713,7 @@ class _Emitter:
         if best == "direct":
             return self.emit_direct(node, x, w, b, a, shape, post, users)
         if best in winos:
-            wino = winos[best]
-            self.algorithms[id(node)] = f"winograd F({wino.tile}x{wino.tile},3x3)"
-            pool = self.fuse_after(node, post, users)
-            if pool is not None:
-                wino = winograd.WinogradConv(
-                    self.constants[w.name], self.constants[b.name] if b is not None else None,
-                    a["padding"], shape, relu=post == "relu", tile=wino.tile, pool=True)
-            v, m = (self.scratch(node, shape, torch.float32) for shape in (wino.v_shape, wino.m_shape))
-            res = self.result_buffer(node, pool)
-            return f"{self.const(wino, 'wino')}({self.as_cl(x)}, {v}, {m}{res})"
+            return self.emit_winograd(node, x, w, b, a, shape, post, users, winos[best].tile)
         pool = self.pooled_by(users[0]) if fuse else None
         if pool is not None:  # the post-op could run after a max pool instead: measured
             pa = {k: bind(v, self.env) for k, v in pool.attrs.items()}
@@ -746,6 +738,19 @@ class _Emitter:
                 f"{self.const(packed, 'packed')}, {self.name(b) if b is not None else None}, "
                 f"{a['padding']}, {a['stride']}, {a['dilation']}, {a['groups']}, "
                 f"{post!r}, {scalars}, {algo!r})")
+
+    def emit_winograd(self, node: Node, x: Value, w: Value, b, a, shape, post: str, users,
+                      tile: int) -> str:
+        """The Winograd kernel's statement (with the ReLU and 2x2 max pool after it, as
+        ``fuse_after`` finds them); its scratch comes from the plan's buffers."""
+        self.algorithms[id(node)] = f"winograd F({tile}x{tile},3x3)"
+        pool = self.fuse_after(node, post, users)
+        wino = winograd.WinogradConv(
+            self.constants[w.name], self.constants[b.name] if b is not None else None,
+            a["padding"], shape, relu=post == "relu", tile=tile, pool=pool is not None)
+        v, m = (self.scratch(node, s, torch.float32) for s in (wino.v_shape, wino.m_shape))
+        res = self.result_buffer(node, pool)
+        return f"{self.const(wino, 'wino')}({self.as_cl(x)}, {v}, {m}{res})"
 
     def direct_conv(self, w: Value, b, a, shape, post: str, pool: bool = False):
         """The direct kernel (``direct.py``) for a float32 convolution with few input channels
@@ -802,7 +807,7 @@ class _Emitter:
     def winograd_convs(self, w: Value, b, a, shape, post: str) -> dict[str, winograd.WinogradConv]:
         """Winograd kernels for a float32 3x3 convolution with stride 1 (ReLU applied as
         the result is written where ``post`` says so), by candidate name: F(4x4, 3x3) and
-        F(2x2, 3x3) (``winograd.py``). None where they do not apply: other shapes or
+        F(2x2, 3x3) (``winograd.py``); none where they do not apply: other shapes or
         post-ops, few channels (a first layer), scratch over ``_WINOGRAD_MAX_BYTES``, or
         no C compiler to build the transforms."""
         o, c, kh, kw = w.spec.concrete(self.env)
