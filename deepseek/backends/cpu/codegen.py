@@ -713,7 +713,7 @@ class _Emitter:
         if best == "direct":
             return self.emit_direct(node, x, w, b, a, shape, post, users)
         if best in winos:
-            return self.emit_winograd(node, x, w, b, a, shape, post, users, winos[best].tile)
+            return self.emit_winograd(node, x, w, b, a, shape, post, users, winos[best])
         pool = self.pooled_by(users[0]) if fuse else None
         if pool is not None:  # the post-op could run after a max pool instead: measured
             pa = {k: bind(v, self.env) for k, v in pool.attrs.items()}
@@ -740,14 +740,16 @@ class _Emitter:
                 f"{post!r}, {scalars}, {algo!r})")
 
     def emit_winograd(self, node: Node, x: Value, w: Value, b, a, shape, post: str, users,
-                      tile: int) -> str:
-        """The Winograd kernel's statement (with the ReLU and 2x2 max pool after it, as
-        ``fuse_after`` finds them); its scratch comes from the plan's buffers."""
-        self.algorithms[id(node)] = f"winograd F({tile}x{tile},3x3)"
+                      wino: winograd.WinogradConv) -> str:
+        """The statement of the Winograd kernel ``wino`` (remade to take the 2x2 max pool
+        after it where ``fuse_after`` finds one); its scratch comes from the plan's
+        buffers."""
+        self.algorithms[id(node)] = f"winograd F({wino.tile}x{wino.tile},3x3)"
         pool = self.fuse_after(node, post, users)
-        wino = winograd.WinogradConv(
-            self.constants[w.name], self.constants[b.name] if b is not None else None,
-            a["padding"], shape, relu=post == "relu", tile=tile, pool=pool is not None)
+        if pool is not None:
+            wino = winograd.WinogradConv(
+                self.constants[w.name], self.constants[b.name] if b is not None else None,
+                a["padding"], shape, relu=post == "relu", tile=wino.tile, pool=True)
         v, m = (self.scratch(node, s, torch.float32) for s in (wino.v_shape, wino.m_shape))
         res = self.result_buffer(node, pool)
         return f"{self.const(wino, 'wino')}({self.as_cl(x)}, {v}, {m}{res})"
