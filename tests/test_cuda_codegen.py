@@ -50,6 +50,9 @@ def test_layer_norm_writes_the_next_gemms_bf16_input_itself():
     assert len(casts) == 2 and "attention_mask" in casts[0] and "select" in casts[1]
     gpt2 = _cuda_source("gpt2_small", batch=1, seq=16)
     assert gpt2.count("y_dtype=") == 25  # 24 blocks' norms and the final one
+    # post-norm BERT never reads a residual sum (the norm's rows are the residual): not
+    # written; pre-norm GPT-2 carries it to the next block, all but after the last one
+    assert bert.count("keep_sum=False") == 25 and gpt2.count("keep_sum=False") == 1
 
 
 def test_norms_and_element_wise_chains_run_as_triton_kernels():

@@ -152,6 +152,9 @@ def test_add_layer_norm_kernel_bf16_output_into_float32_residual():
     assert torch.allclose(low.float(), y, rtol=2 ** -7, atol=1e-6)
     s3, y3 = AddLayerNorm(n, 1e-5)(x, r, w, b, y_dtype=torch.bfloat16)
     assert torch.equal(s3, s) and torch.equal(y3, low)
+    # without a reader of the sum it is not written; the rows are the same bits
+    s4, y4, low4 = AddLayerNorm(n, 1e-5)(x, r, w, b, also=torch.bfloat16, keep_sum=False)
+    assert s4 is None and torch.equal(y4, y) and torch.equal(low4, low)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -155,6 +155,9 @@ class CUDAEmitter(_Emitter):
             return super().add_layer_norm(node, ins, attrs)
         kernel = self.const(AddLayerNorm(n, attrs["eps"]), "triton_add_ln")
         args = ", ".join(self.name(v) if v is not None else "None" for v in ins)
+        s_out = node.outputs[0]
+        if not self.users.get(id(s_out)) and s_out not in g.outputs:
+            args += ", keep_sum=False"  # no reader of the residual sum (a post-norm block)
         if found is None:
             return f"{kernel}({args})"
         (c, view), dtype = found, self.name(found[0].attrs["dtype"])

@@ -20,15 +20,16 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _add_layer_norm(X, R, W, B, S, Y, Y2, N, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                    HAS_Y2: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_Y2: tl.constexpr, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     offs = row * N + cols
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    s = (x + r).to(S.dtype.element_ty)
-    tl.store(S + offs, s, mask=mask)
+    s = (x + r).to(S.dtype.element_ty)  # rounded as PyTorch's add rounds it, stored or not
+    if HAS_S:
+        tl.store(S + offs, s, mask=mask)
     s = s.to(tl.float32)
     mean = tl.sum(s, axis=0) / N
     d = tl.where(mask, s - mean, 0.0)
@@ -57,20 +58,33 @@ class AddLayerNorm:
 
     def __call__(self, x: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None,
                  b: torch.Tensor | None, y_dtype: torch.dtype | None = None,
-                 also: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+                 also: torch.dtype | None = None, keep_sum: bool = True) -> tuple:
         """(sum, normalized) and, with ``also``, the normalized rows in that dtype too.
-        ``y_dtype`` overrides the normalized rows' dtype (default: the sum's)."""
+        ``y_dtype`` overrides the normalized rows' dtype (default: the sum's). Without
+        ``keep_sum`` the sum is not written (None in its place): a post-norm block (BERT)
+        reads only the normalized rows, and the sum was a third of the kernel's traffic."""
         x, r = x.contiguous(), r.contiguous()
         dtype = torch.promote_types(x.dtype, r.dtype)  # a bf16 output into a float32 residual
-        s, y = torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=y_dtype or dtype)
+        s = torch.empty_like(x, dtype=dtype) if keep_sum else self._scratch(dtype, x.device)
+        y = torch.empty_like(x, dtype=y_dtype or dtype)
         y2 = torch.empty_like(x, dtype=also) if also is not None else None
         rows = x.numel() // self.n
         if rows:
             _add_layer_norm[(rows,)](x, r, w if w is not None else x, b if b is not None else x,
                                      s, y, y2 if y2 is not None else y, self.n, self.eps,
                                      HAS_W=w is not None, HAS_B=b is not None,
-                                     HAS_Y2=y2 is not None, BLOCK=self.block, num_warps=self.warps)
+                                     HAS_Y2=y2 is not None, HAS_S=keep_sum, BLOCK=self.block,
+                                     num_warps=self.warps)
+        s = s if keep_sum else None
         return (s, y) if y2 is None else (s, y, y2)
+
+    def _scratch(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """A one-element stand-in for an unwritten sum: the kernel reads its dtype only."""
+        key = (dtype, str(device))
+        cache = self.__dict__.setdefault("_scratches", {})
+        if key not in cache:
+            cache[key] = torch.empty(1, dtype=dtype, device=device)
+        return cache[key]
 
 
 @triton.jit
