@@ -218,7 +218,7 @@ def test_add_layer_norm_in_a_plan(monkeypatch, choice):
 def test_built_once_per_machine_then_loaded_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_LIBS", {})
-    assert native.library("rowwise") is not None
+    assert rowwise.library() is not None
     built = list((tmp_path / "native").glob("rowwise_*.so"))
     assert len(built) == 1
     monkeypatch.setattr(native, "_LIBS", {})  # a new process: only the disk cache is left
@@ -226,7 +226,7 @@ def test_built_once_per_machine_then_loaded_from_the_cache(monkeypatch, tmp_path
     real = native.subprocess.run
     monkeypatch.setattr(native.subprocess, "run",
                         lambda args, **kw: calls.append(args) or real(args, **kw))
-    assert native.library("rowwise") is not None
+    assert rowwise.library() is not None
     assert all("-o" not in args for args in calls)  # asked the compiler's version only
 
 
@@ -237,7 +237,7 @@ def test_an_unwritable_cache_builds_into_a_temporary_directory(monkeypatch, tmp_
     monkeypatch.setattr(native, "_LIBS", {})
     monkeypatch.setattr(native, "_TMP_DIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    assert native.library("rowwise") is not None
+    assert rowwise.library() is not None
     assert list((tmp_path / "tmp").glob("rowwise_*.so"))
 
 
@@ -249,7 +249,7 @@ def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "unavailable", {})
     monkeypatch.setenv("CC", str(bad))
     monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path / "cache"))
-    assert native.library("winograd") is None and "broken" in native.unavailable["winograd"]
+    assert winograd.library() is None and "broken" in native.unavailable["winograd"]
 
 
 def test_profiler_names_the_algorithm_and_keeps_the_roof(monkeypatch):

@@ -1,6 +1,7 @@
 """Direct float32 convolutions for layers with few input channels (a network's first
 layer), with bias, ReLU and a following 2x2 max pool applied as the output is written
-(``direct.c``: NHWC memory, up to 64 output channels in vector registers per pixel).
+(``direct.c``: NHWC memory, two neighbouring pixels and 32 output channels at a time
+in vector registers).
 
 For one input channel oneDNN and ATen run at a few GFLOP/s (their kernels block over
 input channels) and the gather + GEMM lowering copies each pixel nine times; this
@@ -20,13 +21,8 @@ MAX_IN_CHANNELS = 4  # beyond this, GEMM-based kernels win
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built (no C compiler)."""
-    lib = native.library("direct")
-    if lib is not None and not getattr(lib, "typed", False):
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.ds_conv_direct.argtypes = [p, p, p, p, p, i]
-        lib.ds_conv_direct.restype = None
-        lib.typed = True
-    return lib
+    p = ctypes.c_void_p
+    return native.library("direct", {"ds_conv_direct": ([p, p, p, p, p, ctypes.c_int], None)})
 
 
 class DirectConv:

@@ -14,12 +14,14 @@ the kernels that need it are simply not among the candidates (``unavailable`` sa
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Mapping
 
 # -ffp-contract=fast: a * b + c as one FMA (ISO C modes such as -std=c99 turn that off,
 # which halved the arithmetic rate of every kernel here)
@@ -66,13 +68,18 @@ def _out_dir() -> str:
     return _TMP_DIR
 
 
+@functools.cache
+def _version(cc: str) -> list[str]:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True,
+                          timeout=30).stdout.splitlines()[:1]
+
+
 def _build(name: str, cc: str) -> str:
     source = b""
     for file in [f"{name}.c"] + sorted(f for f in os.listdir(_HERE) if f.endswith(".h")):
         with open(os.path.join(_HERE, file), "rb") as f:  # the headers it may include too
             source += f.read()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                             timeout=30).stdout.splitlines()[:1]
+    version = _version(cc)
     key = hashlib.sha256(source + repr((cc, version, _FLAGS, _cpu_key())).encode()).hexdigest()
     path = os.path.join(_out_dir(), f"{name}_{key[:20]}.so")
     if not os.path.exists(path):
@@ -85,8 +92,9 @@ def _build(name: str, cc: str) -> str:
     return path
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """The compiled ``<name>.c`` (built once per machine), or None where it cannot be built."""
+def library(name: str, signatures: Mapping[str, tuple[list, object]]) -> ctypes.CDLL | None:
+    """The compiled ``<name>.c`` (built once per machine), or None where it cannot be built.
+    ``signatures``: each exported function's (argument types, result type), set on load."""
     with _LOCK:
         if name not in _LIBS:
             import torch  # noqa: F401  (its libgomp must be loaded first: see the module doc)
@@ -100,5 +108,7 @@ def library(name: str) -> ctypes.CDLL | None:
                     lib = ctypes.CDLL(_build(name, cc))
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     unavailable[name] = str(e)
+                for fn, (args, result) in signatures.items() if lib is not None else ():
+                    getattr(lib, fn).argtypes, getattr(lib, fn).restype = args, result
             _LIBS[name] = lib
         return _LIBS[name]

@@ -18,14 +18,10 @@ from deepseek.backends.cpu import native
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built (no C compiler)."""
-    lib = native.library("rowwise")
-    if lib is not None and not getattr(lib, "typed", False):
-        p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-        lib.ds_gelu_tanh.argtypes = [p, p, n, i]
-        lib.ds_add_layer_norm.argtypes = [p, p, p, p, p, p, n, i, ctypes.c_float, i]
-        lib.ds_gelu_tanh.restype = lib.ds_add_layer_norm.restype = None
-        lib.typed = True
-    return lib
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    return native.library("rowwise", {
+        "ds_gelu_tanh": ([p, p, n, i], None),
+        "ds_add_layer_norm": ([p, p, p, p, p, p, n, i, ctypes.c_float, i], None)})
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

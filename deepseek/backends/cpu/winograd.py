@@ -30,14 +30,9 @@ TILES = tuple(_G)
 
 def library() -> ctypes.CDLL | None:
     """The compiled transforms, or None where they cannot be built (no C compiler)."""
-    lib = native.library("winograd")
-    if lib is not None and not getattr(lib, "typed", False):
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.ds_wino_input.argtypes = [i, p, p, ctypes.c_long] + [i] * 9
-        lib.ds_wino_output.argtypes = [i, p, ctypes.c_long, p, p] + [i] * 9
-        lib.ds_wino_input.restype = lib.ds_wino_output.restype = None
-        lib.typed = True
-    return lib
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    return native.library("winograd", {"ds_wino_input": ([i, p, p, n] + [i] * 9, None),
+                                       "ds_wino_output": ([i, p, n, p, p] + [i] * 9, None)})
 
 
 class WinogradConv:
