@@ -82,12 +82,15 @@ def _key(inputs: Sequence[torch.Tensor]) -> tuple:
 
 class _GraphReplay:
     """One captured CUDA graph: static inputs in, static outputs out; the copies in and
-    out cast where the graph's boundary casts were stripped (``strip_boundary_casts``)."""
+    out cast where the graph's boundary casts were stripped (``strip_boundary_casts``).
+    Its intermediates live in ``pool``, the memory pool that every graph captured for one
+    executable shares (see ``CUDAExecutable``)."""
 
-    def __init__(self, plan, static_in: list[torch.Tensor], out_dtypes: Sequence):
+    def __init__(self, plan, static_in: list[torch.Tensor], out_dtypes: Sequence, pool):
         self.plan = plan
         self.static_in = static_in
         self.out_dtypes = out_dtypes
+        self.pool = pool
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: Triton/cuBLAS pick kernels, allocate workspaces
@@ -95,7 +98,7 @@ class _GraphReplay:
                 plan(self.static_in)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.static_out = plan(self.static_in)
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -108,7 +111,15 @@ class _GraphReplay:
 
 
 class CUDAExecutable:
-    """A compiled partition: weights on the device, a plan and a CUDA graph per shape."""
+    """A compiled partition: weights on the device, a plan and a CUDA graph per shape.
+
+    The graphs captured for its shapes (shape buckets: 1, 2, 4, ... 128 for a dynamic
+    batch) share one memory pool, the executable's arena: a graph's intermediates are
+    dead once its replay ends, so the next shape's graph may reuse their memory, and
+    the pool grows to the largest graph's working set rather than the sum of all of
+    them. Static inputs and outputs stay each graph's own; outputs are copied out in
+    stream order before any later replay. Calls of one executable do not overlap (as
+    before: one shape's static buffers are shared by its calls)."""
 
     def __init__(self, graph: Graph, device: torch.device, tf32: bool, cuda_graphs: bool):
         self.graph = graph
@@ -120,6 +131,7 @@ class CUDAExecutable:
         self.plans: dict[tuple, object] = {}
         self.hook = None  # the profiler's per-node hook
         self.tuner = Autotuner(device)  # measures when the engine asks (opt_level=3)
+        self.pool = None  # the captured graphs' memory pool (made at the first capture)
         # what a captured graph runs: the graph less its boundary casts
         self.replayed, self.in_dtypes, self.out_dtypes = strip_boundary_casts(graph)
         self.buckets = ShapeBuckets(graph) if cuda_graphs and \
@@ -146,7 +158,10 @@ class CUDAExecutable:
 
     def _capture(self, inputs: Sequence[torch.Tensor]) -> "_GraphReplay":
         static_in = [t.to(d or t.dtype, copy=True) for t, d in zip(inputs, self.in_dtypes)]
-        return _GraphReplay(self._generate(self.replayed, static_in), static_in, self.out_dtypes)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return _GraphReplay(self._generate(self.replayed, static_in), static_in,
+                            self.out_dtypes, self.pool)
 
     def _runner(self, inputs: Sequence[torch.Tensor]):
         key = _key(inputs)
