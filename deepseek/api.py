@@ -19,6 +19,7 @@ from deepseek.ir.verify import verify
 from deepseek.passes import optimize_graph, pipeline, run_passes
 from deepseek.passes.precision import (PRECISION_DTYPES, map_to_fp8, map_to_tensorcore,
                                        pad_gemm_dims)
+from deepseek.quantization.lowering import has_qdq
 from deepseek.runtime.artifact import load_artifact
 from deepseek.runtime.engine import Engine, Report
 from deepseek.runtime.plan import bytes_moved, plan_memory
@@ -86,8 +87,6 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
         example = [x for x in leaves if isinstance(x, torch.Tensor)]
     verify(graph)
     if precision == "int8":
-        from deepseek.quantization.lowering import has_qdq
-
         if not has_qdq(graph):
             raise DeepseekError("precision='int8' needs a quantized model (quantize/dequantize "
                                 "nodes): quantize it first with deepseek.quantization.Quantizer"
@@ -114,6 +113,13 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
                      "is the way to lower precision here")
         warnings.warn(notes[-1], DeepseekWarning, stacklevel=3)
         precision = "fp32"
+    native = b.capabilities().precisions
+    if native is not None and "int8" not in native and has_qdq(graph):
+        notes.append(f"backend {b.name!r} has no native int8 kernels on this machine (no VNNI "
+                     "dot products): the quantized convolutions and GEMMs run their float32 "
+                     "formula, slower than the float32 model (ResNet-50 0.53x, BERT-base 0.67x "
+                     "on an AVX2 EPYC); compile the float model here, int8 where VNNI is")
+        warnings.warn(notes[-1], DeepseekWarning, stacklevel=3)
     passes = list(pipeline(opt_level, graph))
     if precision in PRECISION_DTYPES or precision == "fp8":
         # stage 3 after the clean-up (weights folded in float32), before fusion (which

@@ -96,6 +96,31 @@ def test_int8_engine_matches_eager_quantized_module(kind, method, granularity):
     assert rel_l2(want, fp32) < 0.1  # and the quantized model is still the model
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_without_native_kernels_says_so(native, monkeypatch):
+    """A CPU without VNNI runs the integer kernels' float32 formula, slower than the float
+    model: the compile warns and the report says so; with them, nothing is said."""
+    import warnings
+
+    import deepseek.backends.cpu as cpu
+
+    monkeypatch.setattr(cpu, "native_precisions", lambda: frozenset({"int8"} if native else ()))
+    model, make = _model("conv")
+    qmodel = Quantizer(QuantConfig(progress=False)).quantize(model, [make(8)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = ds.compile(qmodel, (make(),), precision="int8", backend="cpu")
+    said = [w for w in caught if issubclass(w.category, ds.DeepseekWarning)
+            and "no native int8 kernels" in str(w.message)]
+    assert len(said) == (0 if native else 1)
+    assert ("no native int8 kernels" in str(engine.report())) == (not native)
+    # the float model compiles without a word either way
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.compile(model, (make(),), backend="cpu")
+    assert not [w for w in caught if "int8" in str(w.message)]
+
+
 @pytest.mark.parametrize("bits,granularity", [(8, "per_channel"), (4, "per_group")])
 @pytest.mark.parametrize("method", ["symmetric", "asymmetric"])
 def test_weight_only_engine(bits, granularity, method):

@@ -38,8 +38,9 @@ class Capabilities:
     priority: int = 0  # "auto" picks the available backend with the highest priority
     memory_types: tuple[str, ...] = ("device",)
     extras: dict[str, Any] = field(default_factory=dict)
-    # reduced float precisions ("bf16", "fp16") with native kernels on this machine;
-    # ds.compile(precision=...) keeps float32 for any other, with a warning. None: all.
+    # reduced precisions ("bf16", "fp16", "int8") with native kernels on this machine;
+    # ds.compile(precision=...) keeps float32 for a float one that is not, and says when
+    # a quantized model's integer kernels are not native (a warning). None: all.
     precisions: frozenset[str] | None = None
 
 

@@ -171,6 +171,12 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "q
            and torch.cpu._is_vnni_supported())
 
 
+def native_int8() -> bool:
+    """Whether this CPU runs the int8 convolution and linear kernels natively (oneDNN's,
+    on VNNI dot products); elsewhere they run their float32 formula."""
+    return _ONEDNN
+
+
 def _dequantized(weight, weight_scale, weight_zero_point) -> torch.Tensor:
     """The float32 weight of an int8 op, made once per weight (the float fallback's operand)."""
     return _cached(weight, ("dequant8", *_tensor_key(weight_scale), *_tensor_key(weight_zero_point)),

@@ -47,14 +47,18 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_c
 
 
 def native_precisions() -> frozenset[str]:
-    """The reduced float precisions this CPU runs natively: bf16 where oneDNN has bf16
+    """The reduced precisions this CPU runs natively: bf16 where oneDNN has bf16
     kernels (AVX-512; AVX512-BF16/AMX for full speed), fp16 with AVX512-FP16/AMX-FP16.
     Elsewhere PyTorch converts element by element in scalar code, far slower than
-    float32 (BERT-base at batch 1 on an AVX2 EPYC: 23 s a call in bf16, 0.2 s in fp32)."""
+    float32 (BERT-base at batch 1 on an AVX2 EPYC: 23 s a call in bf16, 0.2 s in fp32).
+    int8 where oneDNN's integer kernels run (VNNI dot products; ``quantization.kernels``)."""
+    from deepseek.quantization.kernels import native_int8
+
     mkldnn = torch.ops.mkldnn
-    return frozenset(name for name, check in (("bf16", "_is_mkldnn_bf16_supported"),
-                                               ("fp16", "_is_mkldnn_fp16_supported"))
-                     if _ONEDNN and hasattr(mkldnn, check) and getattr(mkldnn, check)())
+    found = {name for name, check in (("bf16", "_is_mkldnn_bf16_supported"),
+                                      ("fp16", "_is_mkldnn_fp16_supported"))
+             if _ONEDNN and hasattr(mkldnn, check) and getattr(mkldnn, check)()}
+    return frozenset(found | ({"int8"} if native_int8() else set()))
 
 
 # oneDNN's kernels by dtype; bf16 elsewhere (forced by a test) runs through ATen
