@@ -2,11 +2,14 @@
 
 Contenders, interleaved in one run: Deepseek fp32; Deepseek int8 (static PTQ,
 uint8 activations and symmetric per-channel int8 weights, min-max calibration
-on 8 random batches, compiled with ``precision="int8"``); for BERT also ONNX
+on 8 random batches, compiled with ``precision="int8"``), and the same with
+7-bit weights (``int8_w7``: what oneDNN's int8 kernels compute exactly on CPUs
+without VNNI, where 8-bit weights run the float formula); for BERT also ONNX
 Runtime fp32 and ONNX Runtime int8 (its dynamic quantization,
 ``quantize_dynamic``, of the same ONNX file), 2 intra-op threads, and Deepseek
 int8 with mixed precision (``accuracy_budget``: the most sensitive layers stay
-float until the outputs agree with fp32 within relative L2 0.009).
+float until the outputs agree with fp32 within relative L2 0.009; 7-bit weights
+without VNNI).
 Agreement with fp32: relative L2 of the outputs on fresh random inputs.
 
     python -m benchmarks.quant_cpu --threads 2 --out benchmarks/results/quant_cpu.json
@@ -25,6 +28,7 @@ from benchmarks import cpu_run_setup, print_case, save_json
 from benchmarks.models import BENCHMARK_MODELS
 from deepseek.numerics import rel_l2
 from deepseek.quantization import QuantConfig, Quantizer
+from deepseek.quantization.kernels import native_int8
 from deepseek.timing import time_interleaved
 
 CASES = {"resnet50": dict(batch=1, image=224), "bert_base": dict(batch=1, seq=128)}
@@ -73,10 +77,13 @@ def bench(name: str, threads: int, iters: int, mixed: bool) -> dict:
     model, inputs = BENCHMARK_MODELS[name](**CASES[name])
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     calib = [_fresh(inputs, vocab) for _ in range(8)]
-    config = QuantConfig(method="asymmetric", weight_method="symmetric", progress=False)
-    quantized = Quantizer(config).quantize(model, calib)
-    runs = {"deepseek_fp32": ds.compile(model, inputs, backend="cpu"),
-            "deepseek_int8": ds.compile(quantized, inputs, backend="cpu", precision="int8")}
+    runs = {"deepseek_fp32": ds.compile(model, inputs, backend="cpu")}
+    for label, bits in (("deepseek_int8", 8), ("deepseek_int8_w7", 7)):
+        config = QuantConfig(weight_bits=bits, method="asymmetric", weight_method="symmetric",
+                             progress=False)
+        runs[label] = ds.compile(Quantizer(config).quantize(model, calib), inputs, backend="cpu",
+                                 precision="int8")
+    mixed_bits = 8 if native_int8() else 7  # the weights this CPU's int8 kernels take
     if mixed:  # mixed precision: the most sensitive layers stay float until the outputs
         # agree with fp32 within MIXED_BUDGET (relative L2, on two held-out batches)
         held_out = [_fresh(inputs, vocab) for _ in range(2)]
@@ -87,8 +94,9 @@ def bench(name: str, threads: int, iters: int, mixed: bool) -> dict:
             with torch.no_grad():
                 return -max(rel_l2(_first(m(*x)), r) for x, r in zip(held_out, refs))
 
-        q = Quantizer(QuantConfig(method="asymmetric", weight_method="symmetric",
-                                  accuracy_budget=MIXED_BUDGET, progress=False))
+        q = Quantizer(QuantConfig(weight_bits=mixed_bits, method="asymmetric",
+                                  weight_method="symmetric", accuracy_budget=MIXED_BUDGET,
+                                  progress=False))
         runs["deepseek_int8_mixed"] = ds.compile(q.quantize(model, calib, eval_fn=agreement),
                                                  inputs, backend="cpu", precision="int8")
         kept_float = q.report.kept_float
@@ -101,7 +109,8 @@ def bench(name: str, threads: int, iters: int, mixed: bool) -> dict:
     agreement = {k: rel_l2(_first(fn(x)), ref) for k, fn in runners.items()}
     times = time_interleaved({k: (lambda f: lambda: f(inputs))(f) for k, f in runners.items()},
                              iters=iters, warmup=3)
-    extra = {"int8_mixed_kept_float": kept_float} if mixed else {}
+    extra = {"int8_mixed_kept_float": kept_float, "int8_mixed_weight_bits": mixed_bits} \
+        if mixed else {}
     return {"model": name, "config": CASES[name], "iters": iters, **extra,
             "median_ms": {k: v * 1e3 for k, v in times.items()},
             "speedup_vs_deepseek_fp32": {k: times["deepseek_fp32"] / v for k, v in times.items()},

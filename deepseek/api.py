@@ -19,7 +19,7 @@ from deepseek.ir.verify import verify
 from deepseek.passes import optimize_graph, pipeline, run_passes
 from deepseek.passes.precision import (PRECISION_DTYPES, map_to_fp8, map_to_tensorcore,
                                        pad_gemm_dims)
-from deepseek.quantization.lowering import has_qdq
+from deepseek.quantization.lowering import has_qdq, int8_kernels_off_native
 from deepseek.runtime.artifact import load_artifact
 from deepseek.runtime.engine import Engine, Report
 from deepseek.runtime.plan import bytes_moved, plan_memory
@@ -113,13 +113,6 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
                      "is the way to lower precision here")
         warnings.warn(notes[-1], DeepseekWarning, stacklevel=3)
         precision = "fp32"
-    native = b.capabilities().precisions
-    if native is not None and "int8" not in native and has_qdq(graph):
-        notes.append(f"backend {b.name!r} has no native int8 kernels on this machine (no VNNI "
-                     "dot products): the quantized convolutions and GEMMs run their float32 "
-                     "formula, slower than the float32 model (ResNet-50 0.53x, BERT-base 0.67x "
-                     "on an AVX2 EPYC); compile the float model here, int8 where VNNI is")
-        warnings.warn(notes[-1], DeepseekWarning, stacklevel=3)
     passes = list(pipeline(opt_level, graph))
     if precision in PRECISION_DTYPES or precision == "fp8":
         # stage 3 after the clean-up (weights folded in float32), before fusion (which
@@ -132,6 +125,17 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
         passes[at:at] = [lower] + ([pad_gemm_dims] if target == "cuda" else []) + \
             ([map_to_fp8] if precision == "fp8" else [])
     optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
+    native = b.capabilities().precisions
+    off, kernels = int8_kernels_off_native(optimized) if native is not None \
+        and "int8" not in native and has_qdq(graph) else (0, 0)
+    if off:
+        notes.append(f"{off} of {kernels} int8 convolutions/GEMMs have 8-bit weights, which "
+                     f"backend {b.name!r} has no native int8 kernels for on this machine (no "
+                     "VNNI: oneDNN adds pairs of products in int16, which 8-bit weights can "
+                     "saturate); they run their float32 formula, slower than the float32 model "
+                     "(ResNet-50 0.53x, BERT-base 0.67x on an AVX2 EPYC). Quantize with "
+                     "QuantConfig(weight_bits=7): 7-bit weights run as int8 here, exactly")
+        warnings.warn(notes[-1], DeepseekWarning, stacklevel=3)
     report = Report(passes=[r.to_dict() for r in records], backend="", opt_level=opt_level,
                     nodes={"unoptimized": len(graph.nodes), "optimized": len(optimized.nodes)},
                     notes=notes)

@@ -20,8 +20,11 @@ def _one_thread():
 
 
 
-def _weight(n, k, asym, per_tensor=False):
-    w = torch.randint(-127 if not asym else -128, 128, (n, k), dtype=torch.int8)
+def _weight(n, k, asym, per_tensor=False, bits=8):
+    """Random int8 weights of ``bits`` bits: 8 uses the whole range; 7 ([-64, 63]) is
+    what oneDNN's kernels compute exactly without VNNI (``K.int8_native_for``)."""
+    half = 2 ** (bits - 1)
+    w = torch.randint(-(half - 1) if not asym else -half, half, (n, k), dtype=torch.int8)
     s = torch.rand(1 if per_tensor else n) * 0.02 + 1e-3
     z = torch.randint(-4, 5, s.shape, dtype=torch.int32) if asym else None
     return w, s, z
@@ -38,10 +41,11 @@ def _close_quantized(out, ref, quantum_ok=1):
 @pytest.mark.parametrize("asym_w", [False, True])
 @pytest.mark.parametrize("post", ["none", "relu"])
 @pytest.mark.parametrize("out_dtype", [None, torch.uint8, torch.int8])
-def test_linear_int8_matches_reference(act, asym_w, post, out_dtype):
+@pytest.mark.parametrize("bits", [8, 7])
+def test_linear_int8_matches_reference(act, asym_w, post, out_dtype, bits):
     lo, hi = (0, 256) if act == torch.uint8 else (-128, 128)
     x = torch.randint(lo, hi, (3, 7, 48), dtype=act)
-    w, s, z = _weight(24, 48, asym_w, per_tensor=asym_w and post == "relu")
+    w, s, z = _weight(24, 48, asym_w, per_tensor=asym_w and post == "relu", bits=bits)
     b = torch.randn(24)
     xz = 131 if act == torch.uint8 else 0
     oz = 7 if out_dtype == torch.uint8 else 0
@@ -57,11 +61,12 @@ def test_linear_int8_matches_reference(act, asym_w, post, out_dtype):
 @pytest.mark.parametrize("act", [torch.uint8, torch.int8])
 @pytest.mark.parametrize("asym_w", [False, True])
 @pytest.mark.parametrize("geometry", [(1, 1, 1, 1), (2, 0, 1, 2), (1, 2, 2, 8)])
-def test_conv2d_int8_matches_reference(act, asym_w, geometry):
+@pytest.mark.parametrize("bits", [8, 7])
+def test_conv2d_int8_matches_reference(act, asym_w, geometry, bits):
     stride, padding, dilation, groups = geometry
     lo, hi = (0, 256) if act == torch.uint8 else (-128, 128)
     x = torch.randint(lo, hi, (2, 8, 11, 10), dtype=act)
-    w, s, z = _weight(16, 8 // groups * 9, asym_w)
+    w, s, z = _weight(16, 8 // groups * 9, asym_w, bits=bits)
     w = w.reshape(16, 8 // groups, 3, 3)
     b = torch.randn(16)
     args = (x, 0.02, 5 if act == torch.uint8 else 0, w, s, z, b, [stride] * 2, [padding] * 2,
@@ -77,12 +82,13 @@ def test_conv2d_int8_matches_reference(act, asym_w, geometry):
 @pytest.mark.parametrize("x_zero_point", [0, 7])
 @pytest.mark.parametrize("out_dtype", [None, torch.uint8])
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("bits", [8, 7])
 def test_pointwise_conv2d_int8_runs_as_a_gemm_and_matches_reference(act, asym_w, x_zero_point,
-                                                                    out_dtype, stride):
+                                                                    out_dtype, stride, bits):
     """1x1 convolutions go through the int8 linear kernel over the (strided) pixels."""
     lo, hi = (0, 256) if act == torch.uint8 else (-128, 128)
     x = torch.randint(lo, hi, (2, 24, 7, 5), dtype=act)
-    w, s, z = _weight(40, 24, asym_w)
+    w, s, z = _weight(40, 24, asym_w, bits=bits)
     w = w.reshape(40, 24, 1, 1)
     args = (x, 0.02, x_zero_point, w, s, z, torch.randn(40), [stride] * 2, [0, 0], [1, 1], 1,
             "relu", 0.05, 3, out_dtype)
@@ -91,8 +97,29 @@ def test_pointwise_conv2d_int8_runs_as_a_gemm_and_matches_reference(act, asym_w,
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
     else:  # requantized: at most one step apart where rounding ties differ
         assert out.dtype == ref.dtype and (out.int() - ref.int()).abs().max() <= 1
-    if K._ONEDNN:  # the GEMM path (without VNNI the float formula runs, in NCHW)
+    if K.int8_native_for(w):  # the GEMM path (else the float formula runs, in NCHW)
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_int8_kernels_never_saturate(kind):
+    """The worst case for pairs of products summed in int16 (no VNNI): 255 x 127 + 255 x
+    127. 8-bit weights take the oneDNN kernels only with VNNI, 7-bit ones everywhere;
+    either way the result is the exact integer sum."""
+    x = torch.full((2, 16, 6, 6), 255, dtype=torch.uint8)
+    for top, native in ((127, K.native_int8()), (64, K._ONEDNN)):
+        w = torch.full((8, 16 * (9 if kind == "conv" else 1)), top, dtype=torch.int8)
+        assert K.int8_native_for(w) == native
+        s = torch.full((8,), 1e-3)
+        if kind == "linear":
+            rows = x.permute(0, 2, 3, 1).reshape(-1, 16)
+            out = dq.linear_int8(rows, 0.01, 0, w, s, None, None, "none", 1.0, 0, None)
+            want = torch.full_like(out, 255 * top * 16 * 0.01 * 1e-3)
+        else:
+            out = dq.conv2d_int8(x, 0.01, 0, w.reshape(8, 16, 3, 3), s, None, None, [1, 1],
+                                 [0, 0], [1, 1], 1, "none", 1.0, 0, None)
+            want = torch.full_like(out, 255 * top * 16 * 9 * 0.01 * 1e-3)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
 
 
 def test_prepacked_weight_is_cached_and_refreshed_on_change():

@@ -163,18 +163,29 @@ def _zero_point_term(weight, weight_scale, weight_zero_point) -> torch.Tensor:
                             * weight_zero_point.float().reshape(-1).expand(n)).contiguous())
 
 
-# Without VNNI (AVX2, AVX-512 before Cascade Lake) oneDNN's uint8 x int8 kernels add pairs of
-# products in int16 with saturation (vpmaddubsw): results then differ from integer arithmetic by
-# whole units, so there the integer ops run their float32 formula on a weight de-quantized once
-# (exact products; correct, but no faster than float32).
-_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-           and torch.cpu._is_vnni_supported())
+# oneDNN's uint8 x int8 kernels. With VNNI (AVX-512 VNNI, AVX-VNNI) they sum products in
+# int32, exact for any int8 weight. Without it (AVX2, AVX-512 before Cascade Lake) they add
+# pairs of products in int16 with saturation (vpmaddubsw): exact only while a pair fits,
+# 255 * (|w1| + |w2|) <= 32767, i.e. for weights in [-64, 64] (7-bit weights,
+# QuantConfig(weight_bits=7)). Other weights run the float32 formula on a weight
+# de-quantized once (exact products; correct, but slower than a float32 model).
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+_VNNI = _ONEDNN and torch.cpu._is_vnni_supported()
+PAIR_SAFE = 64  # the largest |weight| whose pairs of products fit int16 without VNNI
 
 
 def native_int8() -> bool:
-    """Whether this CPU runs the int8 convolution and linear kernels natively (oneDNN's,
-    on VNNI dot products); elsewhere they run their float32 formula."""
-    return _ONEDNN
+    """Whether this CPU runs every int8 convolution and linear natively (oneDNN on VNNI
+    dot products); without VNNI only weights within [-64, 64] do (``int8_native_for``)."""
+    return _VNNI
+
+
+def int8_native_for(weight: torch.Tensor) -> bool:
+    """Whether oneDNN's int8 kernels compute exactly with this int8 weight here."""
+    if not _ONEDNN or weight.dtype != torch.int8:
+        return False
+    return _VNNI or _cached(weight, ("pair_safe",), lambda: weight.numel() == 0 or bool(
+        weight.min() >= -PAIR_SAFE and weight.max() <= PAIR_SAFE))
 
 
 def _dequantized(weight, weight_scale, weight_zero_point) -> torch.Tensor:
@@ -184,8 +195,8 @@ def _dequantized(weight, weight_scale, weight_zero_point) -> torch.Tensor:
 
 
 def _onednn_ok(x, weight, weight_scale) -> bool:
-    return (_ONEDNN and x.dtype in (torch.uint8, torch.int8) and weight.dtype == torch.int8
-            and weight_scale.numel() in (1, weight.shape[0]))
+    return (x.dtype in (torch.uint8, torch.int8) and weight_scale.numel() in (1, weight.shape[0])
+            and int8_native_for(weight))
 
 
 # --- CPU -----------------------------------------------------------------------------

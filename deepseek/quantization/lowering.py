@@ -28,7 +28,7 @@ from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop
 from deepseek.ir.types import TensorSpec
 from deepseek.passes.simplify import eliminate_dead_code
-from deepseek.quantization.kernels import pack_int4
+from deepseek.quantization.kernels import int8_native_for, pack_int4
 
 _DQ_ACT = {Op.DEQUANTIZE_PER_TENSOR, Op.DEQUANTIZE_PER_TENSOR_TENSOR}
 _Q_ACT = {Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR}
@@ -261,6 +261,15 @@ def _fuse_epilogue(m: _Matcher, kernel: Node, removed: set[int]) -> None:
     kernel.attrs.update(output_scale=params[0], output_zero_point=params[1], output_dtype=dtype)
     kernel.outputs = list(user.outputs)
     removed.add(id(user))
+
+
+def int8_kernels_off_native(graph: Graph) -> tuple[int, int]:
+    """(how many, of how many) int8 convolution / linear kernels of a lowered graph have a
+    weight that this CPU's int8 kernels cannot compute exactly (``int8_native_for``)."""
+    kernels = [n for n in graph.nodes if n.op in (Op.CONV2D_INT8, Op.LINEAR_INT8)]
+    off = sum(not int8_native_for(graph.constants[n.inputs[1].name]) for n in kernels
+              if graph.is_constant(n.inputs[1]))  # inputs: x, weight, scale, zero point, bias
+    return off, len(kernels)
 
 
 def lower_quantized_ops(graph: Graph) -> Graph:
