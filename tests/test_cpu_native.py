@@ -5,6 +5,8 @@ each against a float64 convolution, inside generated plans, and without a compil
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -213,6 +215,46 @@ def test_add_layer_norm_in_a_plan(monkeypatch, choice):
     _forcing(monkeypatch, choice)
     source = _plan_source(_check(Residual().eval(), torch.randn(3, 7, 24)))
     assert ("add_ln" in source) == (choice == "native")
+
+
+@pytest.mark.parametrize("dtype,zp,lo,hi", [(torch.uint8, 122, 0, 255),
+                                             (torch.int8, 0, -128, 127),
+                                             (torch.uint8, 3, 0, 127)])  # 7-bit activations
+@pytest.mark.parametrize("shape,channels_last", [((2, 13, 9, 7), True), ((5, 37), False),
+                                                 ((3,), False)])
+def test_quantize_is_bitwise_the_reference(dtype, zp, lo, hi, shape, channels_last):
+    """One pass in C against the five in-place ATen steps it replaces, every value equal:
+    ties to even (values on .5 steps), both ends of the range, far outside it, inf, NaN;
+    the output keeps the input's memory layout."""
+    inv = 9.0
+    x = torch.randn(shape) * 20
+    flat = x.view(-1)
+    specials = torch.tensor([0.5, 1.5, -2.5, 1e30, -1e30, float("inf"), float("-inf"),
+                             float("nan")]) / inv
+    flat[:len(specials)] = specials[:flat.numel()]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.mul(x, inv).round_().add_(zp).clamp_(lo, hi).to(dtype)
+    got = rowwise.quantize(x, inv, zp, lo, hi, dtype)
+    assert got.dtype == dtype and got.stride() == want.stride() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("choice", ["native", "aten"])
+def test_quantize_in_an_int8_plan(monkeypatch, choice):
+    from deepseek.quantization import QuantConfig, Quantizer
+
+    _forcing(monkeypatch, choice)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    q = Quantizer(QuantConfig(progress=False)).quantize(model, [torch.randn(4, 3, 12, 12)])
+    engine = ds.compile(q, (x,), backend="cpu", precision="int8")
+    with torch.no_grad():
+        want = q(x)
+    assert rel_l2(engine(x), want) < 2e-3
+    source = _plan_source(engine)
+    native = len(re.findall(r"= quantize\d+\(", source))
+    # the input's quantization (the next ones are fused into the int8 kernels)
+    assert (native, "round_()" in source) == ((1, False) if choice == "native" else (0, True))
 
 
 def test_built_once_per_machine_then_loaded_from_the_cache(monkeypatch, tmp_path):

@@ -62,3 +62,46 @@ void ds_add_layer_norm(const float *x, const float *r, const float *w, const flo
         }
     }
 }
+
+typedef unsigned char v32b __attribute__((vector_size(32)));
+
+/* the low byte of each of 8 ints, in order (two byte shuffles and a permute on AVX2) */
+INLINE void store_bytes(unsigned char *q, v8i iv, int nv) {
+#ifdef __clang__
+    v32b b = __builtin_shufflevector((v32b)iv, (v32b)iv, 0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0,
+                                     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+#else
+    v32b b = __builtin_shuffle((v32b)iv, (v32b){0, 4, 8, 12, 16, 20, 24, 28});
+#endif
+    if (nv == 8)
+        memcpy(q, &b, 8);
+    else
+        memcpy(q, &b, (size_t)nv);
+}
+
+/* q = clamp(rint(x * inv) + zp, qmin, qmax) for nv of 8 lanes (see ds_quantize) */
+INLINE void quantize8(const float *x, unsigned char *q, int nv, float inv, float zp,
+                      float qmin, float qmax) {
+    const v8 lo = splat(qmin - zp - 1.f), hi = splat(qmax - zp + 1.f);
+    const v8 shift = splat(12582912.f);
+    v8 v = load(x, nv) * inv;
+    v = select(v < lo, lo, select(v > hi, hi, v)); /* a NaN stays NaN */
+    v = (v + shift) - shift + zp;
+    v = select(v < qmin, splat(qmin), select(v > qmax, splat(qmax), v));
+    store_bytes(q, __builtin_convertvector(v, v8i), nv);
+}
+
+/* per-tensor quantization: q = clamp(rint(x * inv) + zp, qmin, qmax) as bytes (the bits of
+ * a uint8 or an int8), x * inv in float32 and rint rounding half to even, as PyTorch's
+ * mul by a float scalar, round_, add_ and clamp_ do; x is first clamped a step beyond the
+ * range, which leaves the result as it is and keeps |x * inv| far below 2^22, where adding
+ * and subtracting 1.5 * 2^23 rounds to an integer */
+void ds_quantize(const float *x, unsigned char *q, long n, float inv, float zp, float qmin,
+                 float qmax, int threads) {
+    const long full = n / 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < full; i++)
+        quantize8(x + i * 8, q + i * 8, 8, inv, zp, qmin, qmax);
+    if (n % 8)
+        quantize8(x + full * 8, q + full * 8, (int)(n % 8), inv, zp, qmin, qmax);
+}

@@ -1,5 +1,5 @@
 """One-pass float32 kernels in C (``rowwise.c``) for what PyTorch does in several passes:
-the tanh GELU and a transformer's residual add + layer norm.
+the tanh GELU, a transformer's residual add + layer norm, and per-tensor quantization.
 
 Against float64: the GELU's error is ATen's (5e-7 absolute), the layer norm's 6e-8
 relative (ATen's 5e-8); the residual sum is bitwise ATen's. 128 x 3072 GELU on an
@@ -21,7 +21,8 @@ def library() -> ctypes.CDLL | None:
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     return native.library("rowwise", {
         "ds_gelu_tanh": ([p, p, n, i], None),
-        "ds_add_layer_norm": ([p, p, p, p, p, p, n, i, ctypes.c_float, i], None)})
+        "ds_add_layer_norm": ([p, p, p, p, p, p, n, i, ctypes.c_float, i], None),
+        "ds_quantize": ([p, p, n] + [ctypes.c_float] * 4 + [i], None)})
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -42,3 +43,17 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None
                                 y.data_ptr(), x.numel() // cols, cols, eps,
                                 torch.get_num_threads())
     return s, y
+
+
+def quantize(x: torch.Tensor, inv_scale: float, zero_point: int, qmin: int, qmax: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(round(x * inv_scale) + zero_point, qmin, qmax)`` of a float32 tensor as
+    ``dtype`` (uint8 or int8) in one pass, in ``x``'s memory layout: bitwise what
+    ``x.mul(inv_scale).round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)`` gives in
+    five."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    q = torch.empty_like(x, dtype=dtype)  # the same strides: one flat pass over both
+    library().ds_quantize(x.data_ptr(), q.data_ptr(), x.numel(), inv_scale, zero_point, qmin,
+                          qmax, torch.get_num_threads())
+    return q
