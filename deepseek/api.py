@@ -125,9 +125,9 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
         passes[at:at] = [lower] + ([pad_gemm_dims] if target == "cuda" else []) + \
             ([map_to_fp8] if precision == "fp8" else [])
     optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
-    native = b.capabilities().precisions
+    native = b.capabilities().precisions if has_qdq(graph) else None
     off, kernels = int8_kernels_off_native(optimized) if native is not None \
-        and "int8" not in native and has_qdq(graph) else (0, 0)
+        and "int8" not in native else (0, 0)
     if off:
         notes.append(f"{off} of {kernels} int8 convolutions/GEMMs have 8-bit weights, for "
                      f"which backend {b.name!r} has no native int8 kernels on this machine (no "

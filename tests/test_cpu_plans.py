@@ -311,8 +311,11 @@ def test_gelu_programs_are_recognised_by_their_values():
 
 @pytest.mark.parametrize("overload", ["default", "tensor"])
 @pytest.mark.parametrize("dtype,qmin,qmax,zp", [(torch.uint8, 0, 255, 7), (torch.int8, -128, 127, 0)])
-def test_quantize_per_tensor_code_is_bitwise_the_reference(overload, dtype, qmin, qmax, zp):
-    """The plan's in-place quantize gives exactly quantized_decomposed's integers, on
+@pytest.mark.parametrize("choice", ["aten", "native"])
+def test_quantize_per_tensor_code_is_bitwise_the_reference(overload, dtype, qmin, qmax, zp,
+                                                          choice, monkeypatch):
+    """The plan's quantize (in-place ATen steps, or the one-pass C kernel where built)
+    gives exactly quantized_decomposed's integers, on
     random values, values at rounding ties and values clamped at both ends."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401
     from deepseek.ir.graph import Graph
@@ -334,6 +337,7 @@ def test_quantize_per_tensor_code_is_bitwise_the_reference(overload, dtype, qmin
                           "quant_max": qmax, "dtype": dtype}, [TensorSpec((4, 300), dtype)],
                           name="q")
     g.outputs = [node.outputs[0]]
+    _forcing(monkeypatch, choice)
     engine = ds.compile(g, backend="cpu")
     values = torch.randn(4, 300) * 4
     values[0, :100] = (torch.arange(100) - 50 + 0.5) * scale  # ties
@@ -341,7 +345,10 @@ def test_quantize_per_tensor_code_is_bitwise_the_reference(overload, dtype, qmin
     got = engine(values)
     want = qd.quantize_per_tensor(values, scale, zp, qmin, qmax, dtype)
     assert got.dtype == dtype and torch.equal(got, want)
-    assert "round_()" in next(iter(engine._parts[0].executable.plans.values())).source
+    from deepseek.backends.cpu import rowwise
+
+    aten = choice == "aten" or rowwise.library() is None
+    assert ("round_()" in _plan_source(engine)) == aten
 
 
 class _Bottleneck(nn.Module):
