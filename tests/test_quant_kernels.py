@@ -102,24 +102,30 @@ def test_pointwise_conv2d_int8_runs_as_a_gemm_and_matches_reference(act, asym_w,
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.uint8])
-def test_float_formula_of_an_int8_convolution_matches_reference(out_dtype, monkeypatch):
-    """8-bit weights without VNNI: oneDNN's float32 convolution on the weight de-quantized
-    and packed once, the input de-quantized in channels-last memory, ReLU as post-op."""
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_float_formula_of_an_int8_kernel_matches_reference(kind, out_dtype, monkeypatch):
+    """8-bit weights without VNNI: oneDNN's float32 convolution or linear on the weight
+    de-quantized and laid out once, the input de-quantized, ReLU as post-op."""
     if not K._ONEDNN:
         pytest.skip("PyTorch without oneDNN")
     monkeypatch.setattr(K, "_VNNI", False)
-    x = torch.randint(0, 256, (2, 16, 9, 11), dtype=torch.uint8)
     w, s, z = _weight(24, 16 * 9, True)
-    w = w.reshape(24, 16, 3, 3)
+    b = torch.randn(24)
+    if kind == "conv":
+        x = torch.randint(0, 256, (2, 16, 9, 11), dtype=torch.uint8)
+        w = w.reshape(24, 16, 3, 3)
+        args = (x, 0.02, 3, w, s, z, b, [2, 1], [1, 1], [1, 1], 1, "relu", 0.05, 5, out_dtype)
+        out, ref = dq.conv2d_int8(*args), K.reference_conv2d_int8(*args)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.randint(0, 256, (3, 5, 16 * 9), dtype=torch.uint8)
+        args = (x, 0.02, 3, w, s, z, b, "relu", 0.05, 5, out_dtype)
+        out, ref = dq.linear_int8(*args), K.reference_linear_int8(*args)
     assert not K.int8_native_for(w)
-    args = (x, 0.02, 3, w, s, z, torch.randn(24), [2, 1], [1, 1], [1, 1], 1, "relu", 0.05, 5,
-            out_dtype)
-    out, ref = dq.conv2d_int8(*args), K.reference_conv2d_int8(*args)
     if out_dtype is None:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
     else:
         _close_quantized(out, ref)
-    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -202,10 +202,12 @@ def _onednn_ok(x, weight, weight_scale) -> bool:
 # --- CPU -----------------------------------------------------------------------------
 def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
                      post_op, output_scale, output_zero_point, output_dtype):
-    if not _onednn_ok(x, weight, weight_scale) or weight.dim() != 2:
-        return reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale,
-                                     weight_zero_point, bias, post_op, output_scale,
-                                     output_zero_point, output_dtype, _dequantized)
+    args = (x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, post_op,
+            output_scale, output_zero_point, output_dtype)
+    if weight.dim() != 2 or not _ONEDNN:
+        return reference_linear_int8(*args, _dequantized)
+    if not _onednn_ok(x, weight, weight_scale):
+        return _float_linear_cpu(*args)
     if x.dtype == torch.int8:  # oneDNN's int8-activation GEMM is a slow reference path (~5000x
         x = torch.bitwise_xor(x.view(torch.uint8), 128)  # here): x + 128 as uint8, exactly
         x_zero_point = x_zero_point + 128
@@ -242,7 +244,32 @@ def _float_conv2d_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
     y = torch.ops.mkldnn._convolution_pointwise(
         xd, packed, None if bias is None else bias.float(), list(padding), list(stride),
         list(dilation), groups, "relu" if post_op == "relu" else "none", [], "")
-    if output_dtype in _QRANGE:  # requantized in one pass where the C kernel is built
+    return _requantize(y, output_scale, output_zero_point, output_dtype)
+
+
+def _float_linear_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                      post_op, output_scale, output_zero_point, output_dtype):
+    """As ``_float_conv2d_cpu``, for a linear: oneDNN's float32 linear on the weight
+    de-quantized once and laid out for this row count, ReLU as its post-op."""
+    rows, n = x.numel() // x.shape[-1], weight.shape[0]
+    xd = x.reshape(rows, -1).float().sub_(x_zero_point).mul_(x_scale)
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+
+    def layout():
+        w = _dequantized(weight, weight_scale, weight_zero_point)
+        return reorder(w, rows) if reorder is not None else w.to_mkldnn()
+
+    packed = _cached(weight, ("float_linear", *_tensor_key(weight_scale),
+                              *_tensor_key(weight_zero_point), rows), layout)
+    y = torch.ops.mkldnn._linear_pointwise(xd, packed, None if bias is None else bias.float(),
+                                           "relu" if post_op == "relu" else "none", [], "")
+    return _requantize(y.reshape(*x.shape[:-1], n), output_scale, output_zero_point,
+                       output_dtype)
+
+
+def _requantize(y, output_scale, output_zero_point, output_dtype) -> torch.Tensor:
+    """``_finish`` without a post-op: in one pass where the C kernel is built (bitwise)."""
+    if output_dtype in _QRANGE:
         from deepseek.backends.cpu import rowwise  # (here: the registry imports this module)
 
         if rowwise.library() is not None:
