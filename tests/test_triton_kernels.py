@@ -157,51 +157,6 @@ def test_add_layer_norm_kernel_bf16_output_into_float32_residual():
     assert s4 is None and torch.equal(y4, y) and torch.equal(low4, low)
 
 
-def _joined(pair) -> torch.Tensor:
-    """A split value (bf16 high part, int8 low part) as float32: high + low * 2^(e-14)."""
-    hi, lo = pair
-    step = (hi.float().view(torch.int32) & 0x7F800000).clamp(max=0x7F000000).view(torch.float32)
-    return hi.float() + lo.float() * (step / 16384)
-
-
-def test_add_layer_norm_keeps_a_float32_result_split():
-    """A float32 sum or normalized row written as a bf16 high part and an int8 low part:
-    15 significant bits (a float32 residual stream at 3 bytes an element); the high part
-    is the bf16 copy; a split operand reads back as its joined value."""
-    from deepseek.backends.cuda.triton_norm import AddLayerNorm
-
-    n = 200
-    x = torch.randn(9, n, device=DEVICE).to(torch.bfloat16)
-    r, w, b = (torch.randn(*shape, device=DEVICE) * 3 for shape in ((9, n), (n,), (n,)))
-    k = AddLayerNorm(n, 1e-5)
-    s, y = k(x, r, w, b)
-    _, ys, low = k(x, r, w, b, also=torch.bfloat16, keep_sum=False, split="y")
-    assert ys[0].dtype == torch.bfloat16 and ys[1].dtype == torch.int8
-    assert low is ys[0] and ys[1].abs().max() > 32  # the low part is used, not all zeros
-    for got, want in ((_joined(ys), y), (_joined(k(x, r, w, b, split="sum")[0]), s)):
-        assert ((got - want).abs() <= want.abs() * 2 ** -14).all()
-        assert rel_l2(got, want) < 2e-5 < rel_l2(got.bfloat16().float(), want) / 50
-    x2 = torch.randn(9, n, device=DEVICE).to(torch.bfloat16)
-    s_split, y_split = k(x2, ys, w, b)  # either operand may be the split one
-    s_joined, y_joined = k(x2, _joined(ys), w, b)
-    assert torch.equal(s_split, s_joined) and torch.equal(y_split, y_joined)
-    assert torch.equal(k(ys, x2, w, b)[0], s_split)
-    with pytest.raises(ValueError, match="split"):
-        k(x, x2, w, b, split="sum")  # a bf16 sum: nothing to split
-
-
-def test_split_value_keeps_infinities_nans_and_zeros():
-    from deepseek.backends.cuda.triton_norm import AddLayerNorm
-
-    v = torch.tensor([[0.0, float("inf"), float("-inf"), float("nan"), 3e38, -2.5, -7.7, 1e-3]],
-                     device=DEVICE)
-    s, _ = AddLayerNorm(v.shape[1], 1e-5)(torch.zeros_like(v).bfloat16(), v, None, None,
-                                          split="sum")
-    got = _joined(s)
-    assert torch.equal(got[0, :3], v[0, :3]) and got[0, 3].isnan()
-    torch.testing.assert_close(got[0, 4:], v[0, 4:], rtol=2 ** -14, atol=0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_write_kernel_matches_index_put(dtype):
     """Both caches written at the same positions; new rows strided (a permuted view)."""

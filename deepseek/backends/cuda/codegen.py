@@ -25,7 +25,6 @@ than a bf16 rounding step for any |y| > 0.12.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -37,7 +36,6 @@ from deepseek.backends.cuda.triton_norm import AddLayerNorm, RMSNorm
 from deepseek.backends.cuda.triton_pointwise import PointwiseKernel
 from deepseek.ir.graph import Node, Value
 from deepseek.ir.ops import Op
-from deepseek.ir.types import bind
 
 _LOW = (torch.bfloat16, torch.float16)
 _RESHAPES = (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE)
@@ -53,7 +51,6 @@ class CUDAEmitter(_Emitter):
         self.bias_from: dict[int, Node] = {}
         self.bias_moved: set[int] = set()
         self.tuner = None  # an Autotuner (autotune.py): measured or cached kernel choices
-        self.split_on = os.environ.get("DEEPSEEK_SPLIT_RESIDUAL", "1") != "0"
 
     # --- decisions spanning nodes -------------------------------------------
     def fusable_conv(self, node: Node | None) -> bool:
@@ -131,37 +128,11 @@ class CUDAEmitter(_Emitter):
         return (f"torch._addmm_activation({self.name(b)}, {self.name(x)}, {self.name(w)}, "
                 f"use_gelu={post[0] == 'gelu'})")
 
-    def split_residual(self, value: Value, cast: Node | None) -> bool:
-        """Whether ``value``, a float32 result of a residual add + layer norm, stays split
-        (``AddLayerNorm``: a bf16 high part and an int8 low part, 3 bytes an element
-        instead of 4, 15 significant bits instead of 24). bf16 plans keep the transformer
-        residual stream float32 (``map_to_tensorcore``); split, a post-norm block's norm
-        (BERT) moves 8 bytes an element instead of 12, a pre-norm one's (GPT-2) 10.
-        Every reader must be such a kernel taking it beside an operand that is never
-        split, or ``cast``, its bf16 copy, which is then the high part itself.
-        ``DEEPSEEK_SPLIT_RESIDUAL=0`` keeps float32."""
-        g, norms = self.graph, 0
-        if not self.split_on or value.spec.dtype != torch.float32 or value in g.outputs:
-            return False
-        for u in self.users.get(id(value), []):
-            if u is cast:
-                continue
-            if u.op is not Op.ADD_LAYER_NORM or (u.inputs[0] is value) == (u.inputs[1] is value):
-                return False
-            other = u.inputs[1] if u.inputs[0] is value else u.inputs[0]
-            n = math.prod(bind(u.attrs["normalized_shape"], self.env))
-            if getattr(self.producer(other), "op", None) is Op.ADD_LAYER_NORM or \
-                    not AddLayerNorm.supported(n, [v.spec.dtype for v in u.inputs if v is not None]):
-                return False
-            norms += 1
-        return norms > 0
-
     def add_layer_norm(self, node: Node, ins, attrs) -> str:
         """One Triton kernel. It also writes the normalized rows in the dtype a cast of
         them (directly or through a reshape) wants: bf16 for the next GEMM while the
         residual stream stays float32; or only in that dtype when the cast is their only
-        reader. A float32 sum or normalized row read only by such kernels (and that cast)
-        stays split (``split_residual``)."""
+        reader."""
         y, g = node.outputs[1], self.graph
         users = self.users.get(id(y), [])
 
@@ -184,25 +155,17 @@ class CUDAEmitter(_Emitter):
             return super().add_layer_norm(node, ins, attrs)
         kernel = self.const(AddLayerNorm(n, attrs["eps"]), "triton_add_ln")
         args = ", ".join(self.name(v) if v is not None else "None" for v in ins)
-        s_out, split = node.outputs[0], False
+        s_out = node.outputs[0]
         if not self.users.get(id(s_out)) and s_out not in g.outputs:
             args += ", keep_sum=False"  # no reader of the residual sum (a post-norm block)
-        elif self.split_residual(s_out, None):  # a pre-norm block's residual stream
-            args, split = args + ', split="sum"', True
         if found is None:
-            if not split and self.split_residual(y, None):
-                args += ', split="y"'
             return f"{kernel}({args})"
-        (c, view), dtype = found, found[0].attrs["dtype"]
+        (c, view), dtype = found, self.name(found[0].attrs["dtype"])
         if len(users) == 1 and y not in g.outputs:  # only the low-precision rows are read
             self.fused_into[id(c)] = self.names[id(view.outputs[0] if view else y)]
-            return f"{kernel}({args}, y_dtype={self.name(dtype)})"
+            return f"{kernel}({args}, y_dtype={dtype})"
         s_, y_, low = (self.names[id(v)] for v in (node.outputs[0], y, c.outputs[0]))
-        if not split and dtype == torch.bfloat16 and self.split_residual(y, view or c):
-            args += ', split="y"'  # a post-norm block's residual stream: its rows
-            if view is not None:  # read only by the cast, which the kernel does
-                self.fused_into[id(view)] = y_
-        self.lines.append(f"    {s_}, {y_}, {low} = {kernel}({args}, also={self.name(dtype)})")
+        self.lines.append(f"    {s_}, {y_}, {low} = {kernel}({args}, also={dtype})")
         if view is not None:
             self.lines.append(f"    {low} = {low}.reshape({list(c.outputs[0].spec.concrete(self.env))})")
         self.fused_into[id(c)] = low  # assigned here, before the cast's place
