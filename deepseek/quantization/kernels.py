@@ -10,8 +10,10 @@ which is also its fallback. The fast paths:
 - CUDA: ``torch._int_mm`` (int8 x int8 -> int32) for linear; convolution and
   shapes ``_int_mm`` refuses take the reference path.
 
-This module imports nothing from Deepseek: the op registry (``deepseek.ir.ops``)
-imports it so that these ops exist before the registry is built.
+This module imports nothing from Deepseek when it is imported (the op registry,
+``deepseek.ir.ops``, imports it so that these ops exist before the registry is
+built); the CPU paths take the CPU backend's weight layouts and C quantize kernel at
+call time.
 """
 
 from __future__ import annotations
@@ -77,12 +79,20 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(y: torch.Tensor, post_op: str, out_scale: float, out_zp: int,
-            out_dtype) -> torch.Tensor:
+            out_dtype, one_pass: bool = False) -> torch.Tensor:
+    """``post_op``, then quantization to ``out_dtype`` (if integer). ``one_pass``: the
+    quantization by the CPU backend's C kernel where it is built, bitwise the same (the
+    CPU kernels; the reference functions keep ATen's steps)."""
     if post_op == "relu":
         y = torch.relu(y)
     if out_dtype is None or out_dtype == torch.float32:
         return y
     qmin, qmax = _QRANGE[out_dtype]
+    if one_pass and y.device.type == "cpu":
+        from deepseek.backends.cpu import rowwise  # at call time (see the module doc)
+
+        if rowwise.library() is not None:
+            return rowwise.quantize(y, 1.0 / out_scale, out_zp, qmin, qmax, out_dtype)
     return torch.clamp(torch.round(y * (1.0 / out_scale)) + out_zp, qmin, qmax).to(out_dtype)
 
 
@@ -224,7 +234,7 @@ def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
         return y
     rowsum = ((x.float() - x_zero_point) * x_scale).sum(-1, keepdim=True)
     y = y - rowsum * _zero_point_term(weight, weight_scale, weight_zero_point)
-    return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
+    return _finish(y, post_op, output_scale, output_zero_point, output_dtype, one_pass=True)
 
 
 def _float_conv2d_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
@@ -235,47 +245,42 @@ def _float_conv2d_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
     and oneDNN's float32 convolution on the weight de-quantized and packed once, ReLU as its
     post-op. ATen's conv2d on the plain weight re-laid it out on every call (ResNet-50's
     512-channel 3x3 layers: 4.2 ms each against 1.4)."""
+    from deepseek.backends.cpu.codegen import _packed_conv_weight  # at call time
+
     xd = x.contiguous(memory_format=torch.channels_last).float().sub_(x_zero_point).mul_(x_scale)
     key = ("float_packed", *_tensor_key(weight_scale), *_tensor_key(weight_zero_point),
            tuple(stride), tuple(padding), tuple(dilation), groups, tuple(x.shape))
-    packed = _cached(weight, key, lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(
-        _dequantized(weight, weight_scale, weight_zero_point).to_mkldnn(), list(padding),
-        list(stride), list(dilation), groups, list(x.shape)))
+    geometry = {"padding": list(padding), "stride": list(stride), "dilation": list(dilation),
+                "groups": groups}
+    packed = _cached(weight, key, lambda: _packed_conv_weight(
+        _dequantized(weight, weight_scale, weight_zero_point), geometry, x.shape))
+    if packed is None:  # no oneDNN kernel for this geometry
+        return reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale,
+                                     weight_zero_point, bias, stride, padding, dilation, groups,
+                                     post_op, output_scale, output_zero_point, output_dtype,
+                                     _dequantized)
     y = torch.ops.mkldnn._convolution_pointwise(
         xd, packed, None if bias is None else bias.float(), list(padding), list(stride),
         list(dilation), groups, "relu" if post_op == "relu" else "none", [], "")
-    return _requantize(y, output_scale, output_zero_point, output_dtype)
+    return _finish(y, "none", output_scale, output_zero_point, output_dtype, one_pass=True)
 
 
 def _float_linear_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
                       post_op, output_scale, output_zero_point, output_dtype):
     """As ``_float_conv2d_cpu``, for a linear: oneDNN's float32 linear on the weight
     de-quantized once and laid out for this row count, ReLU as its post-op."""
+    from deepseek.backends.cpu.codegen import _onednn_linear_weight  # at call time
+
     rows, n = x.numel() // x.shape[-1], weight.shape[0]
     xd = x.reshape(rows, -1).float().sub_(x_zero_point).mul_(x_scale)
-    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-
-    def layout():
-        w = _dequantized(weight, weight_scale, weight_zero_point)
-        return reorder(w, rows) if reorder is not None else w.to_mkldnn()
-
     packed = _cached(weight, ("float_linear", *_tensor_key(weight_scale),
-                              *_tensor_key(weight_zero_point), rows), layout)
+                              *_tensor_key(weight_zero_point), rows),
+                     lambda: _onednn_linear_weight(
+                         _dequantized(weight, weight_scale, weight_zero_point).t(), rows))
     y = torch.ops.mkldnn._linear_pointwise(xd, packed, None if bias is None else bias.float(),
                                            "relu" if post_op == "relu" else "none", [], "")
-    return _requantize(y.reshape(*x.shape[:-1], n), output_scale, output_zero_point,
-                       output_dtype)
-
-
-def _requantize(y, output_scale, output_zero_point, output_dtype) -> torch.Tensor:
-    """``_finish`` without a post-op: in one pass where the C kernel is built (bitwise)."""
-    if output_dtype in _QRANGE:
-        from deepseek.backends.cpu import rowwise  # (here: the registry imports this module)
-
-        if rowwise.library() is not None:
-            return rowwise.quantize(y, 1.0 / output_scale, output_zero_point,
-                                    *_QRANGE[output_dtype], output_dtype)
-    return _finish(y, "none", output_scale, output_zero_point, output_dtype)
+    return _finish(y.reshape(*x.shape[:-1], n), "none", output_scale, output_zero_point,
+                   output_dtype, one_pass=True)
 
 
 def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
@@ -324,7 +329,7 @@ def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
     window = F.conv2d(xd, ones, None, stride, padding, dilation, groups)  # (B, groups, Ho, Wo)
     window = window.repeat_interleave(weight.shape[0] // groups, dim=1)
     y = y - window * _zero_point_term(weight, weight_scale, weight_zero_point).view(1, -1, 1, 1)
-    return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
+    return _finish(y, post_op, output_scale, output_zero_point, output_dtype, one_pass=True)
 
 
 def _linear_weight_only(x, weight, weight_scale, weight_zero_point, bias, bits, group_size):
