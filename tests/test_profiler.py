@@ -458,3 +458,33 @@ def test_a_call_that_raises_leaves_the_profile_consistent():
     report = prof.report()
     assert report.meta["iterations"] == 2
     assert all(r["calls"] == 2 for r in report.ops)
+
+
+def test_gathers_and_in_place_updates_count_only_the_elements_they_touch():
+    from deepseek.passes.memory import schedule_inplace_ops
+
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(1000, 16)
+
+        def forward(self, ids):
+            return self.table(ids).index_select(0, ids[:2]) * 2
+
+    graph = ds.capture(Lookup().eval(), (torch.randint(0, 1000, (5,)),))
+    emb, sel = (next(n for n in graph.nodes if n.kind == k) for k in ("embedding", "index_select"))
+    # 5 rows of the 1000-row table read, the 5 indices read, 5 rows written
+    assert node_bytes(emb, {}) == 5 * 16 * 4 + 5 * 8 + 5 * 16 * 4
+    assert node_bytes(sel, {}) == 2 * 16 * 4 + 2 * 8 + 2 * 16 * 4
+
+    class Update(nn.Module):
+        def forward(self, cache, pos, rows):
+            return cache.index_put((pos,), rows)
+
+    graph = ds.capture(Update().eval(), (torch.randn(64, 8), torch.tensor([3, 9]), torch.randn(2, 8)))
+    put = next(n for n in graph.nodes if n.kind == "index_put")
+    assert node_bytes(put, {}) == 2 * 64 * 8 * 4 + 2 * 8 + 2 * 8 * 4  # a copy: whole cache twice
+    graph.donated = frozenset(v.name for v in graph.inputs)
+    schedule_inplace_ops(graph)
+    assert put.reuse == 0
+    assert node_bytes(put, {}) == 2 * 8 + 2 * (2 * 8 * 4)  # in place: indices, rows read and written

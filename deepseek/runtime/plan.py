@@ -1,7 +1,9 @@
 """The memory planner and the traffic accounting of a graph, for concrete shapes.
 
 ``bytes_moved``: every kernel reads each input once and writes each output
-once (views move nothing). ``plan_memory``: one arena for all intermediate
+once (views move nothing), except that a gather (embedding lookup, index
+select, advanced indexing) reads from its table only the elements it returns,
+and an in-place scatter update writes only the elements it updates. ``plan_memory``: one arena for all intermediate
 buffers (views share their base's buffer; in-place ops share their input's).
 """
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from deepseek.ir.graph import Graph, Node
-from deepseek.ir.ops import Prop
+from deepseek.ir.ops import Op, Prop
 from deepseek.passes.memory import buffer_lifetimes, peak_live_bytes
 
 
@@ -19,12 +21,26 @@ def _is_view(n: Node) -> bool:
     return n.fallback is None and n.opdef.has(Prop.VIEW)
 
 
+# ops that read from input 0 (the table) one element per output element, at most
+_GATHERS = frozenset({Op.EMBEDDING, Op.INDEX_SELECT, Op.INDEX_TENSOR, Op.UNSAFE_INDEX_TENSOR,
+                      Op.GATHER})
+# ops that update input 0 at the positions of their indices with their last input
+_UPDATES = frozenset({Op.INDEX_PUT, Op.INDEX_COPY})
+
+
 def node_bytes(node: Node, env: Mapping[str, int]) -> int:
-    """Bytes one node's kernel reads plus writes (each input and output once; views 0)."""
+    """Bytes one node's kernel reads plus writes (each input and output once; views 0;
+    a gather reads only the table elements it returns; an in-place scatter update
+    writes only the updated elements into its input 0)."""
     if _is_view(node):
         return 0
-    return (sum(v.spec.nbytes(env) for v in node.input_values())
-            + sum(o.spec.nbytes(env) for o in node.outputs))
+    inputs = [v.spec.nbytes(env) for v in node.input_values()]
+    outputs = sum(o.spec.nbytes(env) for o in node.outputs)
+    if node.fallback is None and node.op in _GATHERS and inputs:
+        inputs[0] = min(inputs[0], outputs)
+    elif node.fallback is None and node.op in _UPDATES and node.reuse == 0:
+        return sum(inputs[1:]) + inputs[-1]  # indices and values read, values written
+    return sum(inputs) + outputs
 
 
 def bytes_moved(graph: Graph, env: Mapping[str, int]) -> int:
