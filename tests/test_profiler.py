@@ -165,6 +165,20 @@ def test_planted_unfused_chain_triggers_the_fusion_suggestion():
         assert not [s for s in report.suggestions if s["kind"] == "ew_chain_not_fused"]
 
 
+@pytest.mark.parametrize("vnni", [True, False])
+def test_float32_gemms_suggest_the_precision_this_cpu_runs(monkeypatch, vnni):
+    import deepseek.quantization.kernels as qk
+
+    monkeypatch.setattr(qk, "_VNNI", vnni)
+    x = torch.randn(64, 256)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    _, report = _profile(ds.compile(model, (x,), backend="cpu"), (x,))
+    low = [s for s in report.suggestions if s["kind"] == "lower_precision"]
+    assert low, [s["kind"] for s in report.suggestions]
+    assert ("weight_bits=8" if vnni else "weight_bits=7") in low[0]["fix"]
+    assert ("on VNNI" if vnni else "without VNNI") in low[0]["detail"]
+
+
 def test_planted_unfolded_batch_norm_is_reported(convbn):
     model, x, folded = convbn
     engine = ds.compile(model, (x,), backend="cpu", disable_passes=["fuse_conv_bn"])

@@ -191,21 +191,25 @@ def lower_precision(ctx: Context) -> list[dict]:
     share = sum(r["share"] for r in rows)
     if not rows or share < hot:  # hotspots, or many matmuls that are one together
         return []
-    device = rows[0]["device"]
-    if device.startswith("cuda"):
+    int8 = "QuantConfig(weight_bits=8, activation_bits=8)"
+    if rows[0]["device"].startswith("cuda"):
         hw = "tensor cores run bf16 (and int8/fp8) several times faster than float32"
     else:
-        cap = torch.backends.cpu.get_cpu_capability()
-        hw = (f"this CPU ({cap}) has bf16/int8 dot-product instructions" if cap.startswith("AVX512")
-              else f"this CPU ({cap}) gains mostly from int8 (bf16 halves the bytes only)")
+        from deepseek.backends.cpu.codegen import native_precisions
+
+        cap, native = torch.backends.cpu.get_cpu_capability(), native_precisions()
+        bf16 = "runs bf16 natively" if "bf16" in native else "has no native bf16 (it would run float32)"
+        if "int8" not in native:  # no VNNI: oneDNN's int8 kernels are exact for 7-bit weights
+            int8 = "QuantConfig(weight_bits=7, activation_bits=8): without VNNI, 7-bit weights run as int8"
+        hw = f"this CPU ({cap}) {bf16}; int8 kernels run {'on VNNI' if 'int8' in native else 'without VNNI'}"
     return [_suggestion(
         "lower_precision", share, hot,
         f"{len(rows)} float32 matmul/convolution layer(s) could run in bf16 or int8",
         f"{', '.join('%' + r['name'] for r in rows[:6])}{' ...' if len(rows) > 6 else ''} "
         f"({share:.1f}% of the time together) compute in float32; {hw}.",
         "Compile with precision='bf16' where the backend supports it, or quantize the weights "
-        "and activations to int8 (deepseek.quantization: QuantConfig(weight_bits=8, "
-        "activation_bits=8)); check the accuracy on your own data.", [r["name"] for r in rows])]
+        f"and activations to int8 (deepseek.quantization: {int8}); check the accuracy on your "
+        "own data.", [r["name"] for r in rows])]
 
 
 def fallback_nodes(ctx: Context) -> list[dict]:
