@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import warnings
@@ -16,9 +15,8 @@ from deepseek.frontend.torch_export import capture
 from deepseek.ir.graph import Graph
 from deepseek.ir.interpreter import bind_inputs
 from deepseek.ir.verify import verify
-from deepseek.passes import optimize_graph, pipeline, run_passes
-from deepseek.passes.precision import (PRECISION_DTYPES, map_to_fp8, map_to_tensorcore,
-                                       pad_gemm_dims)
+from deepseek.passes import PRECISIONS, optimize_graph, pipeline, run_passes
+from deepseek.passes.precision import PRECISION_DTYPES
 from deepseek.quantization.lowering import has_qdq, int8_kernels_off_native
 from deepseek.runtime.artifact import load_artifact
 from deepseek.runtime.engine import Engine, Report
@@ -27,7 +25,6 @@ from deepseek.runtime.structure import flatten_inputs
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")
 
 
 def _copy_graph(graph: Graph) -> Graph:
@@ -94,11 +91,6 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
     return _build_engine(graph, backend, opt_level, disable_passes, example, precision)
 
 
-# the first of these passes runs on the graph in its final precision
-_AFTER_PRECISION = frozenset({"precompute_attention_masks", "fuse_add_layer_norm", "fuse_rms_norm",
-                              "fuse_elementwise", "reorder_for_memory", "schedule_inplace_ops"})
-
-
 def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, example,
                   precision: str = "fp32") -> Engine:
     env = _example_env(graph, example)
@@ -113,17 +105,10 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
                      "is the way to lower precision here")
         warnings.warn(notes[-1], DeepseekWarning, stacklevel=3)
         precision = "fp32"
-    passes = list(pipeline(opt_level, graph))
-    if precision in PRECISION_DTYPES or precision == "fp8":
-        # stage 3 after the clean-up (weights folded in float32), before fusion (which
-        # then sees the final dtypes); fp8: GEMMs in fp8, the rest as in bf16
-        target = b.capabilities().device.split(":")[0]
-        lower = functools.partial(map_to_tensorcore, target=target,
-                                  precision="bf16" if precision == "fp8" else precision)
-        lower.__name__ = "map_to_tensorcore"
-        at = next((i for i, p in enumerate(passes) if p.__name__ in _AFTER_PRECISION), len(passes))
-        passes[at:at] = [lower] + ([pad_gemm_dims] if target == "cuda" else []) + \
-            ([map_to_fp8] if precision == "fp8" else [])
+    # only a reduced precision asks the backend (a plug-in need not describe itself for fp32)
+    target = b.capabilities().device.split(":")[0] \
+        if precision in PRECISION_DTYPES or precision == "fp8" else "cpu"
+    passes = pipeline(opt_level, graph, target, precision)
     optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
     native = b.capabilities().precisions if has_qdq(graph) else None
     off, kernels = int8_kernels_off_native(optimized) if native is not None \

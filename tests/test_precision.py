@@ -156,3 +156,27 @@ def test_fp8_gemm_flops_are_counted_as_the_gemms_they_replace():
         return sum(node_flops(n, {}) for n in graph.nodes if n.op in ops)
 
     assert gemm_flops(fp8, (Op.FP8_LINEAR,)) == gemm_flops(bf16, (Op.ADDMM,)) > 0
+
+
+def test_optimize_graph_runs_the_hardware_stage_for_its_target():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 100), torch.nn.GELU(),
+                                torch.nn.Linear(100, 30)).eval()
+    x = torch.randn(4, 1024)
+    graph = ds.capture(model, (x,))
+    cuda = ds.optimize_graph(ds.capture(model, (x,)), target="cuda", precision="bf16")
+    gemms = [n for n in cuda.nodes if n.opdef.has(Prop.MATMUL)]
+    assert all(n.outputs[0].spec.dtype == torch.bfloat16 for n in gemms)
+    # pad_gemm_dims (CUDA only): the 1024 x 100 weight's 100 columns padded to 104
+    assert any(n.outputs[0].spec.shape[-1] == 104 for n in gemms)
+    cpu = ds.optimize_graph(ds.capture(model, (x,)), target="cpu", precision="bf16")
+    assert not any(n.outputs[0].spec.shape[-1] == 104 for n in cpu.nodes)
+    engine = ds.compile(cuda, backend="cpu", opt_level=0)
+    assert rel_l2(engine(x), model(x)) < 1e-2
+    fp32 = ds.optimize_graph(graph, target="cuda")  # fp32: nothing to rewrite
+    assert all(n.outputs[0].spec.dtype == torch.float32 for n in fp32.nodes
+               if n.opdef.has(Prop.MATMUL))
+    with pytest.raises(ValueError, match="target must be"):
+        ds.optimize_graph(ds.capture(model, (x,)), target="tpu")
+    with pytest.raises(ValueError, match="precision must be"):
+        ds.optimize_graph(ds.capture(model, (x,)), precision="int4")

@@ -8,6 +8,7 @@ Each pass is a function ``Graph -> Graph`` whose docstring states its rewrite.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from deepseek.passes.cse import eliminate_common_subexpr
 from deepseek.passes.fusion import (fuse_add_layer_norm, fuse_conv_bn, fuse_elementwise,
                                      fuse_rms_norm, merge_sibling_gemms)
 from deepseek.passes.memory import reorder_for_memory, schedule_inplace_ops
-from deepseek.passes.precision import map_to_fp8, map_to_tensorcore, pad_gemm_dims
+from deepseek.passes.precision import PRECISION_DTYPES, map_to_fp8, map_to_tensorcore, pad_gemm_dims
 from deepseek.passes.recompute import activate_recompute
 from deepseek.passes.simplify import (eliminate_dead_code, fold_constants,
                                       precompute_attention_masks, simplify_algebra)
@@ -61,13 +62,41 @@ class PassRecord:
 CONDITIONAL_PASSES: list[tuple[Pass, Callable[[Graph], bool]]] = [(lower_quantized_ops, has_qdq)]
 
 
-def pipeline(opt_level: int, graph: Graph | None = None) -> list[Pass]:
-    """The passes of ``opt_level``; given ``graph``, preceded by the conditional passes it needs."""
+# the first of these passes runs on the graph in its final precision
+_AFTER_PRECISION = frozenset({"precompute_attention_masks", "fuse_add_layer_norm", "fuse_rms_norm",
+                              "fuse_elementwise", "reorder_for_memory", "schedule_inplace_ops"})
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")
+
+
+def hardware_passes(target: str, precision: str) -> list[Pass]:
+    """Stage 3 for a device type ("cpu", "cuda") and a precision: ``map_to_tensorcore``
+    for bf16/fp16 (fp8: bf16, then ``map_to_fp8`` puts the GEMMs in fp8) and, on CUDA,
+    ``pad_gemm_dims``. fp32, tf32 and int8 need no rewrite here (tf32 is a setting of
+    the backend's matmuls while it runs; int8 comes from a quantized graph's QDQ nodes)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in PRECISION_DTYPES and precision != "fp8":
+        return []
+    lower = functools.partial(map_to_tensorcore, target=target,
+                              precision="bf16" if precision == "fp8" else precision)
+    lower.__name__ = "map_to_tensorcore"
+    return [lower] + ([pad_gemm_dims] if target == "cuda" else []) + \
+        ([map_to_fp8] if precision == "fp8" else [])
+
+
+def pipeline(opt_level: int, graph: Graph | None = None, target: str = "cpu",
+             precision: str = "fp32") -> list[Pass]:
+    """The passes of ``opt_level``; given ``graph``, preceded by the conditional passes it
+    needs; with a reduced ``precision``, stage 3 (``hardware_passes``) after the clean-up
+    (weights folded in float32) and before fusion (which then sees the final dtypes)."""
     if opt_level not in PIPELINES:
         raise ValueError(f"opt_level must be one of {sorted(PIPELINES)}, got {opt_level!r}")
-    if graph is None or opt_level == 0:
-        return PIPELINES[opt_level]
-    return [p for p, wanted in CONDITIONAL_PASSES if wanted(graph)] + PIPELINES[opt_level]
+    passes = list(PIPELINES[opt_level])
+    if graph is not None and opt_level != 0:
+        passes = [p for p, wanted in CONDITIONAL_PASSES if wanted(graph)] + passes
+    at = next((i for i, p in enumerate(passes) if p.__name__ in _AFTER_PRECISION), len(passes))
+    passes[at:at] = hardware_passes(target, precision)
+    return passes
 
 
 def run_passes(graph: Graph, passes: Iterable[Pass], disabled: Iterable[str] = ()) -> tuple[Graph, list[PassRecord]]:
@@ -96,17 +125,22 @@ def run_passes(graph: Graph, passes: Iterable[Pass], disabled: Iterable[str] = (
 
 
 def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str = "cpu",
-                   opt_level: int = 2) -> Graph:
-    """The optimization pipeline of ``opt_level`` applied to ``graph`` (returned).
+                   opt_level: int = 2, precision: str = "fp32") -> Graph:
+    """The three-stage pipeline of ``opt_level`` applied to ``graph`` (returned).
 
+    Stage 3 maps the graph to ``target``'s hardware ("cpu", "cuda", "cuda:1") in
+    ``precision``: bf16/fp16 data flow between the tensor-core ops (norms,
+    softmax and reductions accumulate in float32) and, on CUDA, GEMM columns
+    padded to the tensor cores' multiple; in fp32 it has nothing to rewrite.
     With ``memory_budget`` (bytes), ``activate_recompute`` then brings peak
     live memory within it (after common-subexpression elimination, which would
     merge the recomputed copies back); it raises MemoryBudgetError when it
-    cannot. ``target`` is accepted for the hardware stage, which this version
-    leaves to ``compile``'s ``precision``. Compile the result with
-    ``opt_level=0``: it is already optimized.
+    cannot. Compile the result with ``opt_level=0``: it is already optimized.
     """
-    graph = run_passes(graph, pipeline(opt_level, graph))[0]
+    device_type = str(target).split(":")[0]
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"target must be 'cpu' or 'cuda' (a device, e.g. 'cuda:0'), got {target!r}")
+    graph = run_passes(graph, pipeline(opt_level, graph, device_type, precision))[0]
     if memory_budget is not None:
         graph = activate_recompute(graph, memory_budget)
     return graph
@@ -115,4 +149,4 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
 __all__ = ["fuse_conv_bn", "merge_sibling_gemms", "fuse_add_layer_norm", "fuse_rms_norm", "precompute_attention_masks", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
            "eliminate_common_subexpr", "reorder_for_memory", "schedule_inplace_ops", "map_to_tensorcore", "pad_gemm_dims", "map_to_fp8", "activate_recompute",
            "run_passes",
-           "pipeline", "optimize_graph", "PassRecord", "PIPELINES"]
+           "pipeline", "hardware_passes", "PRECISIONS", "optimize_graph", "PassRecord", "PIPELINES"]
