@@ -233,6 +233,40 @@ def test_precompute_attention_masks_converts_a_shared_bool_mask_once():
     check_same_outputs(build, g, [torch.randn(2, 3, 5, 8), mask])
 
 
+def _causal(n: int, kind: str) -> torch.Tensor:
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    if kind == "bool":
+        return allowed
+    low = float("-inf") if kind == "-inf" else torch.finfo(torch.float32).min
+    return torch.zeros(n, n).masked_fill(~allowed, low)
+
+
+@pytest.mark.parametrize("kind", ["bool", "-inf", "finfo.min"])
+def test_use_causal_attention_drops_a_constant_causal_mask(kind):
+    from deepseek.passes import use_causal_attention
+
+    def build(mask=_causal(6, kind)[None, None], kv_len=6):
+        g = Graph()
+        q = g.add_input("q", spec(2, 3, 6, 8))
+        kv = g.add_input("kv", spec(2, 3, kv_len, 8))
+        m = g.add_constant("mask", mask)
+        a = g.add_node(Op.SCALED_DOT_PRODUCT_ATTENTION, [q, kv, kv, m], {"scale": 0.3},
+                       [spec(2, 3, 6, 8)], name="a").outputs[0]
+        g.outputs = [a]
+        return g
+
+    g = use_causal_attention(build())
+    node = g.nodes[0]
+    assert node.inputs[3] is None and node.attrs["is_causal"] is True and not g.constants
+    check_same_outputs(build, g, [torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)])
+    # left alone: a mask that is not causal, one per batch row, or attention that is not square
+    banded = _causal(6, kind).clone()
+    banded[5, 0] = banded[0, 1]  # a sliding window: query 5 no longer sees key 0
+    for other in (build(banded[None, None]), build(_causal(6, kind).expand(2, 1, 6, 6).clone()),
+                  build(torch.ones(6, 7, dtype=torch.bool).tril()[None, None], kv_len=7)):
+        assert use_causal_attention(other).nodes[0].inputs[3] is not None
+
+
 def test_reorder_for_memory_finishes_one_branch_before_the_next():
     from deepseek.passes import reorder_for_memory
     from deepseek.passes.memory import peak_live_bytes

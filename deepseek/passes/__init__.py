@@ -24,7 +24,8 @@ from deepseek.passes.memory import reorder_for_memory, schedule_inplace_ops
 from deepseek.passes.precision import PRECISION_DTYPES, map_to_fp8, map_to_tensorcore, pad_gemm_dims
 from deepseek.passes.recompute import activate_recompute
 from deepseek.passes.simplify import (eliminate_dead_code, fold_constants,
-                                      precompute_attention_masks, simplify_algebra)
+                                      precompute_attention_masks, simplify_algebra,
+                                      use_causal_attention)
 from deepseek.quantization.lowering import has_qdq, lower_quantized_ops
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ PIPELINES: dict[int, list[Pass]] = {
     2: [
         # stage 1: fusion and clean-up
         eliminate_dead_code, fold_constants, simplify_algebra, eliminate_common_subexpr,
-        fuse_conv_bn, merge_sibling_gemms, eliminate_dead_code, precompute_attention_masks,
+        fuse_conv_bn, merge_sibling_gemms, use_causal_attention, eliminate_dead_code,
+        precompute_attention_masks,
         fuse_add_layer_norm, fuse_rms_norm, fuse_elementwise,
         # stage 2: memory
         reorder_for_memory, schedule_inplace_ops,
@@ -146,7 +148,7 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
     return graph
 
 
-__all__ = ["fuse_conv_bn", "merge_sibling_gemms", "fuse_add_layer_norm", "fuse_rms_norm", "precompute_attention_masks", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
+__all__ = ["fuse_conv_bn", "merge_sibling_gemms", "fuse_add_layer_norm", "fuse_rms_norm", "precompute_attention_masks", "use_causal_attention", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
            "eliminate_common_subexpr", "reorder_for_memory", "schedule_inplace_ops", "map_to_tensorcore", "pad_gemm_dims", "map_to_fp8", "activate_recompute",
            "run_passes",
            "pipeline", "hardware_passes", "PRECISIONS", "optimize_graph", "PassRecord", "PIPELINES"]

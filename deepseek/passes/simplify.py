@@ -162,6 +162,51 @@ def _unbroadcast_bmm(graph: Graph, node, producers) -> list | None:
     return made
 
 
+def _is_causal_mask(mask: torch.Tensor, length: int) -> bool:
+    """Whether ``mask`` (leading dims 1, then (length, length)) lets query i attend to
+    exactly the keys j <= i: True there and False elsewhere (boolean), or 0 there and
+    -inf or less than half the dtype's lowest value elsewhere (additive; such a score
+    adds nothing to a softmax whose row has an attended score)."""
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (length, length) \
+            or any(d != 1 for d in mask.shape[:-2]):
+        return False
+    m = mask.reshape(length, length)
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    if m.dtype == torch.bool:
+        return bool(torch.equal(m, allowed))
+    if not m.dtype.is_floating_point:
+        return False
+    blocked = m[~allowed]
+    return bool((m[allowed] == 0).all()) and bool(
+        (blocked <= torch.finfo(m.dtype).min / 2).all())
+
+
+def use_causal_attention(graph: Graph) -> Graph:
+    """Attention whose mask is a constant causal mask runs as ``is_causal`` instead.
+
+    A decoder's mask for a prompt with no padding (query i attends to keys
+    j <= i, the same for every batch row and head) is what scaled dot-product
+    attention's ``is_causal`` computes without reading a mask; its kernels
+    then skip the blocks above the diagonal, half the work (the flash kernels,
+    on CPU and GPU, take no mask at all). Only square attention (as many
+    queries as keys), where both of PyTorch's and the models' alignments of a
+    causal mask agree.
+    """
+    for n in graph.nodes:
+        if n.op is not Op.SCALED_DOT_PRODUCT_ATTENTION or n.fallback is not None \
+                or len(n.inputs) < 4 or not graph.is_constant(n.inputs[3]) \
+                or n.attrs.get("is_causal") or n.attrs.get("dropout_p"):
+            continue
+        q, k = n.inputs[0].spec.shape, n.inputs[1].spec.shape
+        length = q[-2]
+        if isinstance(length, int) and k[-2] == length \
+                and _is_causal_mask(graph.constants[n.inputs[3].name], length):
+            n.inputs[3] = None  # as if captured with no mask
+            n.attrs["is_causal"] = True
+    graph.remove_unused_constants()
+    return graph
+
+
 def precompute_attention_masks(graph: Graph) -> Graph:
     """Make a boolean attention mask that several attention nodes read additive, once.
 
