@@ -21,7 +21,8 @@ from deepseek.passes.cse import eliminate_common_subexpr
 from deepseek.passes.fusion import (fuse_add_layer_norm, fuse_conv_bn, fuse_elementwise,
                                      fuse_rms_norm, merge_sibling_gemms)
 from deepseek.passes.memory import reorder_for_memory, schedule_inplace_ops
-from deepseek.passes.precision import PRECISION_DTYPES, map_to_fp8, map_to_tensorcore, pad_gemm_dims
+from deepseek.passes.precision import (PRECISION_DTYPES, map_to_fp8, map_to_tensorcore,
+                                       pad_gemm_dims)
 from deepseek.passes.recompute import activate_recompute
 from deepseek.passes.simplify import (eliminate_dead_code, fold_constants,
                                       precompute_attention_masks, simplify_algebra,
@@ -141,7 +142,8 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
     """
     device_type = str(target).split(":")[0]
     if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"target must be 'cpu' or 'cuda' (a device, e.g. 'cuda:0'), got {target!r}")
+        raise ValueError(f"target must be 'cpu' or 'cuda' (a device, e.g. 'cuda:0'), "
+                         f"got {target!r}")
     graph = run_passes(graph, pipeline(opt_level, graph, device_type, precision))[0]
     if memory_budget is not None:
         graph = activate_recompute(graph, memory_budget)

@@ -50,7 +50,7 @@ def storage_last_use(graph: Graph, root: dict[int, int]) -> dict[int, int]:
 
 
 # ops that return an updated copy of input 0 (scatter-like): in place they write into it
-_UPDATE_OPS = frozenset({Op.INDEX_PUT, Op.INDEX_COPY})
+UPDATE_OPS = frozenset({Op.INDEX_PUT, Op.INDEX_COPY})
 
 
 def schedule_inplace_ops(graph: Graph) -> Graph:
@@ -69,7 +69,7 @@ def schedule_inplace_ops(graph: Graph) -> Graph:
     root = storage_of(graph)
     last = storage_last_use(graph, root)
     for i, n in enumerate(graph.nodes):
-        update = n.op in _UPDATE_OPS
+        update = n.op in UPDATE_OPS
         if n.fallback is not None or len(n.outputs) != 1 or not (
                 update or n.opdef.has(Prop.ELEMENTWISE)):
             continue

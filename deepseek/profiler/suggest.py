@@ -198,10 +198,13 @@ def lower_precision(ctx: Context) -> list[dict]:
         from deepseek.backends.cpu.codegen import native_precisions
 
         cap, native = torch.backends.cpu.get_cpu_capability(), native_precisions()
-        bf16 = "runs bf16 natively" if "bf16" in native else "has no native bf16 (it would run float32)"
-        if "int8" not in native:  # no VNNI: oneDNN's int8 kernels are exact for 7-bit weights
-            int8 = "QuantConfig(weight_bits=7, activation_bits=8): without VNNI, 7-bit weights run as int8"
-        hw = f"this CPU ({cap}) {bf16}; int8 kernels run {'on VNNI' if 'int8' in native else 'without VNNI'}"
+        vnni = "int8" in native
+        bf16 = "runs bf16 natively" if "bf16" in native else \
+            "has no native bf16 (it would run float32)"
+        if not vnni:  # oneDNN's int8 kernels are exact there for 7-bit weights
+            int8 = ("QuantConfig(weight_bits=7, activation_bits=8): without VNNI, 7-bit "
+                    "weights run as int8")
+        hw = f"this CPU ({cap}) {bf16}; int8 kernels run {'on' if vnni else 'without'} VNNI"
     return [_suggestion(
         "lower_precision", share, hot,
         f"{len(rows)} float32 matmul/convolution layer(s) could run in bf16 or int8",

@@ -3,8 +3,9 @@
 ``bytes_moved``: every kernel reads each input once and writes each output
 once (views move nothing), except that a gather (embedding lookup, index
 select, advanced indexing) reads from its table only the elements it returns,
-and an in-place scatter update writes only the elements it updates. ``plan_memory``: one arena for all intermediate
-buffers (views share their base's buffer; in-place ops share their input's).
+and an in-place scatter update writes only the elements it updates.
+``plan_memory``: one arena for all intermediate buffers (views share their
+base's buffer; in-place ops share their input's).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Mapping
 
 from deepseek.ir.graph import Graph, Node
 from deepseek.ir.ops import Op, Prop
-from deepseek.passes.memory import buffer_lifetimes, peak_live_bytes
+from deepseek.passes.memory import UPDATE_OPS, buffer_lifetimes, peak_live_bytes
 
 
 def _is_view(n: Node) -> bool:
@@ -24,8 +25,6 @@ def _is_view(n: Node) -> bool:
 # ops that read from input 0 (the table) one element per output element, at most
 _GATHERS = frozenset({Op.EMBEDDING, Op.INDEX_SELECT, Op.INDEX_TENSOR, Op.UNSAFE_INDEX_TENSOR,
                       Op.GATHER})
-# ops that update input 0 at the positions of their indices with their last input
-_UPDATES = frozenset({Op.INDEX_PUT, Op.INDEX_COPY})
 
 
 def node_bytes(node: Node, env: Mapping[str, int]) -> int:
@@ -38,7 +37,7 @@ def node_bytes(node: Node, env: Mapping[str, int]) -> int:
     outputs = sum(o.spec.nbytes(env) for o in node.outputs)
     if node.fallback is None and node.op in _GATHERS and inputs:
         inputs[0] = min(inputs[0], outputs)
-    elif node.fallback is None and node.op in _UPDATES and node.reuse == 0:
+    elif node.fallback is None and node.op in UPDATE_OPS and node.reuse == 0:
         return sum(inputs[1:]) + inputs[-1]  # indices and values read, values written
     return sum(inputs) + outputs
 
