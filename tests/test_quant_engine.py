@@ -148,6 +148,14 @@ def test_weight_only_engine(bits, granularity, method):
     with torch.no_grad():
         torch.testing.assert_close(engine(x), qmodel(x), rtol=1e-4, atol=1e-4)
         assert rel_l2(qmodel(x), model(x)) < (0.02 if bits == 8 else 0.2)
+    from deepseek.backends.cpu import weightonly
+
+    x1 = torch.randn(1, 2, 64)  # decoding's rows: the int weights stream through the C kernel
+    one = ds.compile(qmodel, (x1,), precision="int8")
+    with torch.no_grad():
+        torch.testing.assert_close(one(x1), qmodel(x1), rtol=1e-4, atol=1e-4)
+    plan = next(iter(one._parts[0].executable.plans.values())).source
+    assert plan.count("wonly") == (2 if weightonly.library() is not None else 0), plan
 
 
 def test_saved_int8_engine_stores_int8_weights_and_is_a_quarter_of_fp32(tmp_path):

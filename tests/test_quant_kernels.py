@@ -180,3 +180,55 @@ def test_int4_packing_round_trips():
     packed = K.pack_int4(q)
     assert packed.dtype == torch.uint8 and packed.shape == (7, 15)
     assert torch.equal(K.unpack_int4(packed), q)
+
+
+def _wonly_case(bits, granularity, asym, n=13, k=64, group=16):
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8) if bits == 4 else \
+        torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    shape = {"tensor": (1,), "channel": (n,), "group": (n, k // group)}[granularity]
+    s = torch.rand(shape) * 0.1 + 1e-3
+    z = torch.randint(-2, 3, shape, dtype=torch.int32) if asym else None
+    groups = k // group if granularity == "group" else 1
+    w = (q.float().reshape(n, groups, -1)
+         - (z.float().reshape(-1, groups if granularity == "group" else 1, 1) if asym else 0)) \
+        * s.reshape(-1, groups if granularity == "group" else 1, 1)
+    stored = K.pack_int4(q) if bits == 4 else q
+    return stored, s, z, (group if granularity == "group" else 0), w.reshape(n, k)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_streaming_weight_only_kernel_matches_the_float_formula(bits, granularity, asym, rows):
+    from deepseek.backends.cpu import weightonly
+
+    stored, s, z, group, w = _wonly_case(bits, granularity, asym)
+    if weightonly.library() is None:
+        pytest.skip("no C compiler")
+    assert weightonly.supports(rows, torch.float32, stored, s, z, bits, group)
+    x, b = torch.randn(rows, 64), torch.randn(13)
+    for bias in (None, b):
+        out = weightonly.StreamingLinear(stored, s, z, bias, bits, group)(x)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias),
+                                   rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(3, 3, 64)  # leading dims fold into rows (9: the kernel's tiles of 4 and 1)
+    torch.testing.assert_close(weightonly.StreamingLinear(stored, s, z, b, bits, group)(x3),
+                               torch.nn.functional.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_only_op_streams_the_int_weight_only_at_decoding_rows():
+    from deepseek.backends.cpu import weightonly
+
+    if weightonly.library() is None:
+        pytest.skip("no C compiler")
+    stored, s, z, group, w = _wonly_case(4, "group", True)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(dq.linear_weight_only(x, stored, s, z, None, 4, group), x @ w.t(),
+                               rtol=1e-5, atol=1e-5)
+    assert [key[0] for key in K._CACHE[id(stored)][2]] == ["stream"]  # no float weight kept
+    big = torch.randn(weightonly.MAX_ROWS + 1, 64)  # a GEMM's rows: the float weight
+    torch.testing.assert_close(dq.linear_weight_only(big, stored, s, z, None, 4, group),
+                               big @ w.t(), rtol=1e-5, atol=1e-5)
+    assert "dequant" in [key[0] for key in K._CACHE[id(stored)][2]]
+    assert not weightonly.supports(1, torch.float32, stored[:, :30], s, z, 4, 0)  # 60 columns

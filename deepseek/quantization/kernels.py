@@ -198,10 +198,14 @@ def int8_native_for(weight: torch.Tensor) -> bool:
         weight.min() >= -PAIR_SAFE and weight.max() <= PAIR_SAFE))
 
 
-def _dequantized(weight, weight_scale, weight_zero_point) -> torch.Tensor:
-    """The float32 weight of an int8 op, made once per weight (the float fallback's operand)."""
-    return _cached(weight, ("dequant8", *_tensor_key(weight_scale), *_tensor_key(weight_zero_point)),
-                   lambda: dequantize_weight(weight, weight_scale, weight_zero_point))
+def _dequantized(weight, weight_scale, weight_zero_point, bits: int = 8, group_size: int = 0,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight of an integer op, made once per weight and scales (the float
+    formula's operand)."""
+    return _cached(weight, ("dequant", bits, group_size, dtype, *_tensor_key(weight_scale),
+                            *_tensor_key(weight_zero_point)),
+                   lambda: dequantize_weight(weight, weight_scale, weight_zero_point, bits,
+                                             group_size).to(dtype))
 
 
 def _onednn_ok(x, weight, weight_scale) -> bool:
@@ -333,13 +337,23 @@ def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
 
 
 def _linear_weight_only(x, weight, weight_scale, weight_zero_point, bias, bits, group_size):
-    # PyTorch's CPU weight-only GEMMs (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) measured
-    # 5-100x slower than float32 here: the weight is de-quantized once and cached instead.
-    w = _cached(weight, ("dequant", x.dtype, *_tensor_key(weight_scale),
-                         *_tensor_key(weight_zero_point)),
-                lambda: dequantize_weight(weight, weight_scale, weight_zero_point, bits,
-                                          group_size).to(x.dtype))
-    return F.linear(x, w, bias if bias is None else bias.to(x.dtype))
+    # Decoding's few rows: the C kernel that streams the int weight (deepseek.backends.cpu.
+    # weightonly; compiled CPU plans call it directly). More rows: the weight de-quantized once
+    # and cached, and a float GEMM (PyTorch's CPU weight-only GEMMs, _weight_int8pack_mm and
+    # _weight_int4pack_mm_for_cpu, measured 5-100x slower than float32 here).
+    if x.device.type == "cpu":
+        from deepseek.backends.cpu import weightonly
+
+        if weightonly.supports(x.numel() // max(x.shape[-1], 1), x.dtype, weight, weight_scale,
+                               weight_zero_point, bits, group_size):
+            stream = _cached(weight, ("stream", *_tensor_key(weight_scale),
+                                      *_tensor_key(weight_zero_point), *_tensor_key(bias)),
+                             lambda: weightonly.StreamingLinear(weight, weight_scale,
+                                                                weight_zero_point, bias, bits,
+                                                                group_size))
+            return stream(x)
+    return F.linear(x, _dequantized(weight, weight_scale, weight_zero_point, bits, group_size,
+                                    x.dtype), bias if bias is None else bias.to(x.dtype))
 
 
 # --- CUDA (hook: exercised on a GPU machine, never in CPU CI) ---------------------------

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from deepseek.backends.cpu import direct, rowwise, winograd
+from deepseek.backends.cpu import direct, rowwise, weightonly, winograd
 from deepseek.ir.fused import parse_program, run_steps
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop, op_from_name, opdef
@@ -358,6 +358,10 @@ class _Emitter:
             return f"{fn}({', '.join(args)})"
         if op is Op.ADD_LAYER_NORM:
             return self.add_layer_norm(node, ins, attrs)
+        if op is Op.LINEAR_WEIGHT_ONLY and self.device == "cpu":
+            stream = self.streaming_linear(node, ins, attrs)
+            if stream is not None:
+                return stream
         if op in (Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR):
             quantize = self.quantize(node, ins, attrs)
             if quantize is not None:
@@ -463,6 +467,22 @@ class _Emitter:
         s = self.names[id(node.outputs[0])]
         return (f"({s} := torch.add({x}, {r})), "
                 f"torch.layer_norm({s}, {shape}, {w}, {b}, {eps!r})")
+
+    def streaming_linear(self, node: Node, ins, attrs) -> str | None:
+        """A weight-only linear at decoding's few rows with constant weights: the C kernel
+        that streams the int weight, prepared once (``weightonly.StreamingLinear``), called
+        directly. None: the op's own call (the float weight made once, then a GEMM)."""
+        x, *rest = ins
+        if not all(v is None or self.graph.is_constant(v) for v in rest):
+            return None
+        w, s, z, b = (None if v is None else self.constants[v.name] for v in rest)
+        bits, group = attrs["bits"], attrs["group_size"]
+        rows = x.spec.nbytes(self.env) // x.spec.dtype.itemsize // max(w.shape[-1], 1) \
+            // (2 if bits == 4 else 1)
+        if not weightonly.supports(rows, x.spec.dtype, w, s, z, bits, group):
+            return None
+        kernel = self.const(weightonly.StreamingLinear(w, s, z, b, bits, group), "wonly")
+        return f"{kernel}({self.name(x)})"
 
     def fused_chain(self, node: Node, ins) -> str:
         """A fused element-wise kernel as a chain of PyTorch ops, each step after the
