@@ -477,8 +477,7 @@ class _Emitter:
             return None
         w, s, z, b = (None if v is None else self.constants[v.name] for v in rest)
         bits, group = attrs["bits"], attrs["group_size"]
-        rows = x.spec.nbytes(self.env) // x.spec.dtype.itemsize // max(w.shape[-1], 1) \
-            // (2 if bits == 4 else 1)
+        rows = math.prod(x.spec.concrete(self.env)[:-1])
         if not weightonly.supports(rows, x.spec.dtype, w, s, z, bits, group):
             return None
         kernel = self.const(weightonly.StreamingLinear(w, s, z, b, bits, group), "wonly")

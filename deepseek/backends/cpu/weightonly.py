@@ -29,12 +29,17 @@ def library() -> ctypes.CDLL | None:
                                                              None)})
 
 
+def columns(weight: torch.Tensor, bits: int) -> int:
+    """K, the input columns of a stored weight (4-bit: two a byte)."""
+    return weight.shape[-1] * (2 if bits == 4 else 1)
+
+
 def supports(rows: int, x_dtype: torch.dtype, weight: torch.Tensor, scale: torch.Tensor,
              zero_point: torch.Tensor | None, bits: int, group_size: int) -> bool:
     """Whether a call of ``rows`` rows streams its weight: float32 x, an int8 weight (4-bit:
     uint8, two a byte), columns and groups in whole vectors of 8, zero points shaped as
     the scales, at most ``MAX_ROWS`` rows, and the kernel built."""
-    k = weight.shape[-1] * (2 if bits == 4 else 1)
+    k = columns(weight, bits)
     group = group_size or k
     stored = {8: torch.int8, 4: torch.uint8}.get(bits)
     return (rows <= MAX_ROWS and x_dtype == torch.float32 and weight.dtype == stored
@@ -53,7 +58,7 @@ class StreamingLinear:
                  zero_point: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                  group_size: int):
         self.weight, self.bits = weight, bits
-        self.n, self.k = weight.shape[0], weight.shape[-1] * (2 if bits == 4 else 1)
+        self.n, self.k = weight.shape[0], columns(weight, bits)
         self.group = group_size or self.k
         self.groups = self.k // self.group
         self.row_stride = 0 if scale.numel() == 1 else self.groups
