@@ -304,8 +304,12 @@ def test_qdq_model_reexports_as_qdq():
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
              helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=1),
              helper.make_node("MatMul", ["d", "w"], ["y"])]
+    # weights within [-64, 64]: ONNX Runtime fuses the exported QDQ MatMul into its int8
+    # kernel, which on CPUs without VNNI saturates pairs of products in int16 for larger
+    # weights (3 of 40 random inputs off by up to 3.4 with weights in [-100, 100]; its
+    # unoptimized session always agrees with the reference)
     inits = [init("s", np.float32(0.03)), init("z", np.int8(2)),
-             init("wq", RNG.integers(-100, 100, (4, 3)).astype(np.int8)),
+             init("wq", RNG.integers(-64, 65, (4, 3)).astype(np.int8)),
              init("ws", (RNG.random(3) * 0.05 + 0.01).astype(np.float32))]
     m = model(nodes, [vi("x", [2, 4])], [vi("y", None)], inits)
     out = to_onnx(import_onnx(m))
