@@ -258,3 +258,51 @@ def test_attention_kernel_matches_sdpa(case, dt):
     assert got.shape == ref.shape and got.dtype == dt
     assert got.transpose(1, 2).is_contiguous()  # (B, S, H, D) memory: the reshape after is free
     assert rel_l2(got.float(), ref) < 1e-2
+
+
+# (batch, c_in, h, w, c_out, kernel, stride, padding, dilation, input dtype, its zero point)
+_CONV_INT8 = {
+    "stem_7x7_flat_k": (2, 3, 13, 11, 40, 7, 2, 3, 1, torch.int8, 0),
+    "3x3_uint8_zp": (2, 48, 9, 7, 33, 3, 1, 1, 1, torch.uint8, 131),
+    "1x1_stride2": (1, 64, 6, 5, 70, 1, 2, 0, 1, torch.int8, -3),
+    "3x3_dilated_c_off_block": (1, 40, 8, 9, 24, 3, 2, 2, 2, torch.uint8, 7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CONV_INT8))
+def test_int8_convolution_matches_the_reference(case):
+    """The implicit-GEMM int8 convolution (channels off the block size, padding reading
+    the zero point, uint8 inputs as int8 with a bit flip, the stem's 3 channels through
+    the flattened K) against conv2d_int8's float formula: float outputs to float32
+    rounding, quantized outputs exactly or one step off at a rounding tie; the
+    residual add before ReLU and a bf16 float output beside the quantized one."""
+    from deepseek.backends.cuda.triton_conv_int8 import Conv2dInt8
+    from deepseek.quantization.kernels import reference_conv2d_int8
+
+    n, cin, h, w, cout, k, s, p, d, xdt, zp = _CONV_INT8[case]
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    lo, hi = (0, 256) if xdt == torch.uint8 else (-128, 128)
+    x = torch.randint(lo, hi, (n, cin, h, w), dtype=xdt, generator=g)
+    wq = torch.randint(-128, 128, (cout, cin, k, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(cout, generator=g) * 0.01 + 1e-3
+    b = torch.randn(cout, generator=g)
+    geometry = ([s, s], [p, p], [d, d], 1)
+    conv = Conv2dInt8(*(t.to(DEVICE) for t in (wq, ws)), 0.02, b.to(DEVICE), *geometry[:3])
+    xd = x.to(DEVICE)
+    for post in ("none", "relu"):
+        want = reference_conv2d_int8(x, 0.02, zp, wq, ws, None, b, *geometry, post, 1.0, 0, None)
+        y, q = conv(xd, zp, post, float_dtype=torch.float32)
+        assert q is None and y.is_contiguous(memory_format=torch.channels_last)
+        assert rel_l2(y.cpu(), want) < 1e-6
+        residual = torch.randn(want.shape, generator=g)
+        want_r = want if post == "none" else reference_conv2d_int8(
+            x, 0.02, zp, wq, ws, None, b, *geometry, "none", 1.0, 0, None)
+        want_r = want_r + residual
+        want_r = torch.relu(want_r) if post == "relu" else want_r
+        qdt = torch.uint8 if post == "relu" else torch.int8
+        y, q = conv(xd, zp, post, residual.to(DEVICE), torch.bfloat16, (0.5, 3, qdt))
+        assert y.dtype == torch.bfloat16 and rel_l2(y.float().cpu(), want_r) < 8e-3
+        want_q = torch.clamp(torch.round(want_r / 0.5) + 3, *((0, 255) if qdt == torch.uint8
+                                                             else (-128, 127))).to(qdt)
+        diff = (q.cpu().int() - want_q.int()).abs()
+        assert q.dtype == qdt and diff.max() <= 1 and diff.float().mean() < 1e-3

@@ -386,6 +386,28 @@ def _linear_int8_cuda(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
     return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
 
 
+def _conv2d_int8_cuda(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                      stride, padding, dilation, groups, post_op, output_scale, output_zero_point,
+                      output_dtype):
+    """One Triton implicit-GEMM kernel on the integer tensor cores, its epilogue inside
+    (``deepseek.backends.cuda.triton_conv_int8``); grouped convolutions and weights with
+    a zero point run the reference formula."""
+    from deepseek.backends.cuda.triton_conv_int8 import Conv2dInt8  # Triton: on first use
+
+    args = (x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, stride,
+            padding, dilation, groups, post_op, output_scale, output_zero_point, output_dtype)
+    if not Conv2dInt8.supported(x, weight, weight_scale, weight_zero_point, groups):
+        return reference_conv2d_int8(*args, _dequantized)
+    conv = _cached(weight, ("triton_conv", x_scale, tuple(stride), tuple(padding),
+                            tuple(dilation), *_tensor_key(weight_scale), *_tensor_key(bias)),
+                   lambda: Conv2dInt8(weight, weight_scale, x_scale, bias, stride, padding,
+                                      dilation))
+    if output_dtype is None or output_dtype == torch.float32:
+        return conv(x, x_zero_point, post_op, float_dtype=torch.float32)[0]
+    return conv(x, x_zero_point, post_op, quant=(output_scale, output_zero_point,
+                                                 output_dtype))[1]
+
+
 # --- shapes (meta) ---------------------------------------------------------------------
 def _linear_meta(x, x_scale, x_zero_point, weight, *rest):
     output_dtype = rest[-1]
@@ -407,7 +429,7 @@ _LIB.impl("linear_int8", _linear_int8_cpu, "CPU")
 _LIB.impl("linear_int8", _linear_int8_cuda, "CUDA")
 _LIB.impl("linear_int8", _linear_meta, "Meta")
 _LIB.impl("conv2d_int8", _conv2d_int8_cpu, "CPU")
-_LIB.impl("conv2d_int8", reference_conv2d_int8, "CUDA")
+_LIB.impl("conv2d_int8", _conv2d_int8_cuda, "CUDA")
 _LIB.impl("conv2d_int8", _conv_meta, "Meta")
 _LIB.impl("linear_weight_only", _linear_weight_only, "CPU")
 _LIB.impl("linear_weight_only", _linear_weight_only, "CUDA")

@@ -1,0 +1,189 @@
+"""``deepseek_quant::conv2d_int8`` on CUDA as one Triton kernel: an implicit GEMM over
+channels-last int8 activations and int8 weights (int32 accumulation on the integer
+tensor cores), with the whole epilogue in the same kernel.
+
+    rows    = output pixels (N * OH * OW), columns = output channels,
+    K       = KH * KW * C_in, read straight from the input (no im2col buffer);
+    y       = (acc - x_zp * colsum[n]) * x_scale * w_scale[n] + bias[n]   (float32)
+    [+ residual] [relu] -> stored as float32 / bf16, and/or quantized (round half to
+    even, + output zero point, clamped) to int8 / uint8.
+
+A padded pixel reads the input's zero point, so that ``acc - x_zp * colsum`` is the
+exact integer sum of ``(x - x_zp) * w`` over the window, as the reference's float
+formula (``reference_conv2d_int8``) computes it up to float rounding. uint8 inputs
+flip their top bit as they are loaded (``u ^ 128`` is ``u - 128`` as an int8) with the
+zero point moved alike. Symmetric weights only (a weight zero point falls back).
+
+Two ways through K: per filter tap, ``BLOCK_K`` input channels at a time (wide
+layers); or K flattened (tap, channel) when there are fewer channels than a block
+(the 3-channel stem), each element's tap decoded from its K index. Runs under
+Triton's interpreter too (``TRITON_INTERPRET=1``), on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + R) - R rounds |v| < 2**22 half to even in float32
+
+
+def _configs():
+    if _INTERPRET:  # the interpreter runs every config it is given: one, small
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in ((128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                  (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+                                  (128, 128, 128, 8, 3), (128, 64, 128, 4, 3))]
+
+
+@triton.autotune(configs=_configs(), key=["M", "COUT", "C", "KH", "KW", "FLAT"])
+@triton.jit
+def _conv_int8(X, W, CS, SC, B, R, Y, Q,
+               M, H, WD, C, OH, OW, COUT, K,
+               SH, SW, PH, PW, DH, DW,
+               x_zq, x_zp, out_inv_scale, out_zp, qmin, qmax,  # x_zq: int; the rest floats
+               KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr, U8: tl.constexpr,
+               HAS_B: tl.constexpr, HAS_R: tl.constexpr, RELU: tl.constexpr,
+               HAS_Y: tl.constexpr, HAS_Q: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < COUT
+    ow = rm % OW
+    t = rm // OW
+    oh = t % OH
+    nb = (t // OH).to(tl.int64)
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    if FLAT:  # K = (tap, channel) flattened: few input channels
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            c = kk % C
+            tap = kk // C
+            ih = ih0[:, None] + (tap // KW)[None, :] * DH
+            iw = iw0[:, None] + (tap % KW)[None, :] * DW
+            ok = (m_ok[:, None] & (kk < K)[None, :] & (ih >= 0) & (ih < H)
+                  & (iw >= 0) & (iw < WD))
+            a = tl.load(X + ((nb[:, None] * H + ih) * WD + iw) * C + c[None, :], mask=ok,
+                        other=0)
+            if U8:
+                a = a ^ -128
+            a = tl.where(ok, a, x_zq).to(tl.int8)
+            b = tl.load(W + kk[:, None] * COUT + rn[None, :],
+                        mask=(kk < K)[:, None] & n_ok[None, :], other=0)
+            acc = tl.dot(a, b, acc)
+    else:  # per filter tap, BLOCK_K channels at a time
+        for tap in range(0, KH * KW):
+            ih = ih0 + (tap // KW) * DH
+            iw = iw0 + (tap % KW) * DW
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
+            base = ((nb * H + ih) * WD + iw) * C
+            for c0 in range(0, C, BLOCK_K):
+                c = c0 + rk
+                ok = row_ok[:, None] & (c < C)[None, :]
+                a = tl.load(X + base[:, None] + c[None, :], mask=ok, other=0)
+                if U8:
+                    a = a ^ -128
+                a = tl.where(ok, a, x_zq).to(tl.int8)
+                b = tl.load(W + (tap * C + c)[:, None] * COUT + rn[None, :],
+                            mask=(c < C)[:, None] & n_ok[None, :], other=0)
+                acc = tl.dot(a, b, acc)
+    # epilogue: de-quantize, bias, residual, ReLU; store float and/or quantized
+    cs = tl.load(CS + rn, mask=n_ok, other=0.0)
+    sc = tl.load(SC + rn, mask=n_ok, other=0.0)
+    y = (acc.to(tl.float32) - x_zp * cs[None, :]) * sc[None, :]
+    if HAS_B:
+        y = y + tl.load(B + rn, mask=n_ok, other=0.0)[None, :]
+    offs = rm.to(tl.int64)[:, None] * COUT + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_R:
+        y = y + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    if HAS_Y:
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if HAS_Q:
+        v = tl.minimum(tl.maximum(y * out_inv_scale, qmin - out_zp - 1.0), qmax - out_zp + 1.0)
+        v = (v + _ROUND) - _ROUND  # round half to even, as torch.round
+        q = tl.minimum(tl.maximum(v + out_zp, qmin), qmax)
+        tl.store(Q + offs, q.to(tl.int32).to(Q.dtype.element_ty), mask=mask)
+
+
+_QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+class Conv2dInt8:
+    """One quantized convolution's packed operands: the int8 weight as the (K, C_out)
+    matrix in (kh, kw, c_in) order, its column sums, and ``x_scale * w_scale`` per
+    output channel (float32)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, x_scale: float,
+                 bias: torch.Tensor | None, stride, padding, dilation):
+        cout, cin, kh, kw = weight.shape
+        self.kh, self.kw, self.cin, self.cout = kh, kw, cin, cout
+        self.matrix = weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout).contiguous()
+        self.colsum = weight.sum((1, 2, 3), dtype=torch.int32).float().contiguous()
+        self.scale = (weight_scale.float().reshape(-1).expand(cout) * x_scale).contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+
+    @staticmethod
+    def supported(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  weight_zero_point: torch.Tensor | None, groups: int) -> bool:
+        return (x.dim() == 4 and weight.dim() == 4 and groups == 1
+                and x.dtype in _QRANGE and weight.dtype == torch.int8
+                and weight_scale.numel() in (1, weight.shape[0])
+                and (weight_zero_point is None or not bool(weight_zero_point.ne(0).any())))
+
+    def __call__(self, x: torch.Tensor, x_zero_point: int, post_op: str = "none",
+                 residual: torch.Tensor | None = None, float_dtype: torch.dtype | None = None,
+                 quant: tuple | None = None):
+        """The convolution of quantized ``x`` (N, C, H, W; any memory format). Returns
+        ``(y, q)``: ``y`` in ``float_dtype`` (None: not stored) and ``q`` quantized with
+        ``quant = (scale, zero_point, dtype)`` (None: not stored), both (N, C_out, OH,
+        OW) in channels-last memory. ``residual`` (same shape) is added before ReLU."""
+        n, c, h, w = x.shape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
+        x = x.contiguous(memory_format=torch.channels_last)
+        u8 = x.dtype == torch.uint8
+        xs = x.view(torch.int8) if u8 else x
+        zp = int(x_zero_point) - 128 if u8 else int(x_zero_point)
+        m, k = n * oh * ow, self.kh * self.kw * self.cin
+        shape, cl = (n, self.cout, oh, ow), torch.channels_last
+        y = None if float_dtype is None else torch.empty(shape, dtype=float_dtype,
+                                                         device=x.device, memory_format=cl)
+        q = None
+        inv, ozp, qmin, qmax = 1.0, 0, 0, 0
+        if quant is not None:
+            scale, ozp, qdtype = quant
+            q = torch.empty(shape, dtype=qdtype, device=x.device, memory_format=cl)
+            inv, (qmin, qmax) = 1.0 / scale, _QRANGE[qdtype]
+        if residual is not None:
+            residual = residual.contiguous(memory_format=cl)
+        if m and self.cout:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
+                                 triton.cdiv(self.cout, meta["BLOCK_N"]))
+            dummy = self.colsum
+            _conv_int8[grid](
+                xs, self.matrix, self.colsum, self.scale,
+                self.bias if self.bias is not None else dummy,
+                residual if residual is not None else dummy,
+                y if y is not None else dummy, q if q is not None else xs,
+                m, h, w, self.cin, oh, ow, self.cout, k, sh, sw, ph, pw, dh, dw,
+                zp, float(zp), inv, float(ozp), float(qmin), float(qmax),
+                KH=self.kh, KW=self.kw, FLAT=self.cin < 32, U8=u8,
+                HAS_B=self.bias is not None, HAS_R=residual is not None,
+                RELU=post_op == "relu", HAS_Y=y is not None, HAS_Q=q is not None)
+        return y, q
