@@ -104,3 +104,31 @@ def test_replayed_graph_leaves_its_boundary_casts_to_the_copies_in_and_out():
     # a float32 graph has no casts at its boundary: nothing changes
     fp32 = ds.compile(model.eval(), (x,), backend="cpu").graph
     assert strip_boundary_casts(fp32) == (fp32, [None], [None])
+
+
+def test_quantized_resnet_plan_runs_int8_kernels_and_matches_the_cpu_engine(monkeypatch):
+    """A quantized ResNet-50's CUDA plan: every block end's convolution takes the residual
+    add, ReLU and the next block's quantization into its int8 kernel's epilogue, and the
+    graph's quantize nodes run in one pass each. Run on CPU tensors (the Triton kernels
+    under the interpreter; the other int8 convolutions through the op's CPU kernel), it
+    computes what the CPU engine computes."""
+    import torch
+
+    from deepseek.numerics import rel_l2
+    from deepseek.quantization import QuantConfig, Quantizer
+
+    torch.manual_seed(0)
+    model, inputs = BENCHMARK_MODELS["resnet50"](batch=1, image=32)
+    calib = [[torch.randn_like(inputs[0])] for _ in range(2)]
+    qm = Quantizer(QuantConfig(method="symmetric", progress=False)).quantize(model, calib)
+    engine = ds.compile(qm, inputs, backend="cpu", precision="int8")
+    plan = generate_plan(engine.graph, bind_inputs(engine.graph, list(inputs)), "cuda")
+    lines = plan.source.splitlines()
+    fused = [line for line in lines if "int8_conv" in line]
+    assert len(fused) == 16 and all("'relu', v_" in line for line in fused)
+    # all but the last block's end also write the next block's int8 input (its
+    # convolutions and downsample read it); the last one's output is pooled in float
+    assert sum(line.split("=")[0].count(",") == 1 for line in fused) == 15
+    assert not any("torch.mul(" in line and "round_" in line for line in lines)
+    x = torch.randn_like(inputs[0])
+    assert rel_l2(plan([x])[0], engine(x)) < 1e-5

@@ -276,7 +276,7 @@ def test_int8_convolution_matches_the_reference(case):
     the flattened K) against conv2d_int8's float formula: float outputs to float32
     rounding, quantized outputs exactly or one step off at a rounding tie; the
     residual add before ReLU and a bf16 float output beside the quantized one."""
-    from deepseek.backends.cuda.triton_conv_int8 import Conv2dInt8
+    from deepseek.backends.cuda.triton_int8 import Conv2dInt8
     from deepseek.quantization.kernels import reference_conv2d_int8
 
     n, cin, h, w, cout, k, s, p, d, xdt, zp = _CONV_INT8[case]

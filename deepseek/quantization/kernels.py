@@ -390,13 +390,14 @@ def _conv2d_int8_cuda(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
                       stride, padding, dilation, groups, post_op, output_scale, output_zero_point,
                       output_dtype):
     """One Triton implicit-GEMM kernel on the integer tensor cores, its epilogue inside
-    (``deepseek.backends.cuda.triton_conv_int8``); grouped convolutions and weights with
+    (``deepseek.backends.cuda.triton_int8``); grouped convolutions and weights with
     a zero point run the reference formula."""
-    from deepseek.backends.cuda.triton_conv_int8 import Conv2dInt8  # Triton: on first use
+    from deepseek.backends.cuda.triton_int8 import Conv2dInt8  # Triton: on first use
 
     args = (x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, stride,
             padding, dilation, groups, post_op, output_scale, output_zero_point, output_dtype)
-    if not Conv2dInt8.supported(x, weight, weight_scale, weight_zero_point, groups):
+    if x.dim() != 4 or not Conv2dInt8.supported(x.dtype, weight, weight_scale,
+                                                weight_zero_point, groups):
         return reference_conv2d_int8(*args, _dequantized)
     conv = _cached(weight, ("triton_conv", x_scale, tuple(stride), tuple(padding),
                             tuple(dilation), *_tensor_key(weight_scale), *_tensor_key(bias)),

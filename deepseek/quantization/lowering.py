@@ -57,7 +57,9 @@ class _Weight:
     group_size: int  # 0: per tensor / per channel
 
 
-class _Matcher:
+class QDQMatcher:
+    """Reads QDQ patterns of one graph (its producers and users computed once)."""
+
     def __init__(self, graph: Graph):
         self.graph = graph
         self.producers = graph.producers()
@@ -87,6 +89,18 @@ class _Matcher:
         if s is None or z is None or s.numel() != 1 or z.numel() != 1:
             return None
         return float(s.reshape(())), int(z.reshape(()))
+
+    def output_quantize(self, node: Node | None) -> tuple | None:
+        """(scale, zero_point, dtype) of a full-range per-tensor quantize node to uint8 or
+        int8 with constant parameters, which a kernel's epilogue can do; else None."""
+        if node is None or node.op not in _Q_ACT:
+            return None
+        dtype = node.attrs.get("dtype")
+        params = self.qparams(node)
+        if params is None or _FULL_RANGE.get(dtype) != (node.attrs["quant_min"],
+                                                          node.attrs["quant_max"]):
+            return None
+        return (*params, dtype)
 
     def act(self, v) -> _Act | None:
         """A per-tensor de-quantized uint8/int8 activation feeding a kernel."""
@@ -164,7 +178,7 @@ class _Matcher:
         return us[0] if len(us) == 1 and id(v) not in self.outputs else None
 
 
-def _int8_inputs(m: _Matcher, w: _Weight, bias) -> list:
+def _int8_inputs(m: QDQMatcher, w: _Weight, bias) -> list:
     g = m.graph
     return [g.add_constant("qweight", w.q.contiguous()),
             g.add_constant("qweight_scale", w.scale.float().contiguous()),
@@ -173,7 +187,7 @@ def _int8_inputs(m: _Matcher, w: _Weight, bias) -> list:
             bias]
 
 
-def _lower_conv(m: _Matcher, node: Node) -> list[Node] | None:
+def _lower_conv(m: QDQMatcher, node: Node) -> list[Node] | None:
     x, wv, b = node.inputs
     a = node.attrs
     if a.get("transposed") or len(a["stride"]) != 2 or x is None:
@@ -189,7 +203,7 @@ def _lower_conv(m: _Matcher, node: Node) -> list[Node] | None:
     return [Node(Op.CONV2D_INT8, inputs, attrs, list(node.outputs), node.source)]
 
 
-def _lower_linear(m: _Matcher, node: Node, removed: set[int]) -> list[Node] | None:
+def _lower_linear(m: QDQMatcher, node: Node, removed: set[int]) -> list[Node] | None:
     if node.op is Op.ADDMM:
         if node.attrs.get("beta", 1) != 1 or node.attrs.get("alpha", 1) != 1:
             return None
@@ -224,7 +238,7 @@ def _lower_linear(m: _Matcher, node: Node, removed: set[int]) -> list[Node] | No
     return pre + [Node(Op.LINEAR_INT8, inputs, attrs, outputs, node.source)]
 
 
-def _lower_weight_only(m: _Matcher, node: Node, x, w: _Weight, bias) -> list[Node] | None:
+def _lower_weight_only(m: QDQMatcher, node: Node, x, w: _Weight, bias) -> list[Node] | None:
     if x is None or not x.spec.dtype.is_floating_point:
         return None
     g = m.graph
@@ -242,7 +256,7 @@ def _lower_weight_only(m: _Matcher, node: Node, x, w: _Weight, bias) -> list[Nod
     return [Node(Op.LINEAR_WEIGHT_ONLY, inputs, attrs, list(node.outputs), node.source)]
 
 
-def _fuse_epilogue(m: _Matcher, kernel: Node, removed: set[int]) -> None:
+def _fuse_epilogue(m: QDQMatcher, kernel: Node, removed: set[int]) -> None:
     """Fold a following ReLU, then a following full-range per-tensor quantize, into
     ``kernel`` (oneDNN post-ops and output requantization)."""
     user = m.sole_user(kernel.outputs[0])
@@ -251,14 +265,11 @@ def _fuse_epilogue(m: _Matcher, kernel: Node, removed: set[int]) -> None:
         kernel.outputs = list(user.outputs)
         removed.add(id(user))
         user = m.sole_user(kernel.outputs[0])
-    if user is None or user.op not in _Q_ACT:
+    params = m.output_quantize(user)
+    if params is None:
         return
-    dtype = user.attrs.get("dtype")
-    params = m.qparams(user)
-    qrange = (user.attrs["quant_min"], user.attrs["quant_max"])
-    if params is None or _FULL_RANGE.get(dtype) != qrange:
-        return
-    kernel.attrs.update(output_scale=params[0], output_zero_point=params[1], output_dtype=dtype)
+    kernel.attrs.update(output_scale=params[0], output_zero_point=params[1],
+                        output_dtype=params[2])
     kernel.outputs = list(user.outputs)
     removed.add(id(user))
 
@@ -277,7 +288,7 @@ def lower_quantized_ops(graph: Graph) -> Graph:
     ReLU and an output quantize that follow are fused into the kernel."""
     if not has_qdq(graph):
         return graph
-    m = _Matcher(graph)
+    m = QDQMatcher(graph)
     replaced: dict[int, list[Node]] = {}
     removed: set[int] = set()
     for node in graph.nodes:

@@ -13,6 +13,11 @@ bf16/fp16, a convolution's epilogue runs inside cuDNN's fused kernels:
   convolution read only there (the block's downsample), that one runs without
   its bias and the two biases are added once, at compile time.
 
+In quantized graphs, ``conv2d_int8`` runs as the Triton implicit-GEMM kernel
+(``triton_int8.py``); at a ResNet block's end, that kernel's epilogue also adds
+the residual, applies ReLU and writes the block's output a second time,
+quantized for the next block's convolutions, when a quantize node reads it.
+
 PyTorch's plain convolution adds the bias in a second pass over the output,
 which on an H200 costs as much as the convolution itself for ResNet-50's 1x1
 layers. GEMMs with a constant bias and a following ReLU or GELU run as one
@@ -31,11 +36,13 @@ import torch
 from deepseek.backends.cpu.codegen import _Emitter
 from deepseek.backends.cuda.triton_attention import Attention
 from deepseek.backends.cuda.triton_fp8 import FP8Linear
+from deepseek.backends.cuda.triton_int8 import Conv2dInt8, quantize_per_tensor
 from deepseek.backends.cuda.triton_kv import KVWrite
 from deepseek.backends.cuda.triton_norm import AddLayerNorm, RMSNorm
 from deepseek.backends.cuda.triton_pointwise import PointwiseKernel
 from deepseek.ir.graph import Node, Value
 from deepseek.ir.ops import Op
+from deepseek.quantization.lowering import QDQMatcher
 
 _LOW = (torch.bfloat16, torch.float16)
 _RESHAPES = (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE)
@@ -64,10 +71,26 @@ class CUDAEmitter(_Emitter):
                 and x.spec.dtype in _LOW and w.spec.dtype == x.spec.dtype
                 and len(self.users.get(id(out), [])) == 1 and out not in g.outputs)
 
+    def int8_conv(self, node: Node | None) -> bool:
+        """A quantized convolution with a float result and no post-op, read by one node
+        only, that the Triton kernel runs (its epilogue can then add the residual)."""
+        if node is None or node.op is not Op.CONV2D_INT8:
+            return False
+        x, w, ws, wz, b = node.inputs
+        a, g, out = node.attrs, self.graph, node.outputs[0]
+        return (all(g.is_constant(v) for v in (w, ws, wz, b) if v is not None)
+                and a["post_op"] == "none" and a["output_dtype"] in (None, torch.float32)
+                and len(self.users.get(id(out), [])) == 1 and out not in g.outputs
+                and isinstance(x, Value) and Conv2dInt8.supported(
+                    x.spec.dtype, *(None if v is None else self.constants[v.name]
+                                    for v in (w, ws, wz)), a["groups"]))
+
     def prepare(self) -> None:
-        """Convolution + residual add + ReLU as one cuDNN call (``find_conv_residuals``);
-        a downsample convolution read only there leaves its bias to that call."""
-        self.find_conv_residuals(self.fusable_conv)
+        """Convolution + residual add + ReLU as one cuDNN call or one int8 kernel
+        (``find_conv_residuals``); a downsample convolution read only by a cuDNN call
+        leaves its bias to that call."""
+        self.qdq = QDQMatcher(self.graph)
+        self.find_conv_residuals(lambda n: self.fusable_conv(n) or self.int8_conv(n))
         for conv, z in self.conv_add_relu.values():
             other = self.producer(z)
             if self.fusable_conv(other) and other.inputs[2] is not None \
@@ -275,7 +298,16 @@ class CUDAEmitter(_Emitter):
         if id(node) in self.conv_add_relu:
             conv, z = self.conv_add_relu[id(node)]
             self.cl.add(id(node.outputs[0]))
+            if conv.op is Op.CONV2D_INT8:
+                return self.int8_conv_residual(conv, z, node)
             return self.add_relu_call(conv, z)
+        if op in (Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR):
+            params = self.qdq.qparams(node)
+            if params is not None and ins[0].spec.dtype.is_floating_point \
+                    and attrs["dtype"] in (torch.uint8, torch.int8):
+                return (f"{self.const(quantize_per_tensor, 'quantize')}({self.name(ins[0])}, "
+                        f"{1.0 / params[0]!r}, {params[1]}, {attrs['quant_min']}, "
+                        f"{attrs['quant_max']}, {self.name(attrs['dtype'])})")
         if op is Op.INDEX_PUT and node.reuse == 0:
             fused = self.kv_write(index, node, ins)
             if fused is not None:
@@ -310,6 +342,27 @@ class CUDAEmitter(_Emitter):
             if call is not None:
                 return call
         return super().special(index, node, ins, attrs, live)
+
+    def int8_conv_residual(self, conv: Node, z: Value, host: Node) -> str:
+        """The quantized convolution with the residual add and ReLU in its epilogue; it
+        also writes the result quantized when a full-range quantize node reads it (the
+        next block's input), which then costs no pass of its own."""
+        x, w, ws, _, b = conv.inputs
+        a, out = conv.attrs, host.outputs[0]
+        kernel = self.const(Conv2dInt8(self.constants[w.name], self.constants[ws.name],
+                                       a["x_scale"], None if b is None else self.constants[b.name],
+                                       a["stride"], a["padding"], a["dilation"]), "int8_conv")
+        call = (f"{kernel}({self.name(x)}, {a['x_zero_point']}, 'relu', {self.name(z)}, "
+                f"{self.name(out.spec.dtype)}")
+        for user in self.users.get(id(out), []):
+            params = self.qdq.output_quantize(user)
+            if params is not None:
+                y, q = self.names[id(out)], self.names[id(user.outputs[0])]
+                scale, zp, dtype = params
+                self.lines.append(f"    {y}, {q} = {call}, ({scale!r}, {zp}, {self.name(dtype)}))")
+                self.fused_into[id(user)] = q
+                return y
+        return f"{call})[0]"
 
     def add_relu_call(self, conv: Node, z: Value) -> str:
         a = conv.attrs

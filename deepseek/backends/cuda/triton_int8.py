@@ -1,4 +1,5 @@
-"""``deepseek_quant::conv2d_int8`` on CUDA as one Triton kernel: an implicit GEMM over
+"""Triton kernels of quantized graphs on CUDA: per-tensor quantization in one pass, and
+``deepseek_quant::conv2d_int8`` as one kernel: an implicit GEMM over
 channels-last int8 activations and int8 weights (int32 accumulation on the integer
 tensor cores), with the whole epilogue in the same kernel.
 
@@ -37,8 +38,7 @@ def _configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in ((128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                  (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-                                  (128, 128, 128, 8, 3), (128, 64, 128, 4, 3))]
+                                  (128, 256, 64, 8, 3), (128, 128, 128, 8, 3))]
 
 
 @triton.autotune(configs=_configs(), key=["M", "COUT", "C", "KH", "KW", "FLAT"])
@@ -122,6 +122,31 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
 _QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
+@triton.jit
+def _quantize(X, Q, N, inv_scale, zp, qmin, qmax, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.minimum(tl.maximum(x * inv_scale, qmin - zp - 1.0), qmax - zp + 1.0)
+    v = (v + _ROUND) - _ROUND
+    q = tl.minimum(tl.maximum(v + zp, qmin), qmax)
+    tl.store(Q + offs, q.to(tl.int32).to(Q.dtype.element_ty), mask=mask)
+
+
+def quantize_per_tensor(x: torch.Tensor, inv_scale: float, zero_point: int, qmin: int,
+                        qmax: int, dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(round(x * inv_scale) + zero_point, qmin, qmax)`` as ``dtype`` (uint8/int8),
+    in ``x``'s memory format: one pass (ATen's steps are five)."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    q = torch.empty_like(x, dtype=dtype)  # the same memory format
+    n = x.numel()
+    if n:
+        _quantize[(triton.cdiv(n, 4096),)](x, q, n, float(inv_scale), float(zero_point),
+                                           float(qmin), float(qmax), BLOCK=4096, num_warps=8)
+    return q
+
+
 class Conv2dInt8:
     """One quantized convolution's packed operands: the int8 weight as the (K, C_out)
     matrix in (kh, kw, c_in) order, its column sums, and ``x_scale * w_scale`` per
@@ -138,10 +163,10 @@ class Conv2dInt8:
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
 
     @staticmethod
-    def supported(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    def supported(x_dtype: torch.dtype, weight: torch.Tensor, weight_scale: torch.Tensor,
                   weight_zero_point: torch.Tensor | None, groups: int) -> bool:
-        return (x.dim() == 4 and weight.dim() == 4 and groups == 1
-                and x.dtype in _QRANGE and weight.dtype == torch.int8
+        return (weight.dim() == 4 and groups == 1
+                and x_dtype in _QRANGE and weight.dtype == torch.int8
                 and weight_scale.numel() in (1, weight.shape[0])
                 and (weight_zero_point is None or not bool(weight_zero_point.ne(0).any())))
 

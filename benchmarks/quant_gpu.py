@@ -1,0 +1,93 @@
+"""int8 ResNet-50 on a GPU: Deepseek's int8 engine (a calibrated QDQ model whose
+convolutions run as the Triton implicit-GEMM int8 kernel) against Deepseek bf16, in
+one process: CUDA events, interleaved rounds, medians after warm-up; top-1
+agreement of each with eager float32 on fresh random images.
+
+Run on a machine with an NVIDIA GPU (never in CI):
+
+    python -m benchmarks.quant_gpu --out benchmarks/results/quant_gpu_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import deepseek as ds
+from benchmarks import machine, save_json
+from benchmarks.gpu import time_cuda
+from benchmarks.models import BENCHMARK_MODELS
+from deepseek.quantization import QuantConfig, Quantizer
+
+CONFIGS = {  # activations: int8 (symmetric) or uint8 with a zero point; weights symmetric
+    "deepseek_int8": dict(method="symmetric"),
+    "deepseek_uint8_zp": dict(method="asymmetric", weight_method="symmetric"),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--calibration", type=int, default=8, help="batches of 16 images")
+    p.add_argument("--agreement", type=int, default=4, help="batches checked for top-1")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--profile", action="store_true", help="print the first int8 engine's profile")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    model, (x,) = BENCHMARK_MODELS["resnet50"](batch=a.batch)
+    model = model.eval()
+    # calibrated on the CPU (observers keep their statistics there), then moved
+    calib = [[torch.randn(16, *x.shape[1:])] for _ in range(a.calibration)]
+    quantized = {name: Quantizer(QuantConfig(progress=False, **CONFIGS[name]))
+                 .quantize(model, calib).cuda() for name in a.configs.split(",")}
+    model, x = model.cuda(), x.cuda()
+    engines, compile_s = {}, {}
+    t0 = time.perf_counter()
+    engines["deepseek_bf16"] = ds.compile(model, [x], backend="cuda", precision="bf16")
+    engines["deepseek_bf16"](x)
+    compile_s["deepseek_bf16"] = time.perf_counter() - t0
+    for name, qm in quantized.items():
+        t0 = time.perf_counter()
+        engines[name] = ds.compile(qm, [x], backend="cuda", precision="int8")
+        engines[name](x)  # autotunes the kernels and captures the CUDA graph
+        compile_s[name] = time.perf_counter() - t0
+        print(f"{name}: compiled in {compile_s[name]:.1f} s", flush=True)
+    agree = {k: 0 for k in engines}
+    n = 0
+    with torch.no_grad():
+        for _ in range(a.agreement):
+            xs = torch.randn_like(x)
+            want = model(xs).argmax(-1)
+            for k, e in engines.items():
+                agree[k] += int((e(xs).float().argmax(-1) == want).sum())
+            n += want.numel()
+    ms = time_cuda({k: (lambda e=e: e(x)) for k, e in engines.items()}, a.iters)
+    base = ms["deepseek_bf16"]
+    rows = {k: {"ms": v, "images_per_s": a.batch / v * 1e3, "speedup_vs_bf16": base / v,
+                "top1_agreement_vs_fp32": agree[k] / n, "compile_s": compile_s[k]}
+            for k, v in ms.items()}
+    for k, r in rows.items():
+        print(f"{k:20s} {r['ms']:8.3f} ms  {r['images_per_s']:9.0f} img/s  "
+              f"{r['speedup_vs_bf16']:.2f}x bf16  top-1 agreement {r['top1_agreement_vs_fp32']:.4f}")
+    if a.profile:
+        engine = engines[next(iter(quantized))]
+        with ds.profile(engine) as prof:
+            for _ in range(5):
+                engine(x)
+        prof.report().print(top=30)
+    if a.out:
+        import triton
+
+        save_json(a.out, {"machine": machine(), "gpu": torch.cuda.get_device_name(),
+                          "triton": triton.__version__,
+                          "batch": a.batch, "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
