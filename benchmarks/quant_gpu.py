@@ -28,6 +28,45 @@ CONFIGS = {  # activations: int8 (symmetric) or uint8 with a zero point; weights
 }
 
 
+LAYERS = [  # ResNet-50's convolutions at batch 256: (c_in, c_out, kernel, stride, input size)
+    (64, 64, 1, 1, 56), (64, 64, 3, 1, 56), (64, 256, 1, 1, 56), (256, 64, 1, 1, 56),
+    (128, 128, 3, 1, 28), (512, 128, 1, 1, 28), (256, 256, 3, 1, 14), (1024, 256, 1, 1, 14),
+    (512, 512, 3, 1, 7), (512, 2048, 1, 1, 7), (3, 64, 7, 2, 224)]
+
+
+def layers(batch: int, iters: int) -> list[dict]:
+    """Each layer alone: the int8 kernel (int8 in, + bias + ReLU, int8 out) against
+    cuDNN's bf16 convolution + bias + ReLU on channels-last tensors."""
+    from deepseek.backends.cuda.triton_int8 import Conv2dInt8
+
+    rows = []
+    for cin, cout, k, s, size in LAYERS:
+        x = torch.randn(batch, cin, size, size, device="cuda").contiguous(
+            memory_format=torch.channels_last)
+        w = torch.randn(cout, cin, k, k, device="cuda")
+        b = torch.randn(cout, device="cuda")
+        xq = (x * 20).clamp(-128, 127).to(torch.int8)
+        wq = (w * 20).clamp(-128, 127).to(torch.int8)
+        conv = Conv2dInt8(wq, torch.full((cout,), 0.01, device="cuda"), 0.05, b, (s, s),
+                          (k // 2, k // 2), (1, 1))
+        xb, wb, bb = (t.to(torch.bfloat16) for t in (x, w.contiguous(
+            memory_format=torch.channels_last), b))
+        ms = time_cuda({
+            "bf16_cudnn": lambda: torch.cudnn_convolution_relu(xb, wb, bb, (s, s),
+                                                               (k // 2, k // 2), (1, 1), 1),
+            "int8_triton": lambda: conv(xq, 0, "relu", quant=(0.1, 0, torch.int8))}, iters)
+        size_out = (size + 2 * (k // 2) - k) // s + 1
+        tops = 2 * batch * size_out ** 2 * cout * cin * k * k / 1e9
+        rows.append({"layer": f"{cin}->{cout} {k}x{k}/{s} @{size}", **{
+            f"{n}_ms": v for n, v in ms.items()}, "speedup": ms["bf16_cudnn"] / ms["int8_triton"],
+            "int8_tops": tops / ms["int8_triton"], "bf16_tflops": tops / ms["bf16_cudnn"]})
+        r = rows[-1]
+        print(f"{r['layer']:24s} bf16 {r['bf16_cudnn_ms']:.3f} ms ({r['bf16_tflops']:.0f} TFLOP/s)"
+              f"  int8 {r['int8_triton_ms']:.3f} ms ({r['int8_tops']:.0f} TOP/s)  "
+              f"{r['speedup']:.2f}x", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=256)
@@ -36,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--agreement", type=int, default=4, help="batches checked for top-1")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--profile", action="store_true", help="print the first int8 engine's profile")
+    p.add_argument("--layers", action="store_true", help="also time ResNet-50's layers alone")
     p.add_argument("--out")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -74,6 +114,7 @@ def main(argv=None) -> int:
     for k, r in rows.items():
         print(f"{k:20s} {r['ms']:8.3f} ms  {r['images_per_s']:9.0f} img/s  "
               f"{r['speedup_vs_bf16']:.2f}x bf16  top-1 agreement {r['top1_agreement_vs_fp32']:.4f}")
+    layer_rows = layers(a.batch, a.iters) if a.layers else []
     if a.profile:
         engine = engines[next(iter(quantized))]
         with ds.profile(engine) as prof:
@@ -85,7 +126,7 @@ def main(argv=None) -> int:
 
         save_json(a.out, {"machine": machine(), "gpu": torch.cuda.get_device_name(),
                           "triton": triton.__version__,
-                          "batch": a.batch, "results": rows})
+                          "batch": a.batch, "results": rows, "layers": layer_rows})
     return 0
 
 

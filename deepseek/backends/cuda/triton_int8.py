@@ -9,7 +9,7 @@ tensor cores), with the whole epilogue in the same kernel.
     [+ residual] [relu] -> stored as float32 / bf16, and/or quantized (round half to
     even, + output zero point, clamped) to int8 / uint8.
 
-A padded pixel reads the input's zero point, so that ``acc - x_zp * colsum`` is the
+A padded pixel loads the input's zero point, so that ``acc - x_zp * colsum`` is the
 exact integer sum of ``(x - x_zp) * w`` over the window, as the reference's float
 formula (``reference_conv2d_int8``) computes it up to float rounding. uint8 inputs
 flip their top bit as they are loaded (``u ^ 128`` is ``u - 128`` as an int8) with the
@@ -46,7 +46,7 @@ def _configs():
 def _conv_int8(X, W, CS, SC, B, R, Y, Q,
                M, H, WD, C, OH, OW, COUT, K,
                SH, SW, PH, PW, DH, DW,
-               x_zq, x_zp, out_inv_scale, out_zp, qmin, qmax,  # x_zq: int; the rest floats
+               x_pad, x_zp, out_inv_scale, out_zp, qmin, qmax,  # x_pad: int; the rest floats
                KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr, U8: tl.constexpr,
                HAS_B: tl.constexpr, HAS_R: tl.constexpr, RELU: tl.constexpr,
                HAS_Y: tl.constexpr, HAS_Q: tl.constexpr,
@@ -75,11 +75,10 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
             ok = (m_ok[:, None] & (kk < K)[None, :] & (ih >= 0) & (ih < H)
                   & (iw >= 0) & (iw < WD))
             a = tl.load(X + ((nb[:, None] * H + ih) * WD + iw) * C + c[None, :], mask=ok,
-                        other=0)
+                        other=x_pad)
             if U8:
-                a = a ^ -128
-            a = tl.where(ok, a, x_zq).to(tl.int8)
-            b = tl.load(W + kk[:, None] * COUT + rn[None, :],
+                a = (a ^ -128).to(tl.int8)
+            b = tl.load(W + rn[None, :] * K + kk[:, None],
                         mask=(kk < K)[:, None] & n_ok[None, :], other=0)
             acc = tl.dot(a, b, acc)
     else:  # per filter tap, BLOCK_K channels at a time
@@ -91,11 +90,10 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
             for c0 in range(0, C, BLOCK_K):
                 c = c0 + rk
                 ok = row_ok[:, None] & (c < C)[None, :]
-                a = tl.load(X + base[:, None] + c[None, :], mask=ok, other=0)
+                a = tl.load(X + base[:, None] + c[None, :], mask=ok, other=x_pad)
                 if U8:
-                    a = a ^ -128
-                a = tl.where(ok, a, x_zq).to(tl.int8)
-                b = tl.load(W + (tap * C + c)[:, None] * COUT + rn[None, :],
+                    a = (a ^ -128).to(tl.int8)
+                b = tl.load(W + rn[None, :] * K + (tap * C + c)[:, None],
                             mask=(c < C)[:, None] & n_ok[None, :], other=0)
                 acc = tl.dot(a, b, acc)
     # epilogue: de-quantize, bias, residual, ReLU; store float and/or quantized
@@ -148,15 +146,16 @@ def quantize_per_tensor(x: torch.Tensor, inv_scale: float, zero_point: int, qmin
 
 
 class Conv2dInt8:
-    """One quantized convolution's packed operands: the int8 weight as the (K, C_out)
-    matrix in (kh, kw, c_in) order, its column sums, and ``x_scale * w_scale`` per
+    """One quantized convolution's packed operands: the int8 weight as a (C_out, K)
+    matrix, K in (kh, kw, c_in) order, its column sums, and ``x_scale * w_scale`` per
     output channel (float32)."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, x_scale: float,
                  bias: torch.Tensor | None, stride, padding, dilation):
         cout, cin, kh, kw = weight.shape
         self.kh, self.kw, self.cin, self.cout = kh, kw, cin, cout
-        self.matrix = weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout).contiguous()
+        # (C_out, K) rows: K contiguous in both operands, the layout 8-bit wgmma reads
+        self.matrix = weight.permute(0, 2, 3, 1).reshape(cout, kh * kw * cin).contiguous()
         self.colsum = weight.sum((1, 2, 3), dtype=torch.int32).float().contiguous()
         self.scale = (weight_scale.float().reshape(-1).expand(cout) * x_scale).contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
@@ -185,6 +184,9 @@ class Conv2dInt8:
         u8 = x.dtype == torch.uint8
         xs = x.view(torch.int8) if u8 else x
         zp = int(x_zero_point) - 128 if u8 else int(x_zero_point)
+        # what a padded pixel loads: the zero point as stored (uint8 bits read as int8;
+        # the kernel flips the top bit of all it loads)
+        pad = int(x_zero_point) - 256 if u8 and x_zero_point >= 128 else int(x_zero_point)
         m, k = n * oh * ow, self.kh * self.kw * self.cin
         shape, cl = (n, self.cout, oh, ow), torch.channels_last
         y = None if float_dtype is None else torch.empty(shape, dtype=float_dtype,
@@ -207,7 +209,7 @@ class Conv2dInt8:
                 residual if residual is not None else dummy,
                 y if y is not None else dummy, q if q is not None else xs,
                 m, h, w, self.cin, oh, ow, self.cout, k, sh, sw, ph, pw, dh, dw,
-                zp, float(zp), inv, float(ozp), float(qmin), float(qmax),
+                pad, float(zp), inv, float(ozp), float(qmin), float(qmax),
                 KH=self.kh, KW=self.kw, FLAT=self.cin < 32, U8=u8,
                 HAS_B=self.bias is not None, HAS_R=residual is not None,
                 RELU=post_op == "relu", HAS_Y=y is not None, HAS_Q=q is not None)
