@@ -80,7 +80,7 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
                 a = (a ^ -128).to(tl.int8)
             b = tl.load(W + rn[None, :] * K + kk[:, None],
                         mask=(kk < K)[:, None] & n_ok[None, :], other=0)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     else:  # per filter tap, BLOCK_K channels at a time
         for tap in range(0, KH * KW):
             ih = ih0 + (tap // KW) * DH
@@ -95,7 +95,7 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
                     a = (a ^ -128).to(tl.int8)
                 b = tl.load(W + rn[None, :] * K + (tap * C + c)[:, None],
                             mask=(c < C)[:, None] & n_ok[None, :], other=0)
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     # epilogue: de-quantize, bias, residual, ReLU; store float and/or quantized
     cs = tl.load(CS + rn, mask=n_ok, other=0.0)
     sc = tl.load(SC + rn, mask=n_ok, other=0.0)
