@@ -113,7 +113,8 @@ def main(argv=None) -> int:
             for k, v in ms.items()}
     for k, r in rows.items():
         print(f"{k:20s} {r['ms']:8.3f} ms  {r['images_per_s']:9.0f} img/s  "
-              f"{r['speedup_vs_bf16']:.2f}x bf16  top-1 agreement {r['top1_agreement_vs_fp32']:.4f}")
+              f"{r['speedup_vs_bf16']:.2f}x bf16  "
+              f"top-1 agreement {r['top1_agreement_vs_fp32']:.4f}")
     layer_rows = layers(a.batch, a.iters) if a.layers else []
     if a.profile:
         engine = engines[next(iter(quantized))]

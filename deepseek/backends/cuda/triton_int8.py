@@ -30,10 +30,11 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + R) - R rounds |v| < 2**22 half to even in float32
+# 1.5 * 2**23: in float32, (v + R) - R rounds |v| < 2**22 to an integer, half to even
+_ROUND = tl.constexpr(12582912.0)
 
 
-def _configs():
+def _configs():  # tried at the first call per key; the choice is kept in Triton's disk cache
     if _INTERPRET:  # the interpreter runs every config it is given: one, small
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -41,7 +42,8 @@ def _configs():
                                   (128, 256, 64, 8, 3), (128, 128, 128, 8, 3))]
 
 
-@triton.autotune(configs=_configs(), key=["M", "COUT", "C", "KH", "KW", "FLAT"])
+@triton.autotune(configs=_configs(), key=["M", "COUT", "C", "KH", "KW", "FLAT"],
+                 cache_results=True)
 @triton.jit
 def _conv_int8(X, W, CS, SC, B, R, Y, Q,
                M, H, WD, C, OH, OW, COUT, K,
