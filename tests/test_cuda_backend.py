@@ -131,6 +131,6 @@ def test_quantized_resnet_runs_the_int8_kernels_like_the_cpu_engine(method):
     engine = ds.compile(qm.cuda(), (inputs[0].cuda(),), backend="cuda", precision="int8")
     for _ in range(2):  # the second call replays the captured CUDA graph
         got = engine(x.cuda()).cpu()
-    assert rel_l2(got, want) < 3e-2  # (a tie rounded the other way moves later layers)
+    assert rel_l2(got, want) < 6e-2  # (a tie rounded the other way moves later layers)
     with torch.no_grad():
-        assert rel_l2(got, qm(x.cuda()).cpu()) < 5e-2
+        assert rel_l2(got, qm(x.cuda()).cpu()) < 8e-2

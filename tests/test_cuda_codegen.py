@@ -108,10 +108,13 @@ def test_replayed_graph_leaves_its_boundary_casts_to_the_copies_in_and_out():
 
 def test_quantized_resnet_plan_runs_int8_kernels_and_matches_the_cpu_engine(monkeypatch):
     """A quantized ResNet-50's CUDA plan: every block end's convolution takes the residual
-    add, ReLU and the next block's quantization into its int8 kernel's epilogue, and the
-    graph's quantize nodes run in one pass each. Run on CPU tensors (the Triton kernels
-    under the interpreter; the other int8 convolutions through the op's CPU kernel), it
-    computes what the CPU engine computes."""
+    add, ReLU and the next block's quantization into its int8 kernel's epilogue; the
+    block's float output is written only where a float reader needs it, in float16 where
+    those are later residual adds. The graph's quantize nodes run in one pass each. Run
+    on CPU tensors (the Triton kernels under the interpreter, the other int8
+    convolutions through the op's CPU kernel), it computes what the CPU engine computes
+    up to the float16 residual stream's rounding (the kernel's arithmetic is checked
+    exactly in test_triton_kernels; wiring errors here would be off by O(1))."""
     import torch
 
     from deepseek.numerics import rel_l2
@@ -126,9 +129,14 @@ def test_quantized_resnet_plan_runs_int8_kernels_and_matches_the_cpu_engine(monk
     lines = plan.source.splitlines()
     fused = [line for line in lines if "int8_conv" in line]
     assert len(fused) == 16 and all("'relu', v_" in line for line in fused)
-    # all but the last block's end also write the next block's int8 input (its
-    # convolutions and downsample read it); the last one's output is pooled in float
-    assert sum(line.split("=")[0].count(",") == 1 for line in fused) == 15
+    # all but the last block's end write the next block's int8 input (its convolutions
+    # and downsample read it); the float output: float16 for the 12 blocks followed by
+    # an identity block, none before a downsample block (3), float32 at the end (pooled)
+    quantized = [line for line in fused if line.split("=")[0].count(",") == 1]
+    assert len(quantized) == 15
+    dtypes = [plan.__globals__.get(line.split(", (")[0].rsplit(", ", 1)[1]) for line in quantized]
+    assert dtypes.count(torch.float16) == 12 and dtypes.count(None) == 3
+    assert "[0]" in fused[-1]
     assert not any("torch.mul(" in line and "round_" in line for line in lines)
     x = torch.randn_like(inputs[0])
-    assert rel_l2(plan([x])[0], engine(x)) < 1e-5
+    assert rel_l2(plan([x])[0], engine(x)) < 6e-2

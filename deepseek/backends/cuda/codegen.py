@@ -15,8 +15,9 @@ bf16/fp16, a convolution's epilogue runs inside cuDNN's fused kernels:
 
 In quantized graphs, ``conv2d_int8`` runs as the Triton implicit-GEMM kernel
 (``triton_int8.py``); at a ResNet block's end, that kernel's epilogue also adds
-the residual, applies ReLU and writes the block's output a second time,
-quantized for the next block's convolutions, when a quantize node reads it.
+the residual, applies ReLU and writes the block's output quantized for the next
+block's convolutions, and in float16 or float32 only where a float reader needs it
+(``int8_conv_residual``).
 
 PyTorch's plain convolution adds the bias in a second pass over the output,
 which on an H200 costs as much as the convolution itself for ResNet-50's 1x1
@@ -344,25 +345,47 @@ class CUDAEmitter(_Emitter):
         return super().special(index, node, ins, attrs, live)
 
     def int8_conv_residual(self, conv: Node, z: Value, host: Node) -> str:
-        """The quantized convolution with the residual add and ReLU in its epilogue; it
-        also writes the result quantized when a full-range quantize node reads it (the
-        next block's input), which then costs no pass of its own."""
+        """The quantized convolution with the residual add and ReLU in its epilogue. Its
+        result (a ResNet block's output) is written as its readers want it: quantized
+        when a full-range quantize node reads it (the next block's input; that node then
+        costs no pass of its own); in float only for other readers, and as float16 when
+        those are the next block's residual adds alone and the quantize's calibrated
+        range sits 64x inside float16's (the residual stream's traffic halved)."""
         x, w, ws, _, b = conv.inputs
-        a, out = conv.attrs, host.outputs[0]
+        a, out, g = conv.attrs, host.outputs[0], self.graph
         kernel = self.const(Conv2dInt8(self.constants[w.name], self.constants[ws.name],
                                        a["x_scale"], None if b is None else self.constants[b.name],
                                        a["stride"], a["padding"], a["dilation"]), "int8_conv")
-        call = (f"{kernel}({self.name(x)}, {a['x_zero_point']}, 'relu', {self.name(z)}, "
-                f"{self.name(out.spec.dtype)}")
+        quant, others = None, []
         for user in self.users.get(id(out), []):
-            params = self.qdq.output_quantize(user)
+            params = self.qdq.output_quantize(user) if quant is None else None
             if params is not None:
-                y, q = self.names[id(out)], self.names[id(user.outputs[0])]
-                scale, zp, dtype = params
-                self.lines.append(f"    {y}, {q} = {call}, ({scale!r}, {zp}, {self.name(dtype)}))")
-                self.fused_into[id(user)] = q
-                return y
-        return f"{call})[0]"
+                quant = (user, params)
+            else:
+                others.append(user)
+
+        def residual_add(n: Node) -> bool:  # a later block end's int8 kernel reading it as z
+            hosted = self.conv_add_relu.get(id(n))
+            return hosted is not None and hosted[0].op is Op.CONV2D_INT8 and hosted[1] is out
+
+        float_dtype = out.spec.dtype
+        if quant is not None and out not in g.outputs:
+            scale, zp, dtype = quant[1]
+            lo, hi = (-128, 127) if dtype == torch.int8 else (0, 255)
+            if not others:
+                float_dtype = None
+            elif all(map(residual_add, others)) and \
+                    scale * max(zp - lo, hi - zp) * 64 < torch.finfo(torch.float16).max:
+                float_dtype = torch.float16
+        call = (f"{kernel}({self.name(x)}, {a['x_zero_point']}, 'relu', {self.name(z)}, "
+                f"{'None' if float_dtype is None else self.name(float_dtype)}")
+        if quant is None:
+            return f"{call})[0]"
+        (user, (scale, zp, dtype)) = quant
+        y, q = self.names[id(out)], self.names[id(user.outputs[0])]
+        self.lines.append(f"    {y}, {q} = {call}, ({scale!r}, {zp}, {self.name(dtype)}))")
+        self.fused_into[id(user)] = q
+        return y
 
     def add_relu_call(self, conv: Node, z: Value) -> str:
         a = conv.attrs
