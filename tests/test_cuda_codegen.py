@@ -107,7 +107,8 @@ def test_replayed_graph_leaves_its_boundary_casts_to_the_copies_in_and_out():
 
 
 def test_quantized_resnet_plan_runs_int8_kernels_and_matches_the_cpu_engine(monkeypatch):
-    """A quantized ResNet-50's CUDA plan: every block end's convolution takes the residual
+    """A quantized ResNet-50's CUDA plan: the stem's convolution writes int8 for an int8
+    max pool; every block end's convolution takes the residual
     add, ReLU and the next block's quantization into its int8 kernel's epilogue; the
     block's float output is written only where a float reader needs it, in float16 where
     those are later residual adds. The graph's quantize nodes run in one pass each. Run
@@ -127,7 +128,10 @@ def test_quantized_resnet_plan_runs_int8_kernels_and_matches_the_cpu_engine(monk
     engine = ds.compile(qm, inputs, backend="cpu", precision="int8")
     plan = generate_plan(engine.graph, bind_inputs(engine.graph, list(inputs)), "cuda")
     lines = plan.source.splitlines()
-    fused = [line for line in lines if "int8_conv" in line]
+    stem, *fused = [line for line in lines if "int8_conv" in line]
+    # the stem writes its quantized output, max-pooled on the integers
+    assert "quant=" in stem and stem.endswith("[1]")
+    assert sum("max_pool_int8" in line for line in lines) == 1
     assert len(fused) == 16 and all("'relu', v_" in line for line in fused)
     # all but the last block's end write the next block's int8 input (its convolutions
     # and downsample read it); the float output: float16 for the 12 blocks followed by

@@ -306,3 +306,19 @@ def test_int8_convolution_matches_the_reference(case):
                                                              else (-128, 127))).to(qdt)
         diff = (q.cpu().int() - want_q.int()).abs()
         assert q.dtype == qdt and diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("geometry", [(3, 2, 1, 1, False), (2, 2, 0, 1, True), (3, 1, 1, 2, False)])
+def test_int8_max_pool_matches_pytorch(dtype, geometry):
+    """Max pooling on int8/uint8 (CUDA's ATen pools floats only) against PyTorch's CPU
+    pooling of the same integers: padding never wins, ceil mode's partial windows."""
+    from deepseek.backends.cuda.triton_int8 import max_pool2d
+
+    k, s, p, d, ceil = geometry
+    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
+    x = torch.randint(lo, hi, (2, 19, 11, 13), dtype=dtype)
+    want = torch.max_pool2d(x, k, s, p, d, ceil)
+    got = max_pool2d(x.to(DEVICE), [k], [s], [p], [d], ceil)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.cpu(), want)

@@ -37,7 +37,7 @@ import torch
 from deepseek.backends.cpu.codegen import _Emitter
 from deepseek.backends.cuda.triton_attention import Attention
 from deepseek.backends.cuda.triton_fp8 import FP8Linear
-from deepseek.backends.cuda.triton_int8 import Conv2dInt8, quantize_per_tensor
+from deepseek.backends.cuda.triton_int8 import Conv2dInt8, max_pool2d, quantize_per_tensor
 from deepseek.backends.cuda.triton_kv import KVWrite
 from deepseek.backends.cuda.triton_norm import AddLayerNorm, RMSNorm
 from deepseek.backends.cuda.triton_pointwise import PointwiseKernel
@@ -72,26 +72,54 @@ class CUDAEmitter(_Emitter):
                 and x.spec.dtype in _LOW and w.spec.dtype == x.spec.dtype
                 and len(self.users.get(id(out), [])) == 1 and out not in g.outputs)
 
-    def int8_conv(self, node: Node | None) -> bool:
-        """A quantized convolution with a float result and no post-op, read by one node
-        only, that the Triton kernel runs (its epilogue can then add the residual)."""
+    def int8_kernel(self, node: Node | None, post_op: str = "none") -> bool:
+        """A quantized convolution with a float result and ``post_op``, read by one node
+        only, that the Triton kernel runs (its epilogue can then take more work)."""
         if node is None or node.op is not Op.CONV2D_INT8:
             return False
         x, w, ws, wz, b = node.inputs
         a, g, out = node.attrs, self.graph, node.outputs[0]
         return (all(g.is_constant(v) for v in (w, ws, wz, b) if v is not None)
-                and a["post_op"] == "none" and a["output_dtype"] in (None, torch.float32)
+                and a["post_op"] == post_op and a["output_dtype"] in (None, torch.float32)
                 and len(self.users.get(id(out), [])) == 1 and out not in g.outputs
                 and isinstance(x, Value) and Conv2dInt8.supported(
                     x.spec.dtype, *(None if v is None else self.constants[v.name]
                                     for v in (w, ws, wz)), a["groups"]))
+
+    def int8_call(self, conv: Node) -> str:
+        """The start of a call of ``conv``'s Triton kernel: ``kernel(x, x_zero_point``."""
+        x, w, ws, _, b = conv.inputs
+        a = conv.attrs
+        kernel = self.const(Conv2dInt8(self.constants[w.name], self.constants[ws.name],
+                                       a["x_scale"], None if b is None else self.constants[b.name],
+                                       a["stride"], a["padding"], a["dilation"]), "int8_conv")
+        return f"{kernel}({self.name(x)}, {a['x_zero_point']}"
+
+    def find_pooled_quantize(self) -> None:
+        """int8 convolution -> max pool -> full-range quantize (a ResNet's stem): the
+        convolution writes the quantized values and the pool runs on the integers;
+        quantization is monotone, so the max of the quantized values is the quantized
+        max. Saves the float result's write and reads and the quantize's pass."""
+        for node in self.graph.nodes:
+            if not any(self.int8_kernel(node, post) for post in ("none", "relu")):
+                continue
+            pool = self.users[id(node.outputs[0])][0]
+            if pool.op is not Op.MAX_POOL2D or pool.outputs[0] in self.graph.outputs:
+                continue
+            after = self.users.get(id(pool.outputs[0]), [])
+            params = self.qdq.output_quantize(after[0]) if len(after) == 1 else None
+            if params is not None:
+                self.pooled[id(node)] = params
+                self.fused_into[id(after[0])] = self.names[id(pool.outputs[0])]
 
     def prepare(self) -> None:
         """Convolution + residual add + ReLU as one cuDNN call or one int8 kernel
         (``find_conv_residuals``); a downsample convolution read only by a cuDNN call
         leaves its bias to that call."""
         self.qdq = QDQMatcher(self.graph)
-        self.find_conv_residuals(lambda n: self.fusable_conv(n) or self.int8_conv(n))
+        self.find_conv_residuals(lambda n: self.fusable_conv(n) or self.int8_kernel(n))
+        self.pooled: dict[int, tuple] = {}  # id(conv) -> (scale, zero point, dtype)
+        self.find_pooled_quantize()
         for conv, z in self.conv_add_relu.values():
             other = self.producer(z)
             if self.fusable_conv(other) and other.inputs[2] is not None \
@@ -302,6 +330,18 @@ class CUDAEmitter(_Emitter):
             if conv.op is Op.CONV2D_INT8:
                 return self.int8_conv_residual(conv, z, node)
             return self.add_relu_call(conv, z)
+        if id(node) in self.pooled:
+            scale, zp, dtype = self.pooled[id(node)]
+            self.cl.add(id(node.outputs[0]))
+            return (f"{self.int8_call(node)}, {attrs['post_op']!r}, "
+                    f"quant=({scale!r}, {zp}, {self.name(dtype)}))[1]")
+        if op is Op.MAX_POOL2D and (ins[0].spec.dtype in (torch.uint8, torch.int8)
+                                    or id(self.producer(ins[0])) in self.pooled):
+            a = attrs
+            self.cl.add(id(node.outputs[0]))
+            return (f"{self.const(max_pool2d, 'max_pool_int8')}({self.name(ins[0])}, "
+                    f"{a['kernel_size']}, {a.get('stride', [])}, {a.get('padding', 0)}, "
+                    f"{a.get('dilation', 1)}, {a.get('ceil_mode', False)})")
         if op in (Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR):
             params = self.qdq.qparams(node)
             if params is not None and ins[0].spec.dtype.is_floating_point \
@@ -351,11 +391,7 @@ class CUDAEmitter(_Emitter):
         costs no pass of its own); in float only for other readers, and as float16 when
         those are the next block's residual adds alone and the quantize's calibrated
         range sits 64x inside float16's (the residual stream's traffic halved)."""
-        x, w, ws, _, b = conv.inputs
-        a, out, g = conv.attrs, host.outputs[0], self.graph
-        kernel = self.const(Conv2dInt8(self.constants[w.name], self.constants[ws.name],
-                                       a["x_scale"], None if b is None else self.constants[b.name],
-                                       a["stride"], a["padding"], a["dilation"]), "int8_conv")
+        out, g = host.outputs[0], self.graph
         quant, others = None, []
         for user in self.users.get(id(out), []):
             params = self.qdq.output_quantize(user) if quant is None else None
@@ -377,7 +413,7 @@ class CUDAEmitter(_Emitter):
             elif all(map(residual_add, others)) and \
                     scale * max(zp - lo, hi - zp) * 64 < torch.finfo(torch.float16).max:
                 float_dtype = torch.float16
-        call = (f"{kernel}({self.name(x)}, {a['x_zero_point']}, 'relu', {self.name(z)}, "
+        call = (f"{self.int8_call(conv)}, 'relu', {self.name(z)}, "
                 f"{'None' if float_dtype is None else self.name(float_dtype)}")
         if quant is None:
             return f"{call})[0]"
