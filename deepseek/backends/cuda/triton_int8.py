@@ -39,8 +39,8 @@ def _configs():  # tried at the first call per key; the choice is kept in Triton
     if _INTERPRET:  # the interpreter runs every config it is given: one, small
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in ((128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                  (128, 256, 64, 8, 3), (128, 128, 128, 8, 3))]
+            for m, n, k, w, s in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
+                                  (128, 128, 128, 8, 4), (128, 64, 64, 4, 5))]
 
 
 @triton.autotune(configs=_configs(), key=["M", "COUT", "C", "KH", "KW", "FLAT"],
@@ -84,21 +84,24 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
             b = tl.load(W + rn[None, :] * K + kk[:, None],
                         mask=(kk < K)[:, None] & n_ok[None, :], other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-    else:  # per filter tap, BLOCK_K channels at a time
-        for tap in range(0, KH * KW):
+    else:  # per filter tap, BLOCK_K channels at a time, as one flat loop: Triton
+        # pipelines the loads of an innermost loop only (a nested channel loop of one
+        # iteration, 64 channels, would wait for every load)
+        blocks = tl.cdiv(C, BLOCK_K)
+        for it in range(0, KH * KW * blocks):
+            tap = it // blocks
+            c = (it % blocks) * BLOCK_K + rk
             ih = ih0 + (tap // KW) * DH
             iw = iw0 + (tap % KW) * DW
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
-            base = ((nb * H + ih) * WD + iw) * C
-            for c0 in range(0, C, BLOCK_K):
-                c = c0 + rk
-                ok = row_ok[:, None] & (c < C)[None, :]
-                a = tl.load(X + base[:, None] + c[None, :], mask=ok, other=x_pad)
-                if U8:
-                    a = (a ^ -128).to(tl.int8)
-                b = tl.load(W + rn[None, :] * K + (tap * C + c)[:, None],
-                            mask=(c < C)[:, None] & n_ok[None, :], other=0)
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            ok = row_ok[:, None] & (c < C)[None, :]
+            a = tl.load(X + (((nb * H + ih) * WD + iw) * C)[:, None] + c[None, :], mask=ok,
+                        other=x_pad)
+            if U8:
+                a = (a ^ -128).to(tl.int8)
+            b = tl.load(W + rn[None, :] * K + (tap * C + c)[:, None],
+                        mask=(c < C)[:, None] & n_ok[None, :], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     # epilogue: de-quantize, bias, residual, ReLU; store float and/or quantized
     cs = tl.load(CS + rn, mask=n_ok, other=0.0)
     sc = tl.load(SC + rn, mask=n_ok, other=0.0)
