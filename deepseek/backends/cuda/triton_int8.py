@@ -40,7 +40,9 @@ def _configs():  # tried at the first call per key; the choice is kept in Triton
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
-                                  (128, 128, 128, 8, 4), (128, 64, 64, 4, 5))]
+                                  (128, 128, 128, 8, 4),
+                                  # short K (1x1 layers of 64 channels): more blocks per SM
+                                  (128, 64, 64, 4, 2), (64, 64, 64, 4, 2))]
 
 
 @triton.autotune(configs=_configs(), key=["M", "COUT", "C", "KH", "KW", "FLAT"],
