@@ -1,8 +1,8 @@
 """int8 ResNet-50 on a GPU: Deepseek's int8 engine (a calibrated QDQ model whose
 convolutions run as the Triton implicit-GEMM int8 kernel) against Deepseek bf16, in
 one process: CUDA events, interleaved rounds, medians after warm-up; top-1
-agreement of each with eager float32 on fresh random images (logits re-centered,
-see ``main``).
+agreement of each with eager float32 on fresh random images (logits re-centered:
+``benchmarks.quant_agreement``).
 
 Run on a machine with an NVIDIA GPU (never in CI):
 
@@ -21,6 +21,7 @@ import deepseek as ds
 from benchmarks import machine, save_json
 from benchmarks.gpu import time_cuda
 from benchmarks.models import BENCHMARK_MODELS
+from benchmarks.quant_agreement import top1_agreement
 from deepseek.quantization import QuantConfig, Quantizer
 
 CONFIGS = {  # activations: int8 (symmetric) or uint8 with a zero point; weights symmetric
@@ -98,26 +99,12 @@ def main(argv=None) -> int:
         engines[name](x)  # autotunes the kernels and captures the CUDA graph
         compile_s[name] = time.perf_counter() - t0
         print(f"{name}: compiled in {compile_s[name]:.1f} s", flush=True)
-    # Random weights predict one class for every input (a fixed direction dominates the
-    # logits), so raw top-1 agreement is 100% for any engine. The logits are re-centered
-    # by the float model's mean logit vector over another batch: the same network with
-    # its classifier bias moved, whose top-1 class varies with the input.
-    agree = {k: 0 for k in engines}
-    n = 0
-    with torch.no_grad():
-        center = model(torch.randn_like(x)).mean(0)
-        for _ in range(a.agreement):
-            xs = torch.randn_like(x)
-            want = (model(xs) - center).argmax(-1)
-            for k, e in engines.items():
-                agree[k] += int(((e(xs).float() - center).argmax(-1) == want).sum())
-            n += want.numel()
-        classes = len(set(want.tolist()))
+    agree, classes = top1_agreement(model, engines, lambda: torch.randn_like(x), a.agreement)
     ms = time_cuda({k: (lambda e=e: e(x)) for k, e in engines.items()}, a.iters)
     base = ms["deepseek_bf16"]
     rows = {k: {"ms": v, "images_per_s": a.batch / v * 1e3, "speedup_vs_bf16": base / v,
-                "top1_agreement_vs_fp32": agree[k] / n, "compile_s": compile_s[k],
-                "distinct_top1_classes_in_last_batch": classes}
+                "top1_agreement_vs_fp32": agree[k], "compile_s": compile_s[k],
+                "distinct_top1_classes": classes}
             for k, v in ms.items()}
     for k, r in rows.items():
         print(f"{k:20s} {r['ms']:8.3f} ms  {r['images_per_s']:9.0f} img/s  "
