@@ -7,8 +7,8 @@ tensor cores), with the whole epilogue in the same kernel.
     rows    = output pixels (N * OH * OW), columns = output channels,
     K       = KH * KW * C_in, read straight from the input (no im2col buffer);
     y       = (acc - x_zp * colsum[n]) * x_scale * w_scale[n] + bias[n]   (float32)
-    [+ residual] [relu] -> stored as float32 / bf16, and/or quantized (round half to
-    even, + output zero point, clamped) to int8 / uint8.
+    [+ residual] [relu] -> stored as a float (float32, float16, bf16), and/or
+    quantized (round half to even, + output zero point, clamped) to int8 / uint8.
 
 A padded pixel loads the input's zero point, so that ``acc - x_zp * colsum`` is the
 exact integer sum of ``(x - x_zp) * w`` over the window, as the reference's float
@@ -16,9 +16,10 @@ formula (``reference_conv2d_int8``) computes it up to float rounding. uint8 inpu
 flip their top bit as they are loaded (``u ^ 128`` is ``u - 128`` as an int8) with the
 zero point moved alike. Symmetric weights only (a weight zero point falls back).
 
-Two ways through K: per filter tap, ``BLOCK_K`` input channels at a time (wide
-layers); or K flattened (tap, channel) when there are fewer channels than a block
-(the 3-channel stem), each element's tap decoded from its K index. Runs under
+Two ways through K, each one loop (Triton pipelines an innermost loop's loads):
+per filter tap, ``BLOCK_K`` input channels at a time (wide layers); or K
+flattened (tap, channel) when there are fewer channels than a block (the
+3-channel stem), each element's tap decoded from its K index. Runs under
 Triton's interpreter too (``TRITON_INTERPRET=1``), on CPU tensors.
 """
 
