@@ -407,11 +407,11 @@ class CUDAEmitter(_Emitter):
         float_dtype = out.spec.dtype
         if quant is not None and out not in g.outputs:
             scale, zp, dtype = quant[1]
-            lo, hi = (-128, 127) if dtype == torch.int8 else (0, 255)
+            full = torch.iinfo(dtype)
             if not others:
                 float_dtype = None
             elif all(map(residual_add, others)) and \
-                    scale * max(zp - lo, hi - zp) * 64 < torch.finfo(torch.float16).max:
+                    scale * max(zp - full.min, full.max - zp) * 64 < torch.finfo(torch.float16).max:
                 float_dtype = torch.float16
         call = (f"{self.int8_call(conv)}, 'relu', {self.name(z)}, "
                 f"{'None' if float_dtype is None else self.name(float_dtype)}")
