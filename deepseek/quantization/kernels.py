@@ -386,6 +386,17 @@ def _linear_int8_cuda(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
     return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
 
 
+def triton_conv2d_int8(weight, weight_scale, x_scale, bias, stride, padding, dilation):
+    """The Triton int8 convolution of this weight (its packed operands), made once per
+    weight and parameters: the op and the CUDA plans' fused calls share it."""
+    from deepseek.backends.cuda.triton_int8 import Conv2dInt8  # Triton: on first use
+
+    return _cached(weight, ("triton_conv", x_scale, tuple(stride), tuple(padding),
+                            tuple(dilation), *_tensor_key(weight_scale), *_tensor_key(bias)),
+                   lambda: Conv2dInt8(weight, weight_scale, x_scale, bias, stride, padding,
+                                      dilation))
+
+
 def _conv2d_int8_cuda(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
                       stride, padding, dilation, groups, post_op, output_scale, output_zero_point,
                       output_dtype):
@@ -399,10 +410,7 @@ def _conv2d_int8_cuda(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
     if x.dim() != 4 or not Conv2dInt8.supported(x.dtype, weight, weight_scale,
                                                 weight_zero_point, groups):
         return reference_conv2d_int8(*args, _dequantized)
-    conv = _cached(weight, ("triton_conv", x_scale, tuple(stride), tuple(padding),
-                            tuple(dilation), *_tensor_key(weight_scale), *_tensor_key(bias)),
-                   lambda: Conv2dInt8(weight, weight_scale, x_scale, bias, stride, padding,
-                                      dilation))
+    conv = triton_conv2d_int8(weight, weight_scale, x_scale, bias, stride, padding, dilation)
     if output_dtype is None or output_dtype == torch.float32:
         return conv(x, x_zero_point, post_op, float_dtype=torch.float32)[0]
     return conv(x, x_zero_point, post_op, quant=(output_scale, output_zero_point,

@@ -43,6 +43,7 @@ from deepseek.backends.cuda.triton_norm import AddLayerNorm, RMSNorm
 from deepseek.backends.cuda.triton_pointwise import PointwiseKernel
 from deepseek.ir.graph import Node, Value
 from deepseek.ir.ops import Op
+from deepseek.quantization.kernels import triton_conv2d_int8
 from deepseek.quantization.lowering import QDQMatcher
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -90,9 +91,10 @@ class CUDAEmitter(_Emitter):
         """The start of a call of ``conv``'s Triton kernel: ``kernel(x, x_zero_point``."""
         x, w, ws, _, b = conv.inputs
         a = conv.attrs
-        kernel = self.const(Conv2dInt8(self.constants[w.name], self.constants[ws.name],
-                                       a["x_scale"], None if b is None else self.constants[b.name],
-                                       a["stride"], a["padding"], a["dilation"]), "int8_conv")
+        kernel = self.const(triton_conv2d_int8(
+            self.constants[w.name], self.constants[ws.name], a["x_scale"],
+            None if b is None else self.constants[b.name], a["stride"], a["padding"],
+            a["dilation"]), "int8_conv")
         return f"{kernel}({self.name(x)}, {a['x_zero_point']}"
 
     def find_pooled_quantize(self) -> None:

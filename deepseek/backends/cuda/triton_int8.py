@@ -126,7 +126,7 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
         tl.store(Q + offs, q.to(tl.int32).to(Q.dtype.element_ty), mask=mask)
 
 
-_QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+_INT8 = (torch.uint8, torch.int8)
 
 
 @triton.jit
@@ -196,7 +196,7 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1,
     if total:
         _max_pool[(triton.cdiv(total, 1024),)](
             x, y, total, c, h, w, y.shape[2], y.shape[3], sh, sw, ph, pw, dh, dw,
-            LOWEST=_QRANGE[x.dtype][0], KH=kh, KW=kw, BLOCK=1024, num_warps=4)
+            LOWEST=torch.iinfo(x.dtype).min, KH=kh, KW=kw, BLOCK=1024, num_warps=4)
     return y
 
 
@@ -220,7 +220,7 @@ class Conv2dInt8:
     def supported(x_dtype: torch.dtype, weight: torch.Tensor, weight_scale: torch.Tensor,
                   weight_zero_point: torch.Tensor | None, groups: int) -> bool:
         return (weight.dim() == 4 and groups == 1
-                and x_dtype in _QRANGE and weight.dtype == torch.int8
+                and x_dtype in _INT8 and weight.dtype == torch.int8
                 and weight_scale.numel() in (1, weight.shape[0])
                 and (weight_zero_point is None or not bool(weight_zero_point.ne(0).any())))
 
@@ -251,7 +251,7 @@ class Conv2dInt8:
         if quant is not None:
             scale, ozp, qdtype = quant
             q = torch.empty(shape, dtype=qdtype, device=x.device, memory_format=cl)
-            inv, (qmin, qmax) = 1.0 / scale, _QRANGE[qdtype]
+            inv, qmin, qmax = 1.0 / scale, torch.iinfo(qdtype).min, torch.iinfo(qdtype).max
         if residual is not None:
             residual = residual.contiguous(memory_format=cl)
         if m and self.cout:
