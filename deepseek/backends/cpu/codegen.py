@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from deepseek.backends.cpu import direct, rowwise, weightonly, winograd
+from deepseek.backends.cpu import direct, onednn, rowwise, weightonly, winograd
 from deepseek.ir.fused import parse_program, run_steps
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop, op_from_name, opdef
@@ -159,13 +159,13 @@ def _fastest(candidates: Mapping[str, Callable[[], object]]) -> str:
     return best
 
 
-def _onednn_is_faster(onednn: Callable[[], object], aten: Callable[[], object]) -> bool:
+def _onednn_is_faster(fast: Callable[[], object], aten: Callable[[], object]) -> bool:
     """Whether the oneDNN candidate beats ATen's kernel, measured for this exact shape.
 
     Small or odd shapes (a convolution with one input channel, a GEMM with one
     row) run faster through ATen; big ones through oneDNN. Decided once per plan.
     """
-    return _fastest({"onednn": onednn, "aten": aten}) == "onednn"
+    return _fastest({"onednn": fast, "aten": aten}) == "onednn"
 
 
 _GELU_2C = 2 * math.sqrt(2 / math.pi)
@@ -393,7 +393,8 @@ class _Emitter:
             if ins[0].spec.rank == 4:
                 self.cl.add(id(out))
             # pooling is 3x faster on channels-last activations (vectorized over channels)
-            pool = (f"torch.max_pool2d({self.as_cl(ins[0])}, {a['kernel_size']}, "
+            pool = (self.max_pool2d(ins[0], a) or
+                    f"torch.max_pool2d({self.as_cl(ins[0])}, {a['kernel_size']}, "
                     f"{a.get('stride', [])}, {a.get('padding', 0)}, {a.get('dilation', 1)}, "
                     f"{a.get('ceil_mode', False)})")
             if id(node) in self.after_pool:  # a monotone op moved past the pooling
@@ -410,6 +411,29 @@ class _Emitter:
         if op is Op.SOFTMAX and not attrs["half_to_float"]:
             return f"torch.softmax({n(ins[0])}, {attrs['dim']})"
         return None
+
+    def max_pool2d(self, x: Value, a) -> str | None:
+        """A 4-D float32/bf16 max pool as oneDNN's pooling primitive, made once, where that
+        measures faster than ATen's (bf16 on a Xeon: 3-4x), else None."""
+        if x.spec.rank != 4 or x.spec.dtype not in (torch.float32, torch.bfloat16):
+            return None
+
+        def pair(v, default):
+            v = list(v) if isinstance(v, (list, tuple)) else [v]
+            v = v or [default]
+            return v * 2 if len(v) == 1 else v
+        k = pair(a["kernel_size"], 1)
+        args = (k, pair(a.get("stride", []), k[0]), pair(a.get("padding", 0), 0),
+                pair(a.get("dilation", 1), 1), bool(a.get("ceil_mode", False)))
+        shape = list(x.spec.concrete(self.env))
+        made = onednn.max_pool2d(*args, shape, x.spec.dtype)
+        if made is None:
+            return None
+        xr = torch.randn(shape, dtype=x.spec.dtype).contiguous(memory_format=torch.channels_last)
+        if _fastest({"aten": lambda: torch.max_pool2d(xr, *args),
+                     "onednn_made": functools.partial(made, xr)}) != "onednn_made":
+            return None
+        return f"{self.const(made, 'dnn')}({self.as_cl(x)})"
 
     def quantize(self, node: Node, ins, attrs) -> str | None:
         """Per-tensor quantization with constant parameters: the reference's arithmetic
@@ -713,6 +737,11 @@ class _Emitter:
             candidates["onednn"] = lambda: torch.ops.mkldnn._convolution_pointwise(
                 xcl, packed, bias, a["padding"], a["stride"], a["dilation"], a["groups"], post,
                 scalars, algo)
+        # the same oneDNN convolution, its primitive made once (no per-call setup)
+        made = onednn.conv2d(weight, bias, a["stride"], a["padding"], a["dilation"],
+                             a["groups"], shape, dtype, post) if packed is not None else None
+        if made is not None:
+            candidates["onednn_made"] = functools.partial(made, xcl)
         candidates["aten"] = aten
         # ATen's convolution on channels-last memory (its own oneDNN call, weights unpacked):
         # beat the packed kernel on MNIST's 32->64 3x3 at 14x14 on an AVX2 CPU (70 vs 95 us)
@@ -748,6 +777,12 @@ class _Emitter:
             return self.emit_direct(node, x, w, b, a, shape, post, users)
         if best in winos:
             return self.emit_winograd(node, x, w, b, a, shape, post, users, winos[best])
+        if best == "onednn_made":
+            if fuse:
+                self.fused_into[id(users[0])] = self.names[id(out)]
+                self.cl.add(id(users[0].outputs[0]))
+            self.cl.add(id(out))
+            return f"{self.const(made, 'dnn')}({self.as_cl(x)})"
         pool = self.pooled_by(users[0]) if fuse else None
         if pool is not None:  # the post-op could run after a max pool instead: measured
             pa = {k: bind(v, self.env) for k, v in pool.attrs.items()}
@@ -984,15 +1019,15 @@ class _Emitter:
         # the activation reading this GEMM alone (GELU, ReLU), as oneDNN's post-op
         act, post = None, None
         reader = self.activation_reader(out_value)
-        onednn = x.spec.dtype in _ONEDNN_DTYPES
-        if onednn and reader is not None and nhwc is None and rows > 8:
+        onednn_ok = x.spec.dtype in _ONEDNN_DTYPES
+        if onednn_ok and reader is not None and nhwc is None and rows > 8:
             act, act_input, post = reader
         # the GEMM as oneDNN's 1x1 convolution over a 1 x rows NHWC image: (rows, K) row-major
         # is that image, and the channels-last result is (rows, N) row-major; oneDNN's
         # convolution kernels outrun its matmul on AVX2 (BERT's 768->3072: 180 against 130
         # GFLOP/s on an EPYC)
         conv_w = _packed_conv_weight(wt.t().contiguous().view(n_cols, k, 1, 1), _CONV_1X1,
-                                     (1, k, 1, rows)) if onednn and nhwc is None else None
+                                     (1, k, 1, rows)) if onednn_ok and nhwc is None else None
 
         def conv_run(attr="none", scalars=(), algorithm=""):
             return torch.ops.mkldnn._convolution_pointwise(
@@ -1005,7 +1040,7 @@ class _Emitter:
                     f"[1, 1], [1, 1], 1, {attr!r}, {list(scalars)}, {algorithm!r})"
                     f".permute(0, 2, 3, 1).reshape({rows}, {n_cols})")
 
-        if onednn:
+        if onednn_ok:
             weight = _onednn_linear_weight(wt, rows)
             candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
                 xr, weight, bias, "none", [], "")
@@ -1013,6 +1048,11 @@ class _Emitter:
                                        f"{self.const(weight, 'wdnn')}, {bname}, 'none', [], '')")
         if conv_w is not None:
             candidates["conv1x1"], calls["conv1x1"] = conv_run, conv_call
+        # oneDNN's matmul, its primitive made once (no per-call setup)
+        made = onednn.linear(wt, bias, rows, x.spec.dtype) if onednn_ok else None
+        if made is not None:
+            candidates["onednn_made"] = functools.partial(made, xr)
+            calls["onednn_made"] = lambda: f"{self.const(made, 'dnn')}({operand()})"
         if post is not None:
             activation = torch.relu if post[0] == "relu" else gelu_tanh if post[2] == "tanh" \
                 else torch._C._nn.gelu  # as the activation's own statement computes it
@@ -1021,13 +1061,18 @@ class _Emitter:
             fused = {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(xr, weight, bias, *post)}
             if conv_w is not None:
                 fused["conv1x1"] = lambda: conv_run(*post)
+            made_act = onednn.linear(wt, bias, rows, x.spec.dtype, "relu" if post[0] == "relu"
+                                     else "gelu_tanh" if post[2] == "tanh" else "gelu")
+            if made_act is not None:
+                fused["onednn_made"] = functools.partial(made_act, xr)
             fused["apart"] = (lambda: activation(conv_run())) if conv_w is not None else \
                 (lambda: activation(torch.addmm(bias, xr, wt))) if bias is not None \
                 else (lambda: activation(torch.mm(xr, wt)))
             best = _fastest(fused)
             if best != "apart":  # the GEMM and its activation as one oneDNN call
                 self.fused_into[id(act)] = self.names[id(act_input)]
-                call = conv_call(*post) if best == "conv1x1" else (
+                call = conv_call(*post) if best == "conv1x1" else \
+                    f"{self.const(made_act, 'dnn')}({operand()})" if best == "onednn_made" else (
                     f"torch.ops.mkldnn._linear_pointwise({operand()}, "
                     f"{self.const(weight, 'wdnn')}, {bname}, {post[0]!r}, {post[1]}, "
                     f"{post[2]!r})")
@@ -1164,11 +1209,27 @@ class _Emitter:
     def conv_residual(self, conv: Node, z: Value) -> str:
         """oneDNN's convolution with the residual add and ReLU as post-ops: one pass over
         the output instead of the convolution's and the add's (measured on ResNet-50's
-        64->256 1x1 layer at 56x56: 248 us against 682 us in float32)."""
-        b = conv.inputs[2]
+        64->256 1x1 layer at 56x56: 248 us against 682 us in float32); through a
+        primitive made once where that measures faster than PyTorch's op."""
+        x, w, b = conv.inputs
         a = {k: bind(v, self.env) for k, v in conv.attrs.items()}
+        packed = self.packed[id(conv)]
+        shape, dtype = list(x.spec.concrete(self.env)), x.spec.dtype
+        bias = self.constants[b.name] if b is not None else None
+        made = onednn.conv2d(self.constants[w.name], bias, a["stride"], a["padding"],
+                             a["dilation"], a["groups"], shape, dtype, "relu", "add")
+        if made is not None:
+            xr = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            zr = torch.randn(z.spec.concrete(self.env), dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            if _fastest({
+                "onednn": lambda: torch.ops.mkldnn._convolution_pointwise.binary(
+                    xr, zr, packed, bias, a["padding"], a["stride"], a["dilation"],
+                    a["groups"], "add", None, "relu", [], ""),
+                "onednn_made": lambda: made(xr, zr)}) == "onednn_made":
+                return f"{self.const(made, 'dnn')}({self.as_cl(x)}, {self.as_cl(z)})"
         return (f"torch.ops.mkldnn._convolution_pointwise.binary({self.as_cl(conv.inputs[0])}, "
-                f"{self.as_cl(z)}, {self.const(self.packed[id(conv)], 'packed')}, "
+                f"{self.as_cl(z)}, {self.const(packed, 'packed')}, "
                 f"{self.name(b) if b is not None else None}, {a['padding']}, {a['stride']}, "
                 f"{a['dilation']}, {a['groups']}, 'add', None, 'relu', [], '')")
 
