@@ -37,11 +37,13 @@ def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (1, 32, 32, (10, 10), 3, 1, 1, 1, 32),    # depthwise
 ])
 @pytest.mark.parametrize("activation,residual", [("none", None), ("relu", "add"),
-                                                 ("swish", None), ("hardswish", "add")])
+                                                 ("swish", None), ("hardswish", "add"),
+                                                 ("relu", "sum")])
 def test_conv2d_matches_float64(dtype, n, c, k, hw, kernel, stride, pad, dil, groups,
                                 activation, residual):
     torch.manual_seed(c * k + hw[0])
-    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    def pair(v):
+        return (v, v) if isinstance(v, int) else v
     x = torch.randn(n, c, *hw)
     w = torch.randn(k, c // groups, kernel, kernel) / (kernel * (c // groups) ** 0.5)
     b = torch.randn(k)
@@ -55,6 +57,7 @@ def test_conv2d_matches_float64(dtype, n, c, k, hw, kernel, stride, pad, dil, gr
     ref = _ACTS[activation](ref)
     got = made(x.to(dtype).contiguous(memory_format=torch.channels_last),
                z if residual else None)
+    assert (got.data_ptr() == z.data_ptr()) == (residual == "sum")  # sum: in z's memory
     assert got.dtype == dtype and got.shape == ref.shape
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert rel_l2(got.double(), ref) < _TOL[dtype]
@@ -119,6 +122,16 @@ def test_chosen_in_a_plan(monkeypatch):
     source = _plan_source(_check(_Block().eval(), torch.randn(2, 3, 10, 10)))
     assert "_convolution_pointwise" not in source and "max_pool2d(" not in source
     assert source.count("= dnn") == 5  # stem, conv + residual, down, pool, fc + GELU
+
+
+def test_residual_accumulated_in_place_in_a_plan(monkeypatch):
+    """Forced, the block's end accumulates into the dying residual's buffer (oneDNN's sum
+    post-op) and the result still matches eager, call after call."""
+    _forcing(monkeypatch, "onednn_sum")
+    torch.manual_seed(2)
+    source = _plan_source(_check(_Block().eval(), torch.randn(2, 3, 10, 10)))
+    assert "_convolution_pointwise.binary(" not in source
+    assert sum(" = dnn" in ln and ", " in ln.split("(", 1)[1] for ln in source.splitlines()) == 1
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -73,18 +73,32 @@ def schedule_inplace_ops(graph: Graph) -> Graph:
         if n.fallback is not None or len(n.outputs) != 1 or not (
                 update or n.opdef.has(Prop.ELEMENTWISE)):
             continue
-        out = n.outputs[0]
         for k, v in enumerate(n.inputs[:1] if update else n.inputs):
-            if (isinstance(v, Value) and root[id(v)] != -1 and id(v) not in is_view
-                    and last.get(root[id(v)]) == i and v.spec == out.spec
-                    and sum(x is v for x in n.inputs) == 1
-                    and not any(root.get(id(x)) == root[id(v)] for x in n.input_values()
-                                if x is not v)):  # another input viewing v's storage
+            if _can_hold(n, i, v, root, last, is_view):
                 n.reuse = k
                 root = storage_of(graph)  # the output now lives in v's storage
                 last = storage_last_use(graph, root)
                 break
     return graph
+
+
+def _can_hold(n: Node, i: int, v, root: dict, last: dict, is_view: set) -> bool:
+    """Whether input ``v`` of node ``n`` (the graph's node ``i``) can hold its output."""
+    return (isinstance(v, Value) and root[id(v)] != -1 and id(v) not in is_view
+            and last.get(root[id(v)]) == i and v.spec == n.outputs[0].spec
+            and sum(x is v for x in n.inputs) == 1
+            and not any(root.get(id(x)) == root[id(v)] for x in n.input_values()
+                        if x is not v))  # another input viewing v's storage
+
+
+def can_write_into(graph: Graph, node: Node, v: Value) -> bool:
+    """Whether ``node``'s output may be written into input ``v``'s storage (as
+    ``schedule_inplace_ops`` decides, whichever input it picked): v's storage is
+    neither a constant nor a graph input, nor a view, and dies at ``node``."""
+    is_view = {id(o) for n in graph.nodes if _aliases_input(n) for o in n.outputs}
+    root = storage_of(graph)
+    return _can_hold(node, graph.nodes.index(node), v, root, storage_last_use(graph, root),
+                     is_view)
 
 
 def buffer_lifetimes(graph: Graph, env, align: int = 64) -> tuple[dict, dict, dict, dict]:

@@ -30,7 +30,9 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # the C side's codes for the post-op activation (ACTS in onednn.c)
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu_tanh": 2, "gelu": 3, "sigmoid": 4, "tanh": 5,
                "swish": 6, "hardswish": 7}
-_RESIDUAL = {None: 0, "add": 1}
+# a residual: none, added as a second input ("add"), or accumulated into the output buffer,
+# which holds it on entry ("sum": in place, for a residual that dies there)
+_RESIDUAL = {None: 0, "add": 1, "sum": 2}
 
 
 def _root() -> str | None:
@@ -66,9 +68,11 @@ def available() -> bool:
 class _Kernel:
     """A oneDNN primitive made once; calling it runs it on new data."""
 
-    def __init__(self, handle, out_shape, dtype: torch.dtype, channels_last: bool):
+    def __init__(self, handle, out_shape, dtype: torch.dtype, channels_last: bool,
+                 residual: str | None = None):
         self.lib = library()
         self.handle = handle
+        self.residual = residual
         self.shape = tuple(out_shape)
         self.dtype = dtype
         self.format = torch.channels_last if channels_last else torch.contiguous_format
@@ -76,16 +80,18 @@ class _Kernel:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The result of ``x`` (its memory as the kernel reads it: channels-last for a
         convolution, row-major rows for a GEMM), plus ``residual`` (the result's shape and
-        memory) where the kernel adds one, in a new tensor."""
+        memory) where the kernel adds one: in a new tensor, or, for a "sum" kernel, in
+        ``residual``'s own memory (where it has the kernel's dtype and layout)."""
         if x.dtype != self.dtype or not x.is_contiguous(memory_format=self.format):
             x = x.to(self.dtype).contiguous(memory_format=self.format)
-        y = torch.empty(self.shape, dtype=self.dtype, memory_format=self.format)
-        r = None
-        if residual is not None:
-            if residual.dtype != self.dtype or not residual.is_contiguous(
-                    memory_format=self.format):
-                residual = residual.to(self.dtype).contiguous(memory_format=self.format)
-            r = residual.data_ptr()
+        if residual is not None and (residual.dtype != self.dtype or not residual.is_contiguous(
+                memory_format=self.format)):
+            residual = residual.to(self.dtype).contiguous(memory_format=self.format)
+        if self.residual == "sum":
+            y, r = residual, None
+        else:
+            y = torch.empty(self.shape, dtype=self.dtype, memory_format=self.format)
+            r = None if residual is None else residual.data_ptr()
         status = self.lib.ds_onednn_run(self.handle, x.data_ptr(), y.data_ptr(), r)
         if status:
             raise RuntimeError(f"oneDNN execution failed (dnnl_status_t {status})")
@@ -105,7 +111,8 @@ def conv2d(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dil
            groups: int, in_shape, dtype: torch.dtype, activation: str = "none",
            residual: str | None = None) -> _Kernel | None:
     """``activation(conv2d(x, weight, bias) [+ residual])`` for NHWC inputs of ``in_shape``
-    (N, C, H, W) in ``dtype`` (float32/bf16), or None where oneDNN makes no primitive."""
+    (N, C, H, W) in ``dtype`` (float32/bf16), or None where oneDNN makes no primitive;
+    ``residual``: None, "add" or "sum" (see ``_RESIDUAL``)."""
     lib = library()
     if lib is None or dtype not in _DTYPES:
         return None
@@ -120,7 +127,7 @@ def conv2d(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dil
     b = _bias(bias)
     handle = lib.ds_onednn_conv_create(params.data_ptr(), wt.data_ptr(),
                                        None if b is None else b.data_ptr())
-    return _Kernel(handle, (n, oc, oh, ow), dtype, True) if handle else None
+    return _Kernel(handle, (n, oc, oh, ow), dtype, True, residual) if handle else None
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype: torch.dtype,
