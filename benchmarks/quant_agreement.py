@@ -83,6 +83,9 @@ def main(argv=None) -> int:
                         "batches (the most sensitive layers stay float)")
     p.add_argument("--calibration", default="minmax",
                    choices=["minmax", "percentile", "entropy", "mse"])
+    p.add_argument("--bias-correction", action="store_true",
+                   help="QuantConfig(bias_correction=True): each layer's mean output shift "
+                        "on the calibration data added back to its bias")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     if a.model == "efficientnet_lite0":
@@ -104,12 +107,14 @@ def main(argv=None) -> int:
     for name, config in (("int8_symmetric", dict(method="symmetric")),
                          ("int8_uint8_zp", dict(method="asymmetric", weight_method="symmetric"))):
         qm = Quantizer(QuantConfig(progress=False, calibration=a.calibration,
-                                   accuracy_budget=a.accuracy_budget, **config)) \
+                                   accuracy_budget=a.accuracy_budget,
+                                   bias_correction=a.bias_correction, **config)) \
             .quantize(model, calib, eval_fn=eval_fn if a.accuracy_budget is not None else None)
         engines[name] = ds.compile(qm, [x], backend="cpu", precision="int8")
     agreement, classes = top1_agreement(model, engines, make_input, a.batches, center)
     for k, v in agreement.items():
-        print(f"{a.model} {k:16s} {a.calibration:10s} top-1 agreement {v:.3f} ({a.batches * a.batch} inputs, "
+        print(f"{a.model} {k:16s} {a.calibration:10s}{' +bias' if a.bias_correction else ''} "
+              f"top-1 agreement {v:.3f} ({a.batches * a.batch} inputs, "
               f"{classes} distinct float32 classes)")
     return 0
 

@@ -234,3 +234,60 @@ def test_embeddings_with_calibration_data_calibrate_only_the_layers():
 def test_skip_patterns_that_match_nothing_are_an_error():
     with pytest.raises(QuantizationError, match=r"\['clasifier\.\*'\] match no module"):
         Quantizer(QuantConfig(skip=["clasifier.*"], progress=False)).quantize(_net(), _calib())
+
+
+def _layer_means(model, names, data):
+    """{name: the mean output per channel of module ``name`` over ``data``}."""
+    out, hooks = {}, []
+    for n in names:
+        def hook(m, a, y, n=n):
+            dims = (0, 2, 3) if y.dim() == 4 else (0,)
+            out.setdefault(n, []).append(y.double().mean(dims))
+        hooks.append(model.get_submodule(n).register_forward_hook(hook))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {n: torch.stack(v).mean(0) for n, v in out.items()}
+
+
+@pytest.mark.parametrize("method", ["symmetric", "asymmetric"])
+def test_bias_correction_matches_every_layers_mean_output_to_float(method):
+    """Corrected layer by layer, each quantized layer's mean output per channel over the
+    calibration data is the float model's (uncorrected, it is not); a generator serves as
+    calibration data too."""
+    model, calib = _net(), [torch.rand(8, 1, 6, 6) * 3 for _ in range(4)]
+    cfg = dict(method=method, granularity="per_tensor", weight_bits=4, progress=False)
+    plain = Quantizer(QuantConfig(**cfg)).quantize(model, calib)
+    q = Quantizer(QuantConfig(bias_correction=True, **cfg))
+    corrected = q.quantize(model, (x for x in calib))
+    names = ["0", "4", "6"]
+    assert sorted(q.report.bias_shifts) == names and "bias correction on 3" in str(q.report)
+    folded = Quantizer(QuantConfig(**cfg)).prepare(model)  # BN folded: the float reference
+    want = _layer_means(folded, names, calib)
+    got, before = _layer_means(corrected, names, calib), _layer_means(plain, names, calib)
+    for n in names:
+        scale = want[n].abs().max()
+        assert (got[n] - want[n]).abs().max() < 1e-5 * scale
+    assert max(float((before[n] - want[n]).abs().max() / want[n].abs().max())
+               for n in names) > 1e-3
+    x = torch.rand(8, 1, 6, 6) * 3
+    with torch.no_grad():  # the correction moved outputs towards float on fresh data
+        assert rel_l2(corrected(x), model(x)) < rel_l2(plain(x), model(x))
+
+
+def test_bias_correction_compiles_to_the_same_int8_engine_result():
+    import deepseek as ds
+
+    model = _net()
+    q = Quantizer(QuantConfig(bias_correction=True, progress=False)).quantize(model, _calib())
+    x = torch.randn(8, 1, 6, 6)
+    engine = ds.compile(q, (x,), backend="cpu", precision="int8")
+    with torch.no_grad():
+        assert rel_l2(engine(x), q(x)) < 1e-4
+
+
+def test_bias_correction_flag_is_checked():
+    with pytest.raises(QuantizationError, match="bias_correction must be True or False"):
+        QuantConfig(bias_correction="yes")

@@ -57,6 +57,10 @@ class QuantConfig:
     # nn.Embedding tables too: weight-only, one scale per row (per_tensor: one for all);
     # the compiled lookup gathers int8 rows and dequantizes just those
     embeddings: bool = False
+    # static PTQ: shift each quantized layer's bias by the mean output error it shows on the
+    # calibration data (per output channel, layer by layer in order: each sees the layers
+    # before it already corrected), as NNCF's bias correction does
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         self.skip = list(self.skip)
@@ -99,8 +103,9 @@ class QuantConfig:
         if self.accuracy_budget is not None and not self.accuracy_budget >= 0:
             raise bad(f"accuracy_budget must be >= 0 (the largest metric drop), got "
                       f"{self.accuracy_budget!r}")
-        if not isinstance(self.embeddings, bool):
-            raise bad(f"embeddings must be True or False, got {self.embeddings!r}")
+        for flag in ("embeddings", "bias_correction"):
+            if not isinstance(getattr(self, flag), bool):
+                raise bad(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not all(isinstance(p, str) for p in self.skip):
             raise bad("skip must be a list of module-name patterns (strings)")
 

@@ -43,6 +43,8 @@ class QuantReport:
     metric_float: float | None = None
     metric_quantized: float | None = None
     sensitivity: Any = None  # a SensitivityReport when mixed precision ran
+    bias_shifts: dict[str, float] = field(default_factory=dict)  # bias correction: largest
+    # shift per layer
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "sensitivity"}
@@ -55,6 +57,9 @@ class QuantReport:
         if self.mixed_precision:
             lines.append("  kept in float for the accuracy budget: "
                          + ", ".join(self.mixed_precision))
+        if self.bias_shifts:
+            lines.append(f"  bias correction on {len(self.bias_shifts)} layers (largest shift "
+                         f"{max(self.bias_shifts.values()):.3g})")
         if self.metric_float is not None and self.metric_quantized is not None:
             lines.append(f"  metric: float {self.metric_float:.4f} -> quantized "
                          f"{self.metric_quantized:.4f}")
@@ -227,6 +232,8 @@ class Quantizer:
         static = calibration_data is not None and c.activation_bits is not None
         if calibration_data is None and c.activation_bits is not None:
             log.info("no calibration data: weight-only quantization")
+        if static and c.bias_correction:  # read twice: calibration, then the correction
+            calibration_data = list(calibration_data)
         calibrators = self.calibrate(float_model, layer_names(float_model, names),
                                      calibration_data) if static else {}
         layers = {n: self.quantized_layer(float_model.get_submodule(n), calibrators.get(n))
@@ -245,6 +252,11 @@ class Quantizer:
             if n not in keep:
                 set_submodule(qmodel, n, layer)
         report.quantized = [n for n in names if n not in keep]
+        if static and c.bias_correction:
+            from deepseek.quantization.bias_correction import correct_biases
+
+            report.bias_shifts = correct_biases(float_model, qmodel, report.quantized,
+                                                calibration_data, call_batch)
         report.kept_float = [n for n in all_layers if n not in report.quantized]
         self.report = report
         return qmodel.eval()
