@@ -266,7 +266,15 @@ _CONV_INT8 = {
     "3x3_uint8_zp": (2, 48, 9, 7, 33, 3, 1, 1, 1, torch.uint8, 131),
     "1x1_stride2": (1, 64, 6, 5, 70, 1, 2, 0, 1, torch.int8, -3),
     "3x3_dilated_c_off_block": (1, 40, 8, 9, 24, 3, 2, 2, 2, torch.uint8, 7),
+    # through tensor descriptors (TMA on Hopper): a 1x1 as a GEMM, stride-1 KxK as
+    # spatial tiles whose padding TMA fills with zeros (odd sizes: tiles past the edge)
+    "1x1_gemm": (2, 32, 7, 5, 40, 1, 1, 0, 1, torch.int8, 5),
+    "1x1_gemm_uint8": (1, 48, 6, 6, 24, 1, 1, 0, 1, torch.uint8, 131),
+    "3x3_spatial": (2, 32, 9, 11, 20, 3, 1, 1, 1, torch.int8, 0),
+    "3x3_spatial_dilated": (1, 16, 10, 7, 36, 3, 1, 2, 2, torch.int8, 0),
 }
+_TMA = {"1x1_gemm": "gemm", "1x1_gemm_uint8": "gemm", "3x3_spatial": "spatial",
+        "3x3_spatial_dilated": "spatial"}
 
 
 @pytest.mark.parametrize("case", sorted(_CONV_INT8))
@@ -289,6 +297,7 @@ def test_int8_convolution_matches_the_reference(case):
     geometry = ([s, s], [p, p], [d, d], 1)
     conv = Conv2dInt8(*(t.to(DEVICE) for t in (wq, ws)), 0.02, b.to(DEVICE), *geometry[:3])
     xd = x.to(DEVICE)
+    assert conv.tma_layout(xd.contiguous(memory_format=torch.channels_last), zp) == _TMA.get(case)
     for post in ("none", "relu"):
         want = reference_conv2d_int8(x, 0.02, zp, wq, ws, None, b, *geometry, post, 1.0, 0, None)
         y, q = conv(xd, zp, post, float_dtype=torch.float32)

@@ -31,6 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-made TMA descriptors (Triton 3.4+)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
+    TensorDescriptor = None
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # 1.5 * 2**23: in float32, (v + R) - R rounds |v| < 2**22 to an integer, half to even
 _ROUND = tl.constexpr(12582912.0)
@@ -105,13 +110,23 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
             b = tl.load(W + rn[None, :] * K + (tap * C + c)[:, None],
                         mask=(c < C)[:, None] & n_ok[None, :], other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-    # epilogue: de-quantize, bias, residual, ReLU; store float and/or quantized
+    _epilogue(acc, rm.to(tl.int64) * COUT, m_ok, rn, n_ok, CS, SC, B, R, Y, Q,
+              x_zp, out_inv_scale, out_zp, qmin, qmax, HAS_B, HAS_R, RELU, HAS_Y, HAS_Q)
+
+
+@triton.jit
+def _epilogue(acc, row_offs, m_ok, rn, n_ok, CS, SC, B, R, Y, Q,
+              x_zp, out_inv_scale, out_zp, qmin, qmax,
+              HAS_B: tl.constexpr, HAS_R: tl.constexpr, RELU: tl.constexpr,
+              HAS_Y: tl.constexpr, HAS_Q: tl.constexpr):
+    """De-quantize the int32 tile (rows at ``row_offs`` elements, columns ``rn``), add
+    bias and residual, ReLU; store float and/or quantized."""
     cs = tl.load(CS + rn, mask=n_ok, other=0.0)
     sc = tl.load(SC + rn, mask=n_ok, other=0.0)
     y = (acc.to(tl.float32) - x_zp * cs[None, :]) * sc[None, :]
     if HAS_B:
         y = y + tl.load(B + rn, mask=n_ok, other=0.0)[None, :]
-    offs = rm.to(tl.int64)[:, None] * COUT + rn[None, :]
+    offs = row_offs[:, None] + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_R:
         y = y + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
@@ -124,6 +139,85 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
         v = (v + _ROUND) - _ROUND  # round half to even, as torch.round
         q = tl.minimum(tl.maximum(v + out_zp, qmin), qmax)
         tl.store(Q + offs, q.to(tl.int32).to(Q.dtype.element_ty), mask=mask)
+
+
+def _tma_configs():
+    """Tiles of the descriptor kernel: BLOCK_W is the output tile's width where tiles are
+    spatial (BLOCK_M // BLOCK_W rows of it)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_W": 8},
+                              num_warps=4, pre_hook=_tma_blocks)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "BLOCK_W": bw},
+                          num_warps=w, num_stages=st, pre_hook=_tma_blocks)
+            for m, n, k, bw, w, st in ((128, 128, 128, 16, 8, 4), (128, 256, 128, 16, 8, 3),
+                                       (256, 128, 128, 16, 8, 3), (128, 128, 64, 8, 8, 4),
+                                       (128, 256, 64, 8, 8, 4), (64, 128, 128, 8, 4, 4))]
+
+
+def _tma_blocks(nargs):
+    """Each config's block shapes on the (host-made) tensor descriptors."""
+    bm, bn, bk, bw = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_W"]
+    nargs["XD"].block_shape = [1, bm // bw, bw, bk] if nargs["SPATIAL"] else [bm, bk]
+    nargs["WD"].block_shape = [bn, bk]
+
+
+@triton.autotune(configs=_tma_configs(), key=["M", "COUT", "C", "KH", "KW", "OW", "SPATIAL"],
+                 cache_results=True)
+@triton.jit
+def _conv_int8_tma(XD, WD, CS, SC, B, R, Y, Q,
+                   M, C, OH, OW, COUT, PH, PW, DH, DW,
+                   x_zp, out_inv_scale, out_zp, qmin, qmax,
+                   KH: tl.constexpr, KW: tl.constexpr, SPATIAL: tl.constexpr, U8: tl.constexpr,
+                   HAS_B: tl.constexpr, HAS_R: tl.constexpr, RELU: tl.constexpr,
+                   HAS_Y: tl.constexpr, HAS_Q: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
+    """A stride-1 convolution whose operands come through tensor descriptors (TMA on
+    Hopper: no per-element address arithmetic; out-of-bounds reads are zeros). Not
+    SPATIAL: a 1x1 convolution as the GEMM (N*H*W, C) x (C, C_out). SPATIAL: tiles of
+    BLOCK_M // BLOCK_W x BLOCK_W output pixels of one image; per filter tap, the shifted
+    input window comes from a 4-D (N, H, W, C) descriptor, its padding read as zeros (so
+    the input's zero point must be 0)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    BLOCK_H: tl.constexpr = BLOCK_M // BLOCK_W
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    blocks = tl.cdiv(C, BLOCK_K)
+    if SPATIAL:
+        tiles_w = tl.cdiv(OW, BLOCK_W)
+        tiles_h = tl.cdiv(OH, BLOCK_H)
+        tw = pid_m % tiles_w
+        t = pid_m // tiles_w
+        oh0 = (t % tiles_h) * BLOCK_H
+        ow0 = tw * BLOCK_W
+        nb = t // tiles_h
+        for it in range(0, KH * KW * blocks):
+            tap = it // blocks
+            c0 = (it % blocks) * BLOCK_K
+            a = XD.load([nb, oh0 - PH + (tap // KW) * DH, ow0 - PW + (tap % KW) * DW, c0])
+            a = a.reshape(BLOCK_M, BLOCK_K)
+            if U8:
+                a = (a ^ -128).to(tl.int8)
+            # K beyond this tap's channels reads the next tap's weights, against zeros of a
+            b = WD.load([pid_n * BLOCK_N, tap * C + c0])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        i = tl.arange(0, BLOCK_M)
+        oh = oh0 + i // BLOCK_W
+        ow = ow0 + i % BLOCK_W
+        m_ok = (oh < OH) & (ow < OW)
+        rows = (nb.to(tl.int64) * OH + oh) * OW + ow
+    else:
+        for it in range(0, blocks):
+            a = XD.load([pid_m * BLOCK_M, it * BLOCK_K])
+            if U8:
+                a = (a ^ -128).to(tl.int8)
+            b = WD.load([pid_n * BLOCK_N, it * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rows < M
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _epilogue(acc, rows * COUT, m_ok, rn, rn < COUT, CS, SC, B, R, Y, Q,
+              x_zp, out_inv_scale, out_zp, qmin, qmax, HAS_B, HAS_R, RELU, HAS_Y, HAS_Q)
 
 
 _INT8 = (torch.uint8, torch.int8)
@@ -200,6 +294,13 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1,
     return y
 
 
+def _stored(dtype: torch.dtype, zero_point: int) -> int:
+    """A padded pixel's value as the kernels load it: the zero point as stored (uint8 bits
+    read as int8; the kernels then flip the top bit of all they load)."""
+    zp = int(zero_point)
+    return zp - 256 if dtype == torch.uint8 and zp >= 128 else zp
+
+
 class Conv2dInt8:
     """One quantized convolution's packed operands: the int8 weight as a (C_out, K)
     matrix, K in (kh, kw, c_in) order, its column sums, and ``x_scale * w_scale`` per
@@ -239,9 +340,7 @@ class Conv2dInt8:
         u8 = x.dtype == torch.uint8
         xs = x.view(torch.int8) if u8 else x
         zp = int(x_zero_point) - 128 if u8 else int(x_zero_point)
-        # what a padded pixel loads: the zero point as stored (uint8 bits read as int8;
-        # the kernel flips the top bit of all it loads)
-        pad = int(x_zero_point) - 256 if u8 and x_zero_point >= 128 else int(x_zero_point)
+        pad = _stored(x.dtype, x_zero_point)
         m, k = n * oh * ow, self.kh * self.kw * self.cin
         shape, cl = (n, self.cout, oh, ow), torch.channels_last
         y = None if float_dtype is None else torch.empty(shape, dtype=float_dtype,
@@ -254,18 +353,45 @@ class Conv2dInt8:
             inv, qmin, qmax = 1.0 / scale, torch.iinfo(qdtype).min, torch.iinfo(qdtype).max
         if residual is not None:
             residual = residual.contiguous(memory_format=cl)
-        if m and self.cout:
+        dummy = self.colsum
+        epilogue = (self.colsum, self.scale, self.bias if self.bias is not None else dummy,
+                    residual if residual is not None else dummy,
+                    y if y is not None else dummy, q if q is not None else xs)
+        flags = dict(U8=u8, HAS_B=self.bias is not None, HAS_R=residual is not None,
+                     RELU=post_op == "relu", HAS_Y=y is not None, HAS_Q=q is not None)
+        tma = self.tma_layout(x, x_zero_point)
+        if m and self.cout and tma is not None:
+            spatial = tma == "spatial"
+            xd = TensorDescriptor.from_tensor(xs.permute(0, 2, 3, 1), [1, 1, 1, 16]) \
+                if spatial else TensorDescriptor.from_tensor(xs.permute(0, 2, 3, 1).reshape(
+                    m, self.cin), [1, 16])  # block shapes: set per config (_tma_blocks)
+            wd = TensorDescriptor.from_tensor(self.matrix, [1, 16])
+            grid = lambda meta: (  # noqa: E731
+                (n * triton.cdiv(oh, meta["BLOCK_M"] // meta["BLOCK_W"])
+                 * triton.cdiv(ow, meta["BLOCK_W"])) if spatial
+                else triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(self.cout, meta["BLOCK_N"]))
+            _conv_int8_tma[grid](xd, wd, *epilogue, m, self.cin, oh, ow, self.cout,
+                                 ph, pw, dh, dw, float(zp), inv, float(ozp), float(qmin),
+                                 float(qmax), KH=self.kh, KW=self.kw, SPATIAL=spatial, **flags)
+        elif m and self.cout:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
                                  triton.cdiv(self.cout, meta["BLOCK_N"]))
-            dummy = self.colsum
             _conv_int8[grid](
-                xs, self.matrix, self.colsum, self.scale,
-                self.bias if self.bias is not None else dummy,
-                residual if residual is not None else dummy,
-                y if y is not None else dummy, q if q is not None else xs,
+                xs, self.matrix, *epilogue,
                 m, h, w, self.cin, oh, ow, self.cout, k, sh, sw, ph, pw, dh, dw,
                 pad, float(zp), inv, float(ozp), float(qmin), float(qmax),
-                KH=self.kh, KW=self.kw, FLAT=self.cin < 32, U8=u8,
-                HAS_B=self.bias is not None, HAS_R=residual is not None,
-                RELU=post_op == "relu", HAS_Y=y is not None, HAS_Q=q is not None)
+                KH=self.kh, KW=self.kw, FLAT=self.cin < 32, **flags)
         return y, q
+
+    def tma_layout(self, x: torch.Tensor, x_zero_point: int) -> str | None:
+        """Whether the descriptor kernel takes ``x``: "gemm" (a 1x1 stride-1 convolution
+        without padding), "spatial" (stride 1, where TMA's zero fill is the zero point as
+        stored, or no padding), or None (the pointer kernel). TMA needs 16-byte aligned
+        rows."""
+        if TensorDescriptor is None or not (x.is_cuda or _INTERPRET) or self.stride != (1, 1) \
+                or self.cin % 16 or x.data_ptr() % 16:
+            return None
+        if self.kh == self.kw == 1 and self.padding == (0, 0):
+            return "gemm"
+        return "spatial" if _stored(x.dtype, x_zero_point) == 0 or self.padding == (0, 0) \
+            else None
