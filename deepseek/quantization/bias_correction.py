@@ -6,7 +6,8 @@ Layer by layer in the model's order, the mean output of each quantized layer ove
 calibration data is measured in the float model and in the quantized one (whose earlier
 layers are already corrected), and the per-channel difference is added to the quantized
 layer's bias. Afterwards every corrected layer's mean output on the calibration data is
-the float model's. One pass of the float model, one of the quantized model per layer.
+the float model's. One pass of the float model, and per layer one of the quantized
+model up to that layer.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ def _channel_mean(y: torch.Tensor, conv: bool) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1]).mean(0)
 
 
+class _Reached(Exception):
+    """Raised by the hook of the only layer measured: the rest of the forward is not needed."""
+
+
 def _output_means(model: nn.Module, names: list[str], data: list, call) -> dict:
-    """{name: mean output per channel of module ``name`` over ``data``}."""
+    """{name: mean output per channel of module ``name`` over ``data``}. For one name,
+    each forward stops at that module (its outputs are all that is read)."""
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for n in names:
@@ -41,11 +47,16 @@ def _output_means(model: nn.Module, names: list[str], data: list, call) -> dict:
         def hook(module, args, out, n=n, conv=conv):
             m = _channel_mean(out, conv)
             sums[n] = sums[n] + m if n in sums else m
+            if len(names) == 1:
+                raise _Reached
         hooks.append(model.get_submodule(n).register_forward_hook(hook))
     try:
         with torch.no_grad():
             for batch in data:
-                call(model, batch)
+                try:
+                    call(model, batch)
+                except _Reached:
+                    pass
     finally:
         for h in hooks:
             h.remove()
