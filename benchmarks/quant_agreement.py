@@ -83,6 +83,8 @@ def main(argv=None) -> int:
                         "batches (the most sensitive layers stay float)")
     p.add_argument("--calibration", default="minmax",
                    choices=["minmax", "percentile", "entropy", "mse"])
+    p.add_argument("--configs", default="int8_symmetric,int8_uint8_zp",
+                   help="which of int8_symmetric, int8_uint8_zp to run")
     p.add_argument("--bias-correction", action="store_true",
                    help="QuantConfig(bias_correction=True): each layer's mean output shift "
                         "on the calibration data added back to its bias")
@@ -104,8 +106,10 @@ def main(argv=None) -> int:
                        for h in held_out) / len(held_out)
 
     engines = {}
-    for name, config in (("int8_symmetric", dict(method="symmetric")),
-                         ("int8_uint8_zp", dict(method="asymmetric", weight_method="symmetric"))):
+    configs = {"int8_symmetric": dict(method="symmetric"),
+               "int8_uint8_zp": dict(method="asymmetric", weight_method="symmetric")}
+    for name in a.configs.split(","):
+        config = configs[name]
         qm = Quantizer(QuantConfig(progress=False, calibration=a.calibration,
                                    accuracy_budget=a.accuracy_budget,
                                    bias_correction=a.bias_correction, **config)) \
