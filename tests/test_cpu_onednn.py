@@ -153,3 +153,15 @@ def test_not_offered_without_onednn(monkeypatch):
     assert not onednn.available() and "oneDNN not found" in native.unavailable["onednn"]
     source = _plan_source(_check(_Block().eval(), torch.randn(2, 3, 10, 10)))
     assert "= dnn" not in source
+
+
+def test_pool_attributes_normalized_as_pytorch_reads_them():
+    from deepseek.ir.ops import pool2d_attrs
+
+    assert pool2d_attrs(3) == ([3, 3], [3, 3], [0, 0], [1, 1])
+    assert pool2d_attrs((3, 2), []) == ([3, 2], [3, 2], [0, 0], [1, 1])  # stride = kernel
+    assert pool2d_attrs([2], 1, (1, 0), 2) == ([2, 2], [1, 1], [1, 0], [2, 2])
+    x = torch.randn(1, 4, 9, 8).contiguous(memory_format=torch.channels_last)
+    args = pool2d_attrs((3, 2), [])
+    made = onednn.max_pool2d(*args, False, x.shape, torch.float32)
+    assert torch.equal(made(x), torch.max_pool2d(x, (3, 2)))

@@ -334,3 +334,15 @@ def resolve_aten(name: str):
 
 
 CallableKernel = Callable[..., Any]
+
+
+def pool2d_attrs(kernel_size, stride=(), padding=0, dilation=1) -> tuple[list, list, list, list]:
+    """A 2-D pooling op's attributes as PyTorch reads them, each a pair: an int stands for
+    both dims, and an empty (or None) stride means the kernel size."""
+    def pair(v, default):
+        v = list(v) if isinstance(v, (list, tuple)) else [v]
+        v = v or [default]
+        return v * 2 if len(v) == 1 else v
+    k = pair(kernel_size, 1)
+    stride = list(k) if stride is None or stride in ((), []) else pair(stride, 1)
+    return k, stride, pair(padding, 0), pair(dilation, 1)

@@ -29,7 +29,7 @@ import torch
 from deepseek.backends.cpu import direct, onednn, rowwise, weightonly, winograd
 from deepseek.ir.fused import parse_program, run_steps
 from deepseek.ir.graph import Graph, Node, Value
-from deepseek.ir.ops import Op, Prop, op_from_name, opdef
+from deepseek.ir.ops import Op, Prop, op_from_name, opdef, pool2d_attrs
 from deepseek.ir.serialize import decode_attr
 from deepseek.ir.types import bind
 from deepseek.passes.memory import can_write_into
@@ -419,13 +419,8 @@ class _Emitter:
         if x.spec.rank != 4 or x.spec.dtype not in (torch.float32, torch.bfloat16):
             return None
 
-        def pair(v, default):
-            v = list(v) if isinstance(v, (list, tuple)) else [v]
-            v = v or [default]
-            return v * 2 if len(v) == 1 else v
-        k = pair(a["kernel_size"], 1)
-        args = (k, pair(a.get("stride", []), k[0]), pair(a.get("padding", 0), 0),
-                pair(a.get("dilation", 1), 1), bool(a.get("ceil_mode", False)))
+        args = (*pool2d_attrs(a["kernel_size"], a.get("stride", []), a.get("padding", 0),
+                              a.get("dilation", 1)), bool(a.get("ceil_mode", False)))
         shape = list(x.spec.concrete(self.env))
         made = onednn.max_pool2d(*args, shape, x.spec.dtype)
         if made is None:

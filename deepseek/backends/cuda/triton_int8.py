@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepseek.ir.ops import pool2d_attrs
+
 try:  # host-made TMA descriptors (Triton 3.4+)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
@@ -274,12 +276,7 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1,
                ceil_mode: bool = False) -> torch.Tensor:
     """2-D max pooling of an int8/uint8 tensor (CUDA's ATen pools floats only), on and
     into channels-last memory; a window's padded positions never win, as in PyTorch."""
-    def pair(v, default):
-        v = list(v) if isinstance(v, (list, tuple)) else [v]
-        v = v or [default]
-        return v * 2 if len(v) == 1 else v
-    (kh, kw) = pair(kernel_size, 1)
-    (sh, sw), (ph, pw), (dh, dw) = pair(stride, kh), pair(padding, 0), pair(dilation, 1)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pool2d_attrs(kernel_size, stride, padding, dilation)
     n, c, h, w = x.shape
     meta = torch.nn.functional.max_pool2d(torch.empty(x.shape, device="meta"), (kh, kw),
                                           (sh, sw), (ph, pw), (dh, dw), ceil_mode)
