@@ -418,7 +418,6 @@ class _Emitter:
         measures faster than ATen's (bf16 on a Xeon: 3-4x), else None."""
         if x.spec.rank != 4 or x.spec.dtype not in (torch.float32, torch.bfloat16):
             return None
-
         args = (*pool2d_attrs(a["kernel_size"], a.get("stride", []), a.get("padding", 0),
                               a.get("dilation", 1)), bool(a.get("ceil_mode", False)))
         shape = list(x.spec.concrete(self.env))
