@@ -262,7 +262,9 @@ def test_attention_kernel_matches_sdpa(case, dt):
 
 # (batch, c_in, h, w, c_out, kernel, stride, padding, dilation, input dtype, its zero point)
 _CONV_INT8 = {
-    "stem_7x7_flat_k": (2, 3, 13, 11, 40, 7, 2, 3, 1, torch.int8, 0),
+    "stem_7x7_flat_k": (2, 3, 13, 11, 40, 7, 2, 3, 1, torch.int8, 0),  # through patches
+    "stem_5x5_uint8_zp": (1, 3, 10, 9, 16, 5, 2, 2, 1, torch.uint8, 140),  # padding: the zp
+    "1x1_few_channels_flat_k": (2, 8, 5, 6, 12, 1, 1, 0, 1, torch.int8, 4),
     "3x3_uint8_zp": (2, 48, 9, 7, 33, 3, 1, 1, 1, torch.uint8, 131),
     "1x1_stride2": (1, 64, 6, 5, 70, 1, 2, 0, 1, torch.int8, -3),
     "3x3_dilated_c_off_block": (1, 40, 8, 9, 24, 3, 2, 2, 2, torch.uint8, 7),

@@ -222,6 +222,29 @@ def _conv_int8_tma(XD, WD, CS, SC, B, R, Y, Q,
               x_zp, out_inv_scale, out_zp, qmin, qmax, HAS_B, HAS_R, RELU, HAS_Y, HAS_Q)
 
 
+@triton.jit
+def _im2col(X, COLS, M, H, W, C, OH, OW, K, KPAD, SH, SW, PH, PW, DH, DW, x_pad,
+            KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (M, KPAD) patch matrix of an NHWC int8 input: row = output pixel, column =
+    (tap, channel); padded pixels hold the zero point as stored, columns past K too
+    (their weights are zero)."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    ow = rm % OW
+    t = rm // OW
+    oh = t % OH
+    nb = t // OH
+    c = rk % C
+    tap = rk // C
+    ih = (oh * SH - PH)[:, None] + ((tap // KW) * DH)[None, :]
+    iw = (ow * SW - PW)[:, None] + ((tap % KW) * DW)[None, :]
+    ok = m_ok[:, None] & (rk < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    v = tl.load(X + ((nb[:, None] * H + ih) * W + iw) * C + c[None, :], mask=ok, other=x_pad)
+    tl.store(COLS + rm[:, None] * KPAD + rk[None, :], v,
+             mask=m_ok[:, None] & (rk < KPAD)[None, :])
+
+
 _INT8 = (torch.uint8, torch.int8)
 
 
@@ -314,6 +337,12 @@ class Conv2dInt8:
         self.bias = None if bias is None else bias.float().contiguous()
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self.tma_gemm = False  # 1x1 layers through the descriptor kernel (see tma_layout)
+        # few input channels (a stem: K = 7 * 7 * 3): an explicit patch matrix, K padded to
+        # a multiple of 32 with zero weights, then the GEMM; else K decoded per element
+        k = kh * kw * cin
+        self.kpad = -(-k // 32) * 32 if cin < 32 and kh * kw > 1 else None
+        self.patch_matrix = None if self.kpad is None else torch.nn.functional.pad(
+            self.matrix, (0, self.kpad - k)).contiguous()
         self.tma_min_channels = 128  # KxK layers with fewer input channels: pointer kernel
 
     @staticmethod
@@ -372,6 +401,18 @@ class Conv2dInt8:
             _conv_int8_tma[grid](xd, wd, *epilogue, m, self.cin, oh, ow, self.cout,
                                  ph, pw, dh, dw, float(zp), inv, float(ozp), float(qmin),
                                  float(qmax), KH=self.kh, KW=self.kw, SPATIAL=spatial, **flags)
+        elif m and self.cout and self.kpad is not None:  # patches, then a 1x1 convolution
+            cols = torch.empty((n, oh, ow, self.kpad), dtype=xs.dtype, device=x.device)
+            _im2col[(triton.cdiv(m, 128), triton.cdiv(self.kpad, 32))](
+                xs, cols, m, h, w, self.cin, oh, ow, k, self.kpad, sh, sw, ph, pw, dh, dw, pad,
+                KW=self.kw, BLOCK_M=128, BLOCK_K=32, num_warps=4)
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
+                                 triton.cdiv(self.cout, meta["BLOCK_N"]))
+            _conv_int8[grid](
+                cols, self.patch_matrix, *epilogue,
+                m, oh, ow, self.kpad, oh, ow, self.cout, self.kpad, 1, 1, 0, 0, 1, 1,
+                pad, float(zp), inv, float(ozp), float(qmin), float(qmax),
+                KH=1, KW=1, FLAT=False, **flags)
         elif m and self.cout:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),  # noqa: E731
                                  triton.cdiv(self.cout, meta["BLOCK_N"]))
