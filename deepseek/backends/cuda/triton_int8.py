@@ -71,24 +71,15 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < COUT
-    ow = rm % OW
-    t = rm // OW
-    oh = t % OH
-    nb = (t // OH).to(tl.int64)
+    nb, oh, ow = _pixels(rm, OH, OW)
+    nb = nb.to(tl.int64)
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     if FLAT:  # K = (tap, channel) flattened: few input channels
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            c = kk % C
-            tap = kk // C
-            ih = ih0[:, None] + (tap // KW)[None, :] * DH
-            iw = iw0[:, None] + (tap % KW)[None, :] * DW
-            ok = (m_ok[:, None] & (kk < K)[None, :] & (ih >= 0) & (ih < H)
-                  & (iw >= 0) & (iw < WD))
-            a = tl.load(X + ((nb[:, None] * H + ih) * WD + iw) * C + c[None, :], mask=ok,
-                        other=x_pad)
+            a = _patches(X, nb, ih0, iw0, m_ok, kk, H, WD, C, K, DH, DW, x_pad, KW)
             if U8:
                 a = (a ^ -128).to(tl.int8)
             b = tl.load(W + rn[None, :] * K + kk[:, None],
@@ -114,6 +105,26 @@ def _conv_int8(X, W, CS, SC, B, R, Y, Q,
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     _epilogue(acc, rm.to(tl.int64) * COUT, m_ok, rn, n_ok, CS, SC, B, R, Y, Q,
               x_zp, out_inv_scale, out_zp, qmin, qmax, HAS_B, HAS_R, RELU, HAS_Y, HAS_Q)
+
+
+@triton.jit
+def _pixels(rm, OH, OW):
+    """(image, row, column) of output pixels ``rm`` (row-major N, OH, OW order)."""
+    t = rm // OW
+    return t // OH, t % OH, rm % OW
+
+
+@triton.jit
+def _patches(X, nb, ih0, iw0, m_ok, kk, H, W, C, K, DH, DW, x_pad, KW: tl.constexpr):
+    """The [pixels, kk] tile of the patch matrix of NHWC ``X``: column kk = (tap, channel);
+    padded pixels and columns past K read ``x_pad``."""
+    c = kk % C
+    tap = kk // C
+    ih = ih0[:, None] + ((tap // KW) * DH)[None, :]
+    iw = iw0[:, None] + ((tap % KW) * DW)[None, :]
+    ok = m_ok[:, None] & (kk < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return tl.load(X + ((nb[:, None] * H + ih) * W + iw) * C + c[None, :], mask=ok,
+                   other=x_pad)
 
 
 @triton.jit
@@ -231,16 +242,8 @@ def _im2col(X, COLS, M, H, W, C, OH, OW, K, KPAD, SH, SW, PH, PW, DH, DW, x_pad,
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     m_ok = rm < M
-    ow = rm % OW
-    t = rm // OW
-    oh = t % OH
-    nb = t // OH
-    c = rk % C
-    tap = rk // C
-    ih = (oh * SH - PH)[:, None] + ((tap // KW) * DH)[None, :]
-    iw = (ow * SW - PW)[:, None] + ((tap % KW) * DW)[None, :]
-    ok = m_ok[:, None] & (rk < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    v = tl.load(X + ((nb[:, None] * H + ih) * W + iw) * C + c[None, :], mask=ok, other=x_pad)
+    nb, oh, ow = _pixels(rm, OH, OW)
+    v = _patches(X, nb, oh * SH - PH, ow * SW - PW, m_ok, rk, H, W, C, K, DH, DW, x_pad, KW)
     tl.store(COLS + rm[:, None] * KPAD + rk[None, :], v,
              mask=m_ok[:, None] & (rk < KPAD)[None, :])
 
