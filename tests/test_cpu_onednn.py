@@ -86,8 +86,86 @@ def test_linear_matches_float64(dtype, rows, k, n, activation, bias):
 ])
 def test_max_pool_is_exact(dtype, shape, kernel, stride, pad, dil, ceil):
     x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
-    made = onednn.max_pool2d(kernel, stride, pad, dil, ceil, shape, dtype)
+    made = onednn.pool2d("max", kernel, stride, pad, dil, ceil, shape, dtype)
     assert torch.equal(made(x), torch.max_pool2d(x, kernel, stride, pad, dil, ceil))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,kernel,stride,pad,include", [
+    ((1, 2048, 7, 7), (7, 7), (7, 7), (0, 0), True),   # ResNet's global average pool
+    ((2, 5, 7, 9), (3, 2), (2, 3), (1, 1), True),      # padded windows counted as zeros
+    ((2, 5, 7, 9), (3, 3), (2, 2), (1, 1), False),     # or left out of the divisor
+])
+def test_average_pool_matches_aten(dtype, shape, kernel, stride, pad, include):
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    made = onednn.pool2d("avg_include_pad" if include else "avg", kernel, stride, pad, (1, 1),
+                         False, shape, dtype)
+    ref = F.avg_pool2d(x.double(), kernel, stride, pad, count_include_pad=include)
+    assert made(x).shape == ref.shape
+    assert rel_l2(made(x).double(), ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+class _Pools(nn.Module):
+    """A 3x3 average pool, then the mean over the image (global average pooling), kept
+    4-D for a 1x1 convolution and flattened for a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.avg_pool2d(torch.relu(x), 3, 1, 1, count_include_pad=False)
+        return self.conv(h.mean([2, 3], keepdim=True)).flatten(1), self.fc(h.mean([-2, -1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_average_pools_in_a_plan(monkeypatch, dtype):
+    """Forced, the average pool and both spatial means run as pooling primitives made
+    once, and the plan matches eager on fresh inputs."""
+    _forcing(monkeypatch, "onednn_made")
+    torch.manual_seed(3)
+    model = _Pools().eval().to(dtype)
+    engine = ds.compile(model, (torch.randn(2, 8, 6, 5, dtype=dtype),), backend="cpu")
+    for _ in range(2):
+        x = torch.randn(2, 8, 6, 5, dtype=dtype)
+        with torch.no_grad():
+            for got, ref in zip(engine(x), model(x)):
+                assert got.shape == ref.shape
+                assert rel_l2(got.double(), ref.double()) < \
+                    (1e-5 if dtype == torch.float32 else 2e-2)
+    source = _plan_source(engine)
+    assert "k_mean" not in source and "avg_pool2d(" not in source, source
+    assert source.count("= dnn") >= 3
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(24, 40), nn.Linear(40, 12, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 24), (2, 5, 24)])  # post-ops from 9 rows
+def test_gemms_as_made_1x1_convolutions_in_a_plan(monkeypatch, dtype, shape):
+    """Forced, both GEMMs (one with its GELU as a post-op, one without bias, leading
+    dims folded into rows) run as 1x1 convolution primitives over a 1 x rows image."""
+    _forcing(monkeypatch, "conv1x1_made")
+    torch.manual_seed(4)
+    model = _Mlp().eval().to(dtype)
+    engine = ds.compile(model, (torch.randn(shape, dtype=dtype),), backend="cpu")
+    for _ in range(2):
+        x = torch.randn(shape, dtype=dtype)
+        with torch.no_grad():
+            ref = model(x)
+        got = engine(x)
+        assert got.shape == ref.shape
+        assert rel_l2(got.double(), ref.double()) < (1e-5 if dtype == torch.float32 else 2e-2)
+    source = _plan_source(engine)
+    assert source.count("= dnn") == 2 and "gelu_tanh" not in source, source
 
 
 def test_inputs_in_another_layout_or_dtype_are_converted():
@@ -163,5 +241,53 @@ def test_pool_attributes_normalized_as_pytorch_reads_them():
     assert pool2d_attrs([2], 1, (1, 0), 2) == ([2, 2], [1, 1], [1, 0], [2, 2])
     x = torch.randn(1, 4, 9, 8).contiguous(memory_format=torch.channels_last)
     args = pool2d_attrs((3, 2), [])
-    made = onednn.max_pool2d(*args, False, x.shape, torch.float32)
+    made = onednn.pool2d("max", *args, False, x.shape, torch.float32)
     assert torch.equal(made(x), torch.max_pool2d(x, (3, 2)))
+
+
+@pytest.mark.parametrize("choice", ["onednn_made", "onednn_sum"])
+def test_a_stretch_of_kernels_runs_as_one_chain_call(monkeypatch, choice):
+    """Forced, the stem, its pool and the block's end (binary or sum post-op) run as one
+    ``Chain`` call; the plan matches eager, and a result stays intact when the engine runs
+    again (each call lays its intermediates out in an arena of its own)."""
+    from deepseek.backends.cpu import codegen
+
+    order = (choice, "onednn_made")  # the sum post-op where offered, else a made primitive
+    monkeypatch.setattr(codegen, "_fastest",
+                        lambda c: next((k for k in order if k in c), next(iter(c))))
+    torch.manual_seed(5)
+    model = _Block().eval()
+    engine = _check(model, torch.randn(2, 3, 10, 10))
+    merged = _plan_source(engine, merged=True)
+    assert merged.count("= chain") == 1 and "= dnn" not in merged.split("= chain")[0]
+    assert _plan_source(engine).count("= dnn") >= 4  # the profiler's twin: one per node
+    x1, x2 = torch.randn(2, 3, 10, 10), torch.randn(2, 3, 10, 10)
+    y1 = engine(x1)
+    keep = y1.clone()
+    engine(x2)
+    assert torch.equal(y1, keep)
+    with torch.no_grad():
+        assert rel_l2(y1, model(x1)) < 1e-4
+
+
+class _Tower(nn.Module):
+    """Six 1x1 convolutions in a row: each intermediate dies at the next one."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(*(nn.Conv2d(16, 16, 1) for _ in range(6)))
+
+    def forward(self, x):
+        return self.convs(x).relu()
+
+
+def test_chain_arena_reuses_dead_intermediates(monkeypatch):
+    _forcing(monkeypatch, "onednn_made")
+    torch.manual_seed(6)
+    model = _Tower().eval()
+    engine = _check(model, torch.randn(1, 16, 8, 8))
+    plan = next(iter(engine._parts[0].executable.plans.values()))
+    chains = [v for v in plan.__globals__.values() if isinstance(v, onednn.Chain)]
+    assert len(chains) == 1 and chains[0].n == 6
+    one = 16 * 8 * 8 * 4
+    assert chains[0].arena_bytes == 2 * one  # two live at a time, not six

@@ -24,8 +24,14 @@ def _forcing(monkeypatch, choice: str):
     monkeypatch.setattr(codegen, "_fastest", lambda c: choice if choice in c else next(iter(c)))
 
 
-def _plan_source(engine) -> str:
-    return next(iter(engine._parts[0].executable.plans.values())).source
+def _plan_source(engine, merged: bool = False) -> str:
+    """The plan's statements, one per node; ``merged``: as the plain plan runs them
+    (stretches of oneDNN kernels as one call, ``dnn_chains``)."""
+    plan = next(iter(engine._parts[0].executable.plans.values()))
+    if merged:
+        return plan.source
+    return "\n".join(ln for ln in plan.instrumented(None).source.splitlines()
+                     if not ln.strip().startswith("_hook("))
 
 
 def _check(model, x, atol=1e-4):
@@ -379,7 +385,7 @@ def test_conv_residual_add_relu_is_one_onednn_call(half_precisions_native, preci
     x = torch.randn(2, 8, 12, 12)
     engine = ds.compile(model, (x,), backend="cpu", precision=precision)
     got = engine(x)
-    source = next(iter(engine._parts[0].executable.plans.values())).source
+    source = _plan_source(engine)
     onednn = (torch.float32 if precision == "fp32" else torch.bfloat16) in codegen._ONEDNN_DTYPES
     # PyTorch's oneDNN op, or a oneDNN primitive made once (``onednn.conv2d``: called with
     # the convolution's input and the residual), whichever measured faster

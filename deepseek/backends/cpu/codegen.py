@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from deepseek.backends.cpu import direct, onednn, rowwise, weightonly, winograd
+from deepseek.backends.cpu import direct, dnn_chains, onednn, rowwise, weightonly, winograd
 from deepseek.ir.fused import parse_program, run_steps
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop, op_from_name, opdef, pool2d_attrs
@@ -288,6 +288,10 @@ class _Emitter:
         self.conv_add_relu: dict[int, tuple[Node, Value]] = {}  # host id -> (conv, residual)
         self.packed: dict[int, torch.Tensor] = {}  # conv id -> its oneDNN-packed weight
         self.buffers: list[tuple] = []  # (shape, dtype, format, views, zero) of each plan buffer
+        # oneDNN kernel statements (expression -> (kernel, argument names)), and the
+        # statements of nodes that stretches of kernel calls may merge (dnn_chains.Step)
+        self.dnn_exprs: dict[str, tuple] = {}
+        self.steps: dict[int, dnn_chains.Step] = {}
         self.buffer_free: list[int] = []  # index of the last node reading each buffer so far
         self.index = {id(o): i for i, n in enumerate(graph.nodes) for o in n.outputs}
         self.index.update({id(n): i for i, n in enumerate(graph.nodes)})
@@ -305,6 +309,16 @@ class _Emitter:
             return f"float({str(x)!r})"
         return repr(x)
 
+    def dnn_call(self, kernel: onednn._Kernel, *values: Value) -> str:
+        """The statement calling the oneDNN primitive ``kernel`` on ``values`` (channels-last
+        where it reads them so), recorded so that a stretch of such statements can run as
+        one call (``dnn_chains``)."""
+        cl = kernel.format == torch.channels_last
+        expr = (f"{self.const(kernel, 'dnn')}("
+                f"{', '.join(self.as_cl(v) if cl else self.name(v) for v in values)})")
+        self.dnn_exprs[expr] = (kernel, tuple(self.name(v) for v in values))
+        return expr
+
     def const(self, obj, hint: str) -> str:
         name = f"{hint}{len(self.globals)}"
         self.globals[name] = obj
@@ -319,6 +333,7 @@ class _Emitter:
         live = [o for o in outs if self.uses.get(id(o)) or o in self.graph.outputs]
         if id(node) in self.fused_into:  # already computed by its producer's fused kernel
             self.lines.append(f"    {lhs} = {self.fused_into[id(node)]}")
+            self.steps[index] = dnn_chains.Step(lhs, (self.fused_into[id(node)],))
             return
         if id(node) in self.deferred:  # computed by a later node's statement
             return
@@ -333,6 +348,9 @@ class _Emitter:
             args = [_source(a) for a in args] + [f"{k}={_source(v)}" for k, v in kwargs.items()]
             expr = f"{fn}({', '.join(args)})"
         self.lines.append(f"    {lhs} = {expr}")
+        if expr in self.dnn_exprs and len(outs) == 1:
+            kernel, args = self.dnn_exprs[expr]
+            self.steps[index] = dnn_chains.Step(lhs, args, kernel)
 
     def special(self, index, node, ins, attrs, live) -> str | None:
         """A faster call for common ops, or None for the generic ATen call."""
@@ -394,13 +412,30 @@ class _Emitter:
             if ins[0].spec.rank == 4:
                 self.cl.add(id(out))
             # pooling is 3x faster on channels-last activations (vectorized over channels)
-            pool = (self.max_pool2d(ins[0], a) or
+            args = (*pool2d_attrs(a["kernel_size"], a.get("stride", []), a.get("padding", 0),
+                                  a.get("dilation", 1)), bool(a.get("ceil_mode", False)))
+            pool = (self.pool2d(ins[0], "max", args, lambda t: torch.max_pool2d(t, *args)) or
                     f"torch.max_pool2d({self.as_cl(ins[0])}, {a['kernel_size']}, "
                     f"{a.get('stride', [])}, {a.get('padding', 0)}, {a.get('dilation', 1)}, "
                     f"{a.get('ceil_mode', False)})")
             if id(node) in self.after_pool:  # a monotone op moved past the pooling
                 return _MONOTONE_UNARY[self.after_pool[id(node)][0]][0].format(pool)
             return pool
+        if op is Op.MEAN_DIM and self.device == "cpu":
+            mean = self.spatial_mean(node, ins, attrs)
+            if mean is not None:
+                return mean
+        if op is Op.AVG_POOL2D and self.device == "cpu" and not attrs.get("ceil_mode", False) \
+                and attrs.get("divisor_override") is None:
+            args = (*pool2d_attrs(attrs["kernel_size"], attrs.get("stride", []),
+                                  attrs.get("padding", 0)), False)
+            include = bool(attrs.get("count_include_pad", True))
+            pool = self.pool2d(ins[0], "avg_include_pad" if include else "avg", args,
+                               lambda t: torch.nn.functional.avg_pool2d(
+                                   t, *args[:3], count_include_pad=include))
+            if pool is not None:
+                self.cl.add(id(out))
+                return pool
         if op is Op.NATIVE_LAYER_NORM and only_first:
             return (f"torch.layer_norm({n(ins[0])}, {attrs['normalized_shape']}, {n(ins[1])}, "
                     f"{n(ins[2])}, {attrs['eps']!r}), None, None")
@@ -413,22 +448,43 @@ class _Emitter:
             return f"torch.softmax({n(ins[0])}, {attrs['dim']})"
         return None
 
-    def max_pool2d(self, x: Value, a) -> str | None:
-        """A 4-D float32/bf16 max pool as oneDNN's pooling primitive, made once, where that
-        measures faster than ATen's (bf16 on a Xeon: 3-4x), else None."""
+    def pool2d(self, x: Value, algorithm: str, args: tuple, aten: Callable) -> str | None:
+        """A 4-D float32/bf16 pooling (``onednn.pool2d``'s ``algorithm`` and ``args``) as
+        oneDNN's primitive, made once, where that measures faster than ``aten`` (its ATen
+        statement's function on the same arguments; max pooling in bf16 on a Xeon: 3-4x),
+        else None."""
         if x.spec.rank != 4 or x.spec.dtype not in (torch.float32, torch.bfloat16):
             return None
-        args = (*pool2d_attrs(a["kernel_size"], a.get("stride", []), a.get("padding", 0),
-                              a.get("dilation", 1)), bool(a.get("ceil_mode", False)))
         shape = list(x.spec.concrete(self.env))
-        made = onednn.max_pool2d(*args, shape, x.spec.dtype)
+        made = onednn.pool2d(algorithm, *args, shape, x.spec.dtype)
         if made is None:
             return None
         xr = torch.randn(shape, dtype=x.spec.dtype).contiguous(memory_format=torch.channels_last)
-        if _fastest({"aten": lambda: torch.max_pool2d(xr, *args),
-                     "onednn_made": functools.partial(made, xr)}) != "onednn_made":
+        if _fastest({"aten": lambda: aten(xr), "onednn_made": made.step(xr)}) \
+                != "onednn_made":
             return None
-        return f"{self.const(made, 'dnn')}({self.as_cl(x)})"
+        return self.dnn_call(made, x)
+
+    def spatial_mean(self, node: Node, ins, attrs) -> str | None:
+        """The mean of a 4-D activation over its height and width (global average pooling,
+        as ``adaptive_avg_pool2d(x, 1)`` decomposes) as one oneDNN average pooling over the
+        whole image, where measured faster (bf16 ATen upcasts: 90 against 45 us on
+        ResNet-50's 2048x7x7 on a Xeon)."""
+        x = ins[0]
+        if not isinstance(x, Value) or x.spec.rank != 4 or attrs.get("dtype") is not None:
+            return None
+        if sorted(d % 4 for d in attrs.get("dim") or ()) != [2, 3]:
+            return None
+        h, w = x.spec.concrete(self.env)[2:]
+        keep = bool(attrs.get("keepdim", False))
+        pool = self.pool2d(x, "avg", ([h, w], [h, w], [0, 0], [1, 1], False),
+                           lambda t: t.mean([-1, -2], keep))
+        if pool is None:
+            return None
+        if keep:
+            self.cl.add(id(node.outputs[0]))
+            return pool
+        return f"{pool}.flatten(1)"
 
     def quantize(self, node: Node, ins, attrs) -> str | None:
         """Per-tensor quantization with constant parameters: the reference's arithmetic
@@ -732,11 +788,12 @@ class _Emitter:
             candidates["onednn"] = lambda: torch.ops.mkldnn._convolution_pointwise(
                 xcl, packed, bias, a["padding"], a["stride"], a["dilation"], a["groups"], post,
                 scalars, algo)
-        # the same oneDNN convolution, its primitive made once (no per-call setup)
+        # the same oneDNN convolution, its primitive made once (no per-call setup), timed as
+        # it runs in a stretch of such kernels, which the plan calls at once (dnn_chains)
         made = onednn.conv2d(weight, bias, a["stride"], a["padding"], a["dilation"],
                              a["groups"], shape, dtype, post) if packed is not None else None
         if made is not None:
-            candidates["onednn_made"] = functools.partial(made, xcl)
+            candidates["onednn_made"] = made.step(xcl)
         candidates["aten"] = aten
         # ATen's convolution on channels-last memory (its own oneDNN call, weights unpacked):
         # beat the packed kernel on MNIST's 32->64 3x3 at 14x14 on an AVX2 CPU (70 vs 95 us)
@@ -777,7 +834,7 @@ class _Emitter:
                 self.fused_into[id(users[0])] = self.names[id(out)]
                 self.cl.add(id(users[0].outputs[0]))
             self.cl.add(id(out))
-            return f"{self.const(made, 'dnn')}({self.as_cl(x)})"
+            return self.dnn_call(made, x)
         pool = self.pooled_by(users[0]) if fuse else None
         if pool is not None:  # the post-op could run after a max pool instead: measured
             pa = {k: bind(v, self.env) for k, v in pool.attrs.items()}
@@ -1043,11 +1100,29 @@ class _Emitter:
                                        f"{self.const(weight, 'wdnn')}, {bname}, 'none', [], '')")
         if conv_w is not None:
             candidates["conv1x1"], calls["conv1x1"] = conv_run, conv_call
-        # oneDNN's matmul, its primitive made once (no per-call setup)
+        # oneDNN's matmul and its 1x1 convolution, each a primitive made once (no per-call
+        # setup; at a few rows the convolution's kernels stream the weight faster: ResNet-50's
+        # classifier at batch 1 100 against 181 us on an AMX Xeon)
         made = onednn.linear(wt, bias, rows, x.spec.dtype) if onednn_ok else None
         if made is not None:
             candidates["onednn_made"] = functools.partial(made, xr)
-            calls["onednn_made"] = lambda: f"{self.const(made, 'dnn')}({operand()})"
+            calls["onednn_made"] = lambda: self.dnn_call(made, x) if len(shape) == 2 \
+                and nhwc is None else f"{self.const(made, 'dnn')}({operand()})"
+
+        def conv_made(activation="none"):
+            return onednn.conv2d(wt.t().contiguous().view(n_cols, k, 1, 1), bias, [1, 1], [0, 0],
+                                 [1, 1], 1, (1, k, 1, rows), x.spec.dtype, activation) \
+                if onednn_ok and nhwc is None else None
+
+        def conv_made_call(kernel) -> str:
+            return (f"{self.const(kernel, 'dnn')}({operand()}.view(1, 1, {rows}, {k}).permute("
+                    f"0, 3, 1, 2)).permute(0, 2, 3, 1).reshape({rows}, {n_cols})")
+
+        xr_image = xr.view(1, 1, rows, k).permute(0, 3, 1, 2)
+        conv_kernel = conv_made()
+        if conv_kernel is not None:
+            candidates["conv1x1_made"] = functools.partial(conv_kernel, xr_image)
+            calls["conv1x1_made"] = lambda: conv_made_call(conv_kernel)
         if post is not None:
             activation = torch.relu if post[0] == "relu" else gelu_tanh if post[2] == "tanh" \
                 else torch._C._nn.gelu  # as the activation's own statement computes it
@@ -1056,10 +1131,14 @@ class _Emitter:
             fused = {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(xr, weight, bias, *post)}
             if conv_w is not None:
                 fused["conv1x1"] = lambda: conv_run(*post)
-            made_act = onednn.linear(wt, bias, rows, x.spec.dtype, "relu" if post[0] == "relu"
-                                     else "gelu_tanh" if post[2] == "tanh" else "gelu")
+            act_name = "relu" if post[0] == "relu" else "gelu_tanh" if post[2] == "tanh" \
+                else "gelu"
+            made_act = onednn.linear(wt, bias, rows, x.spec.dtype, act_name)
             if made_act is not None:
                 fused["onednn_made"] = functools.partial(made_act, xr)
+            conv_act = conv_made(act_name)
+            if conv_act is not None:
+                fused["conv1x1_made"] = functools.partial(conv_act, xr_image)
             fused["apart"] = (lambda: activation(conv_run())) if conv_w is not None else \
                 (lambda: activation(torch.addmm(bias, xr, wt))) if bias is not None \
                 else (lambda: activation(torch.mm(xr, wt)))
@@ -1067,6 +1146,8 @@ class _Emitter:
             if best != "apart":  # the GEMM and its activation as one oneDNN call
                 self.fused_into[id(act)] = self.names[id(act_input)]
                 call = conv_call(*post) if best == "conv1x1" else \
+                    conv_made_call(conv_act) if best == "conv1x1_made" else \
+                    self.dnn_call(made_act, x) if best == "onednn_made" and len(shape) == 2 else \
                     f"{self.const(made_act, 'dnn')}({operand()})" if best == "onednn_made" else (
                     f"torch.ops.mkldnn._linear_pointwise({operand()}, "
                     f"{self.const(weight, 'wdnn')}, {bname}, {post[0]!r}, {post[1]}, "
@@ -1227,13 +1308,12 @@ class _Emitter:
                 "onednn": lambda: torch.ops.mkldnn._convolution_pointwise.binary(
                     xr, zr, packed, bias, a["padding"], a["stride"], a["dilation"],
                     a["groups"], "add", None, "relu", [], ""),
-                "onednn_made": lambda: made(xr, zr)}
+                "onednn_made": made.step(xr, zr)}
             if summed is not None:  # timed on a residual it keeps accumulating into
-                candidates["onednn_sum"] = lambda: summed(xr, zr)
+                candidates["onednn_sum"] = summed.step(xr, zr)
             best = _fastest(candidates)
             if best != "onednn":
-                kernel = self.const(summed if best == "onednn_sum" else made, "dnn")
-                return f"{kernel}({self.as_cl(x)}, {self.as_cl(z)})"
+                return self.dnn_call(summed if best == "onednn_sum" else made, x, z)
         return (f"torch.ops.mkldnn._convolution_pointwise.binary({self.as_cl(conv.inputs[0])}, "
                 f"{self.as_cl(z)}, {self.const(packed, 'packed')}, "
                 f"{self.name(b) if b is not None else None}, {a['padding']}, {a['stride']}, "
@@ -1308,7 +1388,9 @@ class _Emitter:
             # counts (Winograd): index -> its name; their FLOP rates are effective ones
             "algorithms": {index[k]: name for k, name in self.algorithms.items()},
         }
-        return _build(self.lines, self.globals, starts, None, marks)
+        plain = dnn_chains.merge(self.lines, starts, self.steps, self.const) \
+            if any(s.kernel for s in self.steps.values()) else self.lines
+        return _build(self.lines, self.globals, starts, None, marks, plain)
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
@@ -1344,15 +1426,18 @@ def _make_buffers(specs: tuple) -> tuple[torch.Tensor, ...]:
 
 
 def _build(lines: list[str], globals_: dict, starts: list[int],
-           hook: Callable[[int], object] | None, marks: Mapping[str, object]) -> Callable:
+           hook: Callable[[int], object] | None, marks: Mapping[str, object],
+           plain: list[str] | None = None) -> Callable:
     """Exec the plan's source; with ``hook``, a ``_hook(i)`` line goes before node i's
     statement (its ``del`` line stays with it) and ``_hook(len(nodes))`` before the return.
-    ``marks`` (what the profiler reads about nodes) become attributes of the function."""
+    ``marks`` (what the profiler reads about nodes) become attributes of the function.
+    ``plain``: the plain plan's lines where they differ from ``lines`` (stretches of
+    oneDNN kernels merged into one call); the instrumented twin keeps a statement per node."""
     if hook is not None:
         lines = list(lines)
         for i in reversed(range(len(starts))):
             lines.insert(starts[i], f"    _hook({i})")
-    source = "\n".join(lines) + "\n"
+    source = "\n".join(plain if hook is None and plain is not None else lines) + "\n"
     namespace = dict(globals_)
     if hook is not None:
         namespace["_hook"] = hook

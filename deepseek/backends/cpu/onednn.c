@@ -1,4 +1,4 @@
-/* oneDNN convolutions and matmuls whose primitives are created once, when a plan is
+/* oneDNN convolutions, matmuls and poolings whose primitives are created once, when a plan is
  * built, and only executed per call (PyTorch's oneDNN ops create the primitive
  * descriptor again on every call: 40-70 us each, measured on a Xeon with AMX).
  *
@@ -188,11 +188,14 @@ void *ds_onednn_matmul_create(const int *p, const void *weights, const float *bi
     return k;
 }
 
-/* p: n, c, h, w, kh, kw, sh, sw, ph0, pw0, ph1, pw1, dh, dw, oh, ow, dtype. Max pooling
- * of NHWC memory (padded positions never win). */
-void *ds_onednn_max_pool_create(const int *p) {
+/* p: n, c, h, w, kh, kw, sh, sw, ph0, pw0, ph1, pw1, dh, dw, oh, ow, dtype, alg (0 max:
+ * padded positions never win; 1 average over the window's positions inside the input;
+ * 2 average counting padded positions as zeros). Pooling of NHWC memory. */
+void *ds_onednn_pool_create(const int *p) {
+    static const dnnl_alg_kind_t ALGS[] = {dnnl_pooling_max, dnnl_pooling_avg_exclude_padding,
+                                           dnnl_pooling_avg_include_padding};
     pthread_once(&g_once, init_engine);
-    if (!g_ok) return NULL;
+    if (!g_ok || p[17] < 0 || p[17] > 2) return NULL;
     dnnl_data_type_t dt = dtype_of(p[16]);
     dnnl_dims_t src_d = {p[0], p[1], p[2], p[3]}, dst_d = {p[0], p[1], p[14], p[15]};
     dnnl_dims_t kernel = {p[4], p[5]}, strides = {p[6], p[7]}, dil = {p[12] - 1, p[13] - 1};
@@ -203,7 +206,7 @@ void *ds_onednn_max_pool_create(const int *p) {
     dnnl_primitive_desc_t pd = NULL;
     ds_kernel *k = NULL;
     if (dnnl_pooling_forward_primitive_desc_create(
-            &pd, g_engine, dnnl_forward_inference, dnnl_pooling_max, src_md, dst_md, strides,
+            &pd, g_engine, dnnl_forward_inference, ALGS[p[17]], src_md, dst_md, strides,
             kernel, dil, pad_l, pad_r, NULL) == dnnl_success)
         k = finish(pd, NULL, NULL, NULL, NULL, RES_NONE);
     if (pd) dnnl_primitive_desc_destroy(pd);
@@ -232,6 +235,23 @@ int ds_onednn_run(void *handle, void *src, void *dst, void *res) {
     if (st == dnnl_success) st = dnnl_stream_wait(k->stream);
     pthread_mutex_unlock(&k->lock);
     return st;
+}
+
+/* Runs n kernels in order, one call for a chain of them (no interpreter between). Step
+ * i's source, destination and residual are each two int64s in refs[6i..6i+5]: a base
+ * (0 = arena, 1 + j = bases[1 + j], -1 = none) and a byte offset from it. 0 on success,
+ * else the failing step's status. */
+int ds_onednn_run_chain(int n, void *const *handles, const long long *refs,
+                        char *const *bases) {
+    for (int i = 0; i < n; i++) {
+        const long long *r = refs + 6 * i;
+        void *p[3];
+        for (int j = 0; j < 3; j++)
+            p[j] = r[2 * j] < 0 ? NULL : bases[r[2 * j]] + r[2 * j + 1];
+        int st = ds_onednn_run(handles[i], p[0], p[1], p[2]);
+        if (st) return st;
+    }
+    return 0;
 }
 
 void ds_onednn_destroy(void *handle) {

@@ -21,6 +21,7 @@ import ctypes
 import os
 import site
 import sys
+from typing import Callable
 
 import torch
 
@@ -55,8 +56,10 @@ def library() -> ctypes.CDLL | None:
     lib_dir = os.path.join(root, "lib")
     return native.library("onednn", {
         "ds_onednn_conv_create": ([p, p, p], p), "ds_onednn_matmul_create": ([p, p, p], p),
-        "ds_onednn_max_pool_create": ([p], p),
-        "ds_onednn_run": ([p, p, p, p], ctypes.c_int), "ds_onednn_destroy": ([p], None)},
+        "ds_onednn_pool_create": ([p], p),
+        "ds_onednn_run": ([p, p, p, p], ctypes.c_int),
+        "ds_onednn_run_chain": ([ctypes.c_int, p, p, p], ctypes.c_int),
+        "ds_onednn_destroy": ([p], None)},
         extra=(f"-I{os.path.join(root, 'include')}", f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}",
                "-ldnnl", "-lpthread"))
 
@@ -97,10 +100,72 @@ class _Kernel:
             raise RuntimeError(f"oneDNN execution failed (dnnl_status_t {status})")
         return y
 
+    def step(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Callable[[], int]:
+        """A call running the primitive alone on ``x`` (and ``residual``, each in the
+        kernel's dtype and memory format) into an output allocated once: what the kernel
+        costs as a step of a ``Chain``, for measuring it against other kernels."""
+        y = residual if self.residual == "sum" else \
+            torch.empty(self.shape, dtype=self.dtype, memory_format=self.format)
+        r = residual.data_ptr() if self.residual == "add" else None
+        keep = (x, y, residual)
+        return lambda: self.lib.ds_onednn_run(self.handle, keep[0].data_ptr(), y.data_ptr(), r)
+
     def __del__(self):
         if getattr(self, "handle", None):
             self.lib.ds_onednn_destroy(self.handle)
             self.handle = None
+
+
+class Chain:
+    """Kernels run one after another in one C call (``ds_onednn_run_chain``), where a plan
+    runs a stretch of them: the interpreter's statement, the argument checks and the
+    output's allocation per kernel (10-12 us each; ResNet-50 makes 53 such calls) become
+    one call, the intermediates laid out in one arena allocated per call (so concurrent
+    calls never share one).
+
+    ``inputs``: (dtype, memory format) each input is read in (converted where it is not);
+    ``refs``: per kernel, its source, destination and residual as (base, byte offset)
+    pairs, base 0 the arena, 1 + j input j, -1 none; ``outputs``: (base, byte offset,
+    shape, dtype, memory format) of each tensor the call returns (a "sum" kernel's result
+    lies in its residual's memory, which may be an input's).
+    """
+
+    def __init__(self, kernels: list[_Kernel], inputs: list[tuple], refs: list[int],
+                 arena_bytes: int, outputs: list[tuple]):
+        self.lib = library()
+        self.kernels = kernels  # keeps the primitives alive
+        self.n = len(kernels)
+        self.handles = (ctypes.c_void_p * self.n)(*(k.handle for k in kernels))
+        self.refs = (ctypes.c_longlong * len(refs))(*refs)
+        self.inputs = inputs
+        self.arena_bytes = arena_bytes
+        self.outputs = [(base, offset // dtype.itemsize, shape,
+                         None if base else _strides(shape, fmt), dtype)
+                        for base, offset, shape, dtype, fmt in outputs]
+
+    def __call__(self, *xs: torch.Tensor):
+        xs = [x if x.dtype == dtype and x.is_contiguous(memory_format=fmt)
+              else x.to(dtype).contiguous(memory_format=fmt)
+              for x, (dtype, fmt) in zip(xs, self.inputs)]
+        arena = torch.empty(self.arena_bytes, dtype=torch.uint8)
+        bases = (ctypes.c_void_p * (1 + len(xs)))(arena.data_ptr(), *(x.data_ptr() for x in xs))
+        status = self.lib.ds_onednn_run_chain(self.n, self.handles, self.refs, bases)
+        if status:
+            raise RuntimeError(f"oneDNN execution failed (dnnl_status_t {status})")
+        typed = {}
+        out = []
+        for base, offset, shape, strides, dtype in self.outputs:
+            if base:
+                out.append(xs[base - 1])
+                continue
+            if dtype not in typed:
+                typed[dtype] = arena.view(dtype)
+            out.append(typed[dtype].as_strided(shape, strides, offset))
+        return out
+
+
+def _strides(shape, fmt: torch.memory_format) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=fmt).stride()
 
 
 def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -147,10 +212,16 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype: to
     return _Kernel(handle, (rows, n), dtype, False) if handle else None
 
 
-def max_pool2d(kernel_size, stride, padding, dilation, ceil_mode: bool, in_shape,
-               dtype: torch.dtype) -> _Kernel | None:
-    """2-D max pooling (PyTorch's attributes, normalized to pairs) of NHWC inputs of
-    ``in_shape`` in ``dtype``, or None where oneDNN makes no primitive."""
+# pooling algorithms, by the C side's code: max, the average over the window's positions
+# inside the input, the average counting padded positions as zeros
+_POOLS = {"max": 0, "avg": 1, "avg_include_pad": 2}
+
+
+def pool2d(algorithm: str, kernel_size, stride, padding, dilation, ceil_mode: bool, in_shape,
+           dtype: torch.dtype) -> _Kernel | None:
+    """2-D pooling (``algorithm`` in ``_POOLS``; PyTorch's attributes, normalized to pairs)
+    of NHWC inputs of ``in_shape`` in ``dtype``, or None where oneDNN makes no primitive.
+    The output size is max pooling's formula, which average pooling shares."""
     lib = library()
     if lib is None or dtype not in _DTYPES:
         return None
@@ -162,6 +233,6 @@ def max_pool2d(kernel_size, stride, padding, dilation, ceil_mode: bool, in_shape
     pad_r = [max(0, (o - 1) * s + d * (k - 1) + 1 - size - p) for o, s, d, k, size, p in
              zip((oh, ow), stride, dilation, kernel_size, (h, w), padding)]
     params = torch.tensor([n, c, h, w, *kernel_size, *stride, *padding, *pad_r, *dilation,
-                           oh, ow, _DTYPES[dtype]], dtype=torch.int32)
-    handle = lib.ds_onednn_max_pool_create(params.data_ptr())
+                           oh, ow, _DTYPES[dtype], _POOLS[algorithm]], dtype=torch.int32)
+    handle = lib.ds_onednn_pool_create(params.data_ptr())
     return _Kernel(handle, (n, c, oh, ow), dtype, True) if handle else None
