@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_map
 from torch.export.graph_signature import InputKind, OutputKind
 
 from deepseek.errors import CaptureError
+from deepseek.frontend import capture_cache
 from deepseek.frontend.fx import SymbolNamer, convert_fx
 from deepseek.ir.graph import Graph, Value
 from deepseek.runtime.structure import flatten_inputs, flatten_with_structure, spec_to_json
@@ -86,13 +87,22 @@ def capture(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor,
     try:
         ep = export(model, args, {}, dynamic_shapes=_dynamic_shapes(args, dynamic_dims),
                     strict=False)
-        ep = ep.run_decompositions(_decomposition_table())
+        cache_key = capture_cache.key(ep, [strict, {str(i): {str(d): n for d, n in dims.items()}
+                                                    for i, dims in (dynamic_dims or {}).items()},
+                                           repr(flatten_with_structure(args)[1])]) \
+            if capture_cache.enabled() else None
+        graph = capture_cache.load(cache_key, ep) if cache_key else None
+        if graph is None:
+            decomposed = ep.run_decompositions(_decomposition_table())
     except Exception as e:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                            f"{type(e).__name__}: {e}") from e
     finally:
         model.train(was_training)
-    graph = _from_exported(ep, args, {}, dynamic_dims or {}, strict)
+    if graph is None:
+        graph = _from_exported(decomposed, args, {}, dynamic_dims or {}, strict)
+        if cache_key:
+            capture_cache.store(cache_key, graph, ep)
     graph.in_structure["params"] = params
     graph.in_structure["spec"] = flatten_with_structure(args)[1]
     return graph

@@ -23,6 +23,8 @@ import tempfile
 import threading
 from typing import Mapping
 
+from deepseek.runtime.cache import cache_root
+
 # -ffp-contract=fast: a * b + c as one FMA (ISO C modes such as -std=c99 turn that off,
 # which halved the arithmetic rate of every kernel here)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
@@ -53,8 +55,7 @@ def _compiler() -> str | None:
 def _out_dir() -> str:
     """Where built kernels go: the cache, or a private temporary directory where the cache
     cannot be written (a read-only home in a container): built once per process then."""
-    base = os.environ.get("DEEPSEEK_CACHE_DIR",
-                          os.path.join(os.path.expanduser("~"), ".cache", "deepseek"))
+    base = cache_root()
     out_dir = os.path.join(base, "native")
     try:
         os.makedirs(out_dir, exist_ok=True)

@@ -28,6 +28,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from deepseek.runtime.cache import cache_root
+
 log = logging.getLogger(__name__)
 _REPS = 10
 
@@ -85,8 +87,7 @@ class Autotuner:
         self.budget_s = float(os.environ.get("DEEPSEEK_AUTOTUNE_SECONDS", 60)) \
             if budget_s is None else budget_s
         self.spent_s = 0.0
-        base = cache_dir or os.environ.get(
-            "DEEPSEEK_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "deepseek"))
+        base = cache_dir or cache_root()
         self.path = os.path.join(base, "autotune", machine_key(device) + ".json")
         self.table: dict[str, dict] = self._load()
         self.decisions: list[dict] = []  # what this model chose, for the report

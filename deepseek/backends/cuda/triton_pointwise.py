@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from deepseek.ir.fused import parse_program
+from deepseek.runtime.cache import cache_root
 
 # IR op -> Triton expression over its operands {0}, {1}, ... (float32 values)
 _EXPR = {
@@ -135,8 +136,7 @@ def generate_source(program: str, n_inputs: int, rank: int) -> str | None:
 def _cache_dir() -> str:
     import triton
 
-    base = os.environ.get("DEEPSEEK_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache",
-                                                             "deepseek"))
+    base = cache_root()
     device = "interpreter"
     if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
         device = torch.cuda.get_device_name().replace(" ", "_") + f"_cuda{torch.version.cuda}"

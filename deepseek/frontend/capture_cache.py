@@ -1,0 +1,140 @@
+"""Captured graphs kept on disk, keyed by the exported program they come from.
+
+``ds.capture`` traces the model with ``torch.export`` (0.6-0.9 s for ResNet-50 on a
+2-core CPU), then ``run_decompositions`` traces the exported program again down to
+core ATen (1.8-2.0 s) and the result is converted to the IR. That second trace and the
+conversion depend only on the exported program and the library versions, so their
+result is cached under a hash of the exported program: its code, its signature, the
+shape and dtype of every input, parameter and buffer, the values of its other tensor
+constants and of small parameters and buffers (anything a trace might read as a
+number), each node's source location and module path, the input and output
+structure, ``strict``, the dynamic dims' names, and the torch, Python and Deepseek
+versions. A model whose code changes traces to another program, so it misses.
+
+Parameters and buffers are never stored: a cached graph takes them from the model
+being captured, by name. Tensors the decompositions made are stored with the graph as
+safetensors (nothing is ever unpickled). Entries live in ``$DEEPSEEK_CACHE_DIR/capture``;
+``DEEPSEEK_CAPTURE_CACHE=0`` turns the cache off. A damaged entry is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+
+import torch
+from safetensors.torch import load as st_load, save as st_save
+
+from deepseek.ir.graph import Graph
+from deepseek.runtime.cache import cache_root
+
+log = logging.getLogger(__name__)
+
+_SMALL = 64  # parameters and buffers of at most this many elements are keyed by value
+
+
+def enabled() -> bool:
+    return os.environ.get("DEEPSEEK_CAPTURE_CACHE", "1") != "0"
+
+
+def _path(key: str) -> str:
+    return os.path.join(cache_root(), "capture", key)
+
+
+def key(ep, extra: object) -> str:
+    """The hash of the exported program ``ep`` (see the module's docstring) and
+    ``extra`` (JSON-able: the capture's other arguments)."""
+    from deepseek import __version__
+
+    h = hashlib.sha256()
+
+    def add(x) -> None:
+        h.update(json.dumps(x, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+
+    def add_tensor(t: torch.Tensor, by_value: bool) -> None:
+        add([list(t.shape), str(t.dtype)])
+        if by_value:
+            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+
+    add([torch.__version__, sys.version, __version__, extra])
+    add(ep.graph_module.code)
+    add([str(s) for s in ep.graph_signature.input_specs])
+    add([str(s) for s in ep.graph_signature.output_specs])
+    add([str(ep.call_spec.in_spec), str(ep.call_spec.out_spec)])
+    for n in ep.graph.nodes:
+        val = n.meta.get("val")
+        add([n.name, n.meta.get("stack_trace"), str(n.meta.get("nn_module_stack")),
+             [str(val.shape), str(val.dtype)] if isinstance(val, torch.Tensor) else str(val)])
+    for name in sorted(ep.state_dict):
+        t = ep.state_dict[name]
+        add(name)
+        add_tensor(t, t.numel() <= _SMALL)
+    for name in sorted(ep.constants):
+        t = ep.constants[name]
+        add(name)
+        if isinstance(t, torch.Tensor):
+            add_tensor(t, True)
+        else:
+            add(type(t).__qualname__)  # a script object: never cached (see store)
+    return h.hexdigest()
+
+
+def load(key: str, ep) -> Graph | None:
+    """The graph cached under ``key``, its parameters and buffers taken from ``ep``; None
+    on a miss (or an entry that does not read back)."""
+    from deepseek.runtime.artifact import graph_from_json
+
+    base = _path(key)
+    try:
+        with open(base + ".json") as f:
+            doc = json.load(f)
+        with open(base + ".safetensors", "rb") as f:
+            tensors = st_load(f.read())
+        for name, target in doc["from_model"].items():
+            tensors[name] = ep.state_dict[target]
+        graph, _ = graph_from_json(doc["graph"], tensors)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # a damaged or stale entry: capture afresh
+        log.warning("capture cache entry %s unreadable (%s: %s); capturing afresh", key,
+                    type(e).__name__, e)
+        return None
+    return graph
+
+
+def store(key: str, graph: Graph, ep) -> None:
+    """Cache ``graph`` (captured from ``ep``) under ``key``; failures only log."""
+    from deepseek.runtime.artifact import graph_to_json
+
+    if any(not isinstance(t, torch.Tensor) for t in ep.constants.values()):
+        return  # script objects (custom classes) cannot be stored
+    owners = {t.data_ptr(): name for name, t in ep.state_dict.items() if t.numel()}
+    from_model, stored = {}, {}
+    for name, t in graph.constants.items():
+        target = owners.get(t.data_ptr()) if t.numel() else None
+        if target is not None and ep.state_dict[target].shape == t.shape \
+                and ep.state_dict[target].dtype == t.dtype:
+            from_model[name] = target
+        elif t.numel() <= _SMALL or any(  # keyed by value: safe to store
+                c.shape == t.shape and c.dtype == t.dtype and torch.equal(c, t)
+                for c in ep.constants.values()):
+            stored[name] = t.detach().contiguous().cpu()
+        else:  # a tensor of unknown origin might follow the weights: never freeze it
+            log.debug("capture not cached: constant %s is neither a parameter nor keyed", name)
+            return
+    base = _path(key)
+    try:
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        tmp = f"{base}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(st_save(stored))
+        os.replace(tmp, base + ".safetensors")
+        with open(tmp, "w") as f:  # the graph last: an entry counts once its JSON is there
+            json.dump({"graph": graph_to_json(graph), "from_model": from_model}, f)
+        os.replace(tmp, base + ".json")
+    except OSError as e:
+        log.warning("could not write the capture cache entry %s: %s", base, e)
