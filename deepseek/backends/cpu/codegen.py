@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from deepseek.backends.cpu import direct, dnn_chains, onednn, rowwise, weightonly, winograd
+from deepseek.backends.cpu import (choices, direct, dnn_chains, onednn, rowwise, weightonly,
+                                  winograd)
 from deepseek.ir.fused import parse_program, run_steps
 from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop, op_from_name, opdef, pool2d_attrs
@@ -138,7 +139,13 @@ def _fastest(candidates: Mapping[str, Callable[[], object]]) -> str:
     call every candidate once, in a rotating order, and each is judged by its fastest
     call: on a shared machine noise only ever adds time (a stalled thread costs a whole
     scheduler slice), so the minimum is the estimate that other load disturbs least.
+    A choice made for the same graph on this machine before is taken from the disk
+    cache instead (``choices``).
     """
+    return choices.choose(list(candidates), lambda: _measure(candidates))
+
+
+def _measure(candidates: Mapping[str, Callable[[], object]]) -> str:
     names = list(candidates)
     for _ in range(2):
         for name in names:
@@ -1336,6 +1343,15 @@ class _Emitter:
         if g.inputs:
             self.lines.append(f"    {', '.join(self.names[id(v)] for v in g.inputs)}, = inputs")
         preamble_at = len(self.lines)
+        if self.device == "cpu":  # measured choices: from the disk cache where made before
+            from deepseek.runtime.artifact import graph_to_json
+
+            with choices.recording(graph_to_json(g), self.env):
+                return self._generate(preamble_at)
+        return self._generate(preamble_at)
+
+    def _generate(self, preamble_at: int) -> Callable:
+        g = self.graph
         self.prepare()
         last = g.last_use()
         never_made = set()
@@ -1353,6 +1369,7 @@ class _Emitter:
         starts = []  # index in self.lines of each node's statement, then of the return
         for i, node in enumerate(g.nodes):
             starts.append(len(self.lines))
+            choices.at_node(i + 1)
             self.emit(i, node)
             for o in node.outputs:  # outputs nobody reads die at once
                 if id(o) not in self.uses and o not in g.outputs and id(o) not in never_made:
