@@ -28,3 +28,20 @@ def half_precisions_native(monkeypatch):
     import deepseek.backends.cpu as cpu
 
     monkeypatch.setattr(cpu, "native_precisions", lambda: frozenset({"bf16", "fp16"}))
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty ``DEEPSEEK_CACHE_DIR`` with every on-disk cache switched on."""
+    monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path))
+    for switch in ("DEEPSEEK_CAPTURE_CACHE", "DEEPSEEK_CPU_CHOICE_CACHE"):
+        monkeypatch.delenv(switch, raising=False)
+    return tmp_path
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` so each call appends its arguments to the returned list."""
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls

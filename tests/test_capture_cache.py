@@ -15,7 +15,7 @@ from torch.export import ExportedProgram
 
 import deepseek as ds
 from deepseek.runtime.artifact import graph_to_json
-from tests.conftest import rel_l2
+from tests.conftest import count_calls, rel_l2
 
 
 class _Net(nn.Module):
@@ -38,19 +38,13 @@ class _Gelu(_Net):
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("DEEPSEEK_CAPTURE_CACHE", raising=False)
-    return tmp_path / "capture"
+def cache(fresh_cache):
+    return fresh_cache / "capture"
 
 
 def _decompositions(monkeypatch) -> list:
     """Counts run_decompositions calls (a miss runs it, a hit does not)."""
-    calls = []
-    real = ExportedProgram.run_decompositions
-    monkeypatch.setattr(ExportedProgram, "run_decompositions",
-                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    return calls
+    return count_calls(monkeypatch, ExportedProgram, "run_decompositions")
 
 
 def _model(cls=_Net, seed=0):

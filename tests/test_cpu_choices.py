@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import deepseek as ds
 from deepseek.backends.cpu import codegen
-from tests.conftest import rel_l2
+from tests.conftest import count_calls, rel_l2
 from tests.test_cpu_plans import _plan_source
 
 
@@ -28,17 +28,12 @@ class _Net(nn.Module):
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DEEPSEEK_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("DEEPSEEK_CPU_CHOICE_CACHE", raising=False)
-    return tmp_path / "cpu_choices"
+def cache(fresh_cache):
+    return fresh_cache / "cpu_choices"
 
 
 def _measured(monkeypatch) -> list:
-    calls = []
-    real = codegen._measure
-    monkeypatch.setattr(codegen, "_measure", lambda c: calls.append(list(c)) or real(c))
-    return calls
+    return count_calls(monkeypatch, codegen, "_measure")
 
 
 def _compiled(x):

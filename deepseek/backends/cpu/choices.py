@@ -18,6 +18,7 @@ written).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -74,19 +75,25 @@ class _Table:
             log.warning("could not write the CPU choice cache %s: %s", self.path, e)
 
 
+@functools.lru_cache(maxsize=None)
+def _code() -> str:
+    """A hash of this backend's code (what a candidate's name stands for), once a process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = hashlib.sha256()
+    for name in sorted(os.listdir(here)):
+        if name.endswith((".py", ".c")):
+            with open(os.path.join(here, name), "rb") as f:
+                code.update(f.read())
+    return code.hexdigest()
+
+
 def _machine() -> str:
     from deepseek import __version__
     from deepseek.backends.cpu import native, onednn
 
     onednn.available()  # registers why oneDNN is missing, if it is
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = hashlib.sha256()  # the backend's code: what a candidate's name stands for
-    for name in sorted(os.listdir(here)):
-        if name.endswith((".py", ".c")):
-            with open(os.path.join(here, name), "rb") as f:
-                code.update(f.read())
     parts = [native._cpu_key(), str(torch.get_num_threads()), torch.__version__, __version__,
-             ",".join(sorted(native.unavailable)), code.hexdigest()]
+             ",".join(sorted(native.unavailable)), _code()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 

@@ -106,9 +106,8 @@ class _Kernel:
         costs as a step of a ``Chain``, for measuring it against other kernels."""
         y = residual if self.residual == "sum" else \
             torch.empty(self.shape, dtype=self.dtype, memory_format=self.format)
-        r = residual.data_ptr() if self.residual == "add" else None
-        keep = (x, y, residual)
-        return lambda: self.lib.ds_onednn_run(self.handle, keep[0].data_ptr(), y.data_ptr(), r)
+        ptrs = (x.data_ptr(), y.data_ptr(), residual.data_ptr() if self.residual == "add" else None)
+        return lambda keep=(x, y, residual): self.lib.ds_onednn_run(self.handle, *ptrs)
 
     def __del__(self):
         if getattr(self, "handle", None):
