@@ -75,7 +75,7 @@ def worker(step: str, name: str, device: str, precision: str, artifact: str) -> 
 
 
 def run(names, device: str, precision: str, step_timeout: float, out: str | None,
-        info: dict) -> list[dict]:
+        info: dict, steps=STEPS) -> list[dict]:
     """Every step of every model; a step over ``step_timeout`` seconds is recorded as None
     and the rest go on. The results are written to ``out`` after each step."""
     from benchmarks import save_json
@@ -88,7 +88,7 @@ def run(names, device: str, precision: str, step_timeout: float, out: str | None
                        TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"))
             row = {"model": name, "config": MODELS[name], "seconds": {}}
             results.append(row)
-            for step in STEPS:
+            for step in steps:
                 if step == "torch.compile_cold":  # its own fresh Triton cache, not Deepseek's
                     env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton_inductor")
                 cmd = [sys.executable, "-m", "benchmarks.compile_time", "--worker", step,
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON results, rewritten after each step")
     p.add_argument("--step-timeout", type=float, default=600.0,
                    help="seconds one step may take; a slower one is recorded as null")
+    p.add_argument("--steps", default=",".join(STEPS),
+                   help="comma-separated steps to run, in this order (default: all)")
     p.add_argument("--worker", default=None, choices=STEPS, help=argparse.SUPPRESS)
     p.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -131,7 +133,11 @@ def main(argv=None) -> int:
 
     info = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
             "torch": torch.__version__, "precision": precision}
-    run(names, a.device, precision, a.step_timeout, a.out, info)
+    steps = a.steps.split(",")
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        p.error(f"unknown steps {unknown}; choose from {STEPS}")
+    run(names, a.device, precision, a.step_timeout, a.out, info, steps)
     print(json.dumps(info))
     return 0
 
