@@ -270,6 +270,35 @@ def test_a_stretch_of_kernels_runs_as_one_chain_call(monkeypatch, choice):
         assert rel_l2(y1, model(x1)) < 1e-4
 
 
+@pytest.mark.parametrize("dtype,to", [(torch.float32, torch.bfloat16),
+                                      (torch.float32, torch.float32),
+                                      (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape", [(1, 3, 7, 5), (2, 19, 4, 9)])
+def test_reorder_into_channels_last_is_exact(dtype, to, shape):
+    x = torch.randn(shape).to(dtype)
+    made = onednn.reorder(list(shape), dtype, to)
+    got = made(x)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == to
+    assert torch.equal(got, x.to(to).contiguous(memory_format=torch.channels_last))
+
+
+def test_input_converted_by_a_reorder_in_the_chain(monkeypatch, half_precisions_native):
+    """In bf16, the float32 input reaches the stem through a oneDNN reorder (dtype and
+    layout in one pass) that is the chain's first step, not an ATen copy before it."""
+    _forcing(monkeypatch, "onednn_made")
+    torch.manual_seed(8)
+    model = _Block().eval()
+    engine = ds.compile(model, (torch.randn(2, 3, 10, 10),), backend="cpu", precision="bf16")
+    for _ in range(2):
+        x = torch.randn(2, 3, 10, 10)
+        with torch.no_grad():
+            assert rel_l2(engine(x).float(), model(x)) < 2e-2
+    merged = _plan_source(engine, merged=True)
+    first = merged.splitlines()[2]  # after the def and the inputs' unpacking
+    assert " = chain" in first and first.endswith("(i_x)"), merged
+    assert merged.count("= chain") == 1 and merged.count("to_copy") == 1, merged  # the output's
+
+
 class _Tower(nn.Module):
     """Six 1x1 convolutions in a row: each intermediate dies at the next one."""
 

@@ -320,7 +320,7 @@ class _Emitter:
         """The statement calling the oneDNN primitive ``kernel`` on ``values`` (channels-last
         where it reads them so), recorded so that a stretch of such statements can run as
         one call (``dnn_chains``)."""
-        cl = kernel.format == torch.channels_last
+        cl = kernel.source[1] == torch.channels_last
         expr = (f"{self.const(kernel, 'dnn')}("
                 f"{', '.join(self.as_cl(v) if cl else self.name(v) for v in values)})")
         self.dnn_exprs[expr] = (kernel, tuple(self.name(v) for v in values))
@@ -397,6 +397,10 @@ class _Emitter:
             return self.conv_residual(*self.conv_add_relu[id(node)], node)
         if op is Op.FUSED_POINTWISE:
             return self.fused_chain(node, ins)
+        if op is Op.TO_COPY and self.device == "cpu":
+            converted = self.convert_for_conv(node, ins, attrs)
+            if converted is not None:
+                return converted
         if op in (Op.ADDMM, Op.MM, Op.MATMUL) and self.device == "cpu":
             fused = self.const_gemm(node, ins, attrs)
             if fused is not None:
@@ -470,6 +474,29 @@ class _Emitter:
         if _fastest({"aten": lambda: aten(xr), "onednn_made": made.step(xr)}) \
                 != "onednn_made":
             return None
+        return self.dnn_call(made, x)
+
+    def convert_for_conv(self, node: Node, ins, attrs) -> str | None:
+        """A 4-D dtype conversion read only by convolutions (a network's float32 input
+        ahead of its bf16 stem) as one oneDNN reorder into channels-last memory, where that
+        measures faster than converting and then re-laying out (two passes), else None."""
+        x, out = ins[0], node.outputs[0]
+        if not isinstance(x, Value) or x.spec.rank != 4 or out in self.graph.outputs \
+                or set(attrs) - {"dtype", "layout", "device", "memory_format"} \
+                or attrs.get("memory_format") not in (None, torch.preserve_format) \
+                or attrs.get("device") not in (None, torch.device("cpu")) \
+                or not all(u.op is Op.CONVOLUTION for u in self.users.get(id(out), [None])):
+            return None
+        shape = list(x.spec.concrete(self.env))
+        made = onednn.reorder(shape, x.spec.dtype, out.spec.dtype)
+        if made is None:
+            return None
+        xr = torch.randn(shape).to(x.spec.dtype)
+        if _fastest({"aten": lambda: xr.to(out.spec.dtype).contiguous(
+                memory_format=torch.channels_last), "onednn_made": made.step(xr)}) \
+                != "onednn_made":
+            return None
+        self.cl.add(id(out))
         return self.dnn_call(made, x)
 
     def spatial_mean(self, node: Node, ins, attrs) -> str | None:

@@ -72,7 +72,7 @@ class _Draft:
         k, t = step.kernel, len(self.kernels)
         fmt = (k.dtype, k.format)
         mark = (dict(self.where), len(self.inputs), [b[2] for b in self.buffers])
-        src = self.locate(step.args[0], fmt, t)
+        src = self.locate(step.args[0], k.source, t)
         res = self.locate(step.args[1], fmt, t) if k.residual else None
         if src is None or (k.residual and res is None):
             self.where, n_in, lasts = mark  # undo: the step stays out

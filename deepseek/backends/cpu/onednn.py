@@ -56,7 +56,7 @@ def library() -> ctypes.CDLL | None:
     lib_dir = os.path.join(root, "lib")
     return native.library("onednn", {
         "ds_onednn_conv_create": ([p, p, p], p), "ds_onednn_matmul_create": ([p, p, p], p),
-        "ds_onednn_pool_create": ([p], p),
+        "ds_onednn_pool_create": ([p], p), "ds_onednn_reorder_create": ([p], p),
         "ds_onednn_run": ([p, p, p, p], ctypes.c_int),
         "ds_onednn_run_chain": ([ctypes.c_int, p, p, p], ctypes.c_int),
         "ds_onednn_destroy": ([p], None)},
@@ -72,21 +72,25 @@ class _Kernel:
     """A oneDNN primitive made once; calling it runs it on new data."""
 
     def __init__(self, handle, out_shape, dtype: torch.dtype, channels_last: bool,
-                 residual: str | None = None):
+                 residual: str | None = None, source: tuple | None = None):
         self.lib = library()
         self.handle = handle
         self.residual = residual
         self.shape = tuple(out_shape)
         self.dtype = dtype
         self.format = torch.channels_last if channels_last else torch.contiguous_format
+        # (dtype, memory format) the source is read in: the result's, but for a reorder
+        self.source = source or (dtype, self.format)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The result of ``x`` (its memory as the kernel reads it: channels-last for a
-        convolution, row-major rows for a GEMM), plus ``residual`` (the result's shape and
-        memory) where the kernel adds one: in a new tensor, or, for a "sum" kernel, in
-        ``residual``'s own memory (where it has the kernel's dtype and layout)."""
-        if x.dtype != self.dtype or not x.is_contiguous(memory_format=self.format):
-            x = x.to(self.dtype).contiguous(memory_format=self.format)
+        """The result of ``x`` (its memory as the kernel reads it, ``self.source``:
+        channels-last for a convolution, row-major rows for a GEMM), plus ``residual`` (the
+        result's shape and memory) where the kernel adds one: in a new tensor, or, for a
+        "sum" kernel, in ``residual``'s own memory (where it has the kernel's dtype and
+        layout)."""
+        dtype, fmt = self.source
+        if x.dtype != dtype or not x.is_contiguous(memory_format=fmt):
+            x = x.to(dtype).contiguous(memory_format=fmt)
         if residual is not None and (residual.dtype != self.dtype or not residual.is_contiguous(
                 memory_format=self.format)):
             residual = residual.to(self.dtype).contiguous(memory_format=self.format)
@@ -209,6 +213,19 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype: to
     handle = lib.ds_onednn_matmul_create(params.data_ptr(), wt.data_ptr(),
                                          None if b is None else b.data_ptr())
     return _Kernel(handle, (rows, n), dtype, False) if handle else None
+
+
+def reorder(in_shape, dtype: torch.dtype, to: torch.dtype) -> _Kernel | None:
+    """An (N, C, H, W) contiguous tensor in ``dtype`` copied into channels-last memory in
+    ``to``: one pass (a network's float32 input as its bf16 stem convolution reads it), or
+    None where oneDNN makes no primitive."""
+    lib = library()
+    if lib is None or dtype not in _DTYPES or to not in _DTYPES:
+        return None
+    params = torch.tensor([*in_shape, _DTYPES[dtype], _DTYPES[to]], dtype=torch.int32)
+    handle = lib.ds_onednn_reorder_create(params.data_ptr())
+    return _Kernel(handle, in_shape, to, True, source=(dtype, torch.contiguous_format)) \
+        if handle else None
 
 
 # pooling algorithms, by the C side's code: max, the average over the window's positions
