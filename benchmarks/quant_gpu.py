@@ -36,6 +36,17 @@ LAYERS = [  # ResNet-50's convolutions at batch 256: (c_in, c_out, kernel, strid
     (512, 512, 3, 1, 7), (512, 2048, 1, 1, 7), (3, 64, 7, 2, 224)]
 
 
+def kernel_choices() -> dict[str, int]:
+    """How many int8 convolution call signatures chose each kernel (Triton's or cuDNN's)."""
+    from collections import Counter
+
+    from deepseek.backends.cuda.triton_int8 import Conv2dInt8
+    from deepseek.quantization.kernels import _CACHE
+
+    return dict(Counter(choice for _, _, built in _CACHE.values() for obj in built.values()
+                        if isinstance(obj, Conv2dInt8) for choice in obj.choices.values()))
+
+
 def layers(batch: int, iters: int) -> list[dict]:
     """Each layer alone: the int8 kernel (int8 in, + bias + ReLU, int8 out) against
     cuDNN's bf16 convolution + bias + ReLU on channels-last tensors."""
@@ -99,6 +110,8 @@ def main(argv=None) -> int:
         engines[name](x)  # autotunes the kernels and captures the CUDA graph
         compile_s[name] = time.perf_counter() - t0
         print(f"{name}: compiled in {compile_s[name]:.1f} s", flush=True)
+    choices = kernel_choices()
+    print(f"int8 convolutions by kernel (per call signature): {choices}", flush=True)
     agree, classes = top1_agreement(model, engines, lambda: torch.randn_like(x), a.agreement)
     ms = time_cuda({k: (lambda e=e: e(x)) for k, e in engines.items()}, a.iters)
     base = ms["deepseek_bf16"]
@@ -122,7 +135,8 @@ def main(argv=None) -> int:
 
         save_json(a.out, {"machine": machine(), "gpu": torch.cuda.get_device_name(),
                           "triton": triton.__version__,
-                          "batch": a.batch, "results": rows, "layers": layer_rows})
+                          "batch": a.batch, "results": rows, "layers": layer_rows,
+                          "int8_conv_kernels": choices})
     return 0
 
 

@@ -325,6 +325,53 @@ def test_int8_convolution_matches_the_reference(case):
         assert int((diff > 0).sum()) <= max(2, diff.numel() // 500)
 
 
+def _cudnn_frontend():
+    from deepseek.backends.cuda.cudnn_int8 import frontend
+
+    return frontend()
+
+
+# (batch, c_in, h, w, c_out, kernel, stride, padding): symmetric int8 activations
+_CUDNN_INT8 = {"1x1": (2, 64, 7, 5, 40, 1, 1, 0), "3x3": (2, 32, 9, 11, 20, 3, 1, 1),
+               "3x3_stride2": (1, 48, 10, 9, 36, 3, 2, 1), "1x1_stride2": (2, 16, 9, 9, 8, 1, 2, 0)}
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or _cudnn_frontend() is None,
+                    reason="needs a GPU and nvidia-cudnn-frontend (the cuda extra)")
+@pytest.mark.parametrize("case", sorted(_CUDNN_INT8))
+def test_int8_convolution_through_cudnn_matches_the_reference(case):
+    """cuDNN's int8 convolution with its fused epilogue (scale, bias, residual, ReLU,
+    requantize), forced, against conv2d_int8's float formula; quantized outputs exactly
+    or one step off at a rounding tie."""
+    from deepseek.backends.cuda.triton_int8 import Conv2dInt8
+    from deepseek.quantization.kernels import reference_conv2d_int8
+
+    n, cin, h, w, cout, k, s, p = _CUDNN_INT8[case]
+    g = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    x = torch.randint(-128, 128, (n, cin, h, w), dtype=torch.int8, generator=g)
+    wq = torch.randint(-128, 128, (cout, cin, k, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(cout, generator=g) * 0.01 + 1e-3
+    b = torch.randn(cout, generator=g)
+    geometry = ([s, s], [p, p], [1, 1], 1)
+    conv = Conv2dInt8(wq.to(DEVICE), ws.to(DEVICE), 0.02, b.to(DEVICE), *geometry[:3])
+    conv.prefer = "cudnn"
+    xd = x.to(DEVICE)
+    want = reference_conv2d_int8(x, 0.02, 0, wq, ws, None, b, *geometry, "relu", 1.0, 0, None)
+    y, _ = conv(xd, 0, "relu", float_dtype=torch.float32)
+    assert rel_l2(y.cpu(), want) < 1e-6
+    plain = reference_conv2d_int8(x, 0.02, 0, wq, ws, None, b, *geometry, "none", 1.0, 0, None)
+    residual = torch.randn(plain.shape, generator=g)
+    want_r = torch.relu(plain + residual)
+    y, q = conv(xd, 0, "relu", residual.to(DEVICE).half(), torch.bfloat16,
+                (0.05, 0, torch.int8))
+    assert set(conv.choices.values()) == {"cudnn"}  # cuDNN ran both calls
+    assert rel_l2(y.float().cpu(), want_r) < 8e-3
+    want_q = torch.clamp(torch.round(want_r / 0.05), -128, 127)
+    diff = (q.cpu().int() - want_q.int()).abs()  # the residual went through float16
+    assert q.dtype == torch.int8 and diff.max() <= 1
+    assert int((diff > 0).sum()) <= max(2, diff.numel() // 100)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
 @pytest.mark.parametrize("geometry", [(3, 2, 1, 1, False), (2, 2, 0, 1, True), (3, 1, 1, 2, False)])
 def test_int8_max_pool_matches_pytorch(dtype, geometry):

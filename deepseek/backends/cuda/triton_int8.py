@@ -317,6 +317,21 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1,
     return y
 
 
+def _time(fn, iters: int = 5) -> float:
+    """Median milliseconds of ``fn`` on the current stream (after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[iters // 2]
+
+
 def _stored(dtype: torch.dtype, zero_point: int) -> int:
     """A padded pixel's value as the kernels load it: the zero point as stored (uint8 bits
     read as int8; the kernels then flip the top bit of all they load)."""
@@ -347,6 +362,12 @@ class Conv2dInt8:
         self.patch_matrix = None if self.kpad is None else torch.nn.functional.pad(
             self.matrix, (0, self.kpad - k)).contiguous()
         self.tma_min_channels = 128  # KxK layers with fewer input channels: pointer kernel
+        self.weight = weight
+        # per call signature: "triton" or "cudnn" (cuDNN's fused int8 convolution, where
+        # it measured faster at the first call outside a capture); ``prefer`` forces one
+        self.choices: dict[tuple, str] = {}
+        self.prefer: str | None = None
+        self._cudnn = None
 
     @staticmethod
     def supported(x_dtype: torch.dtype, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -363,6 +384,48 @@ class Conv2dInt8:
         ``(y, q)``: ``y`` in ``float_dtype`` (None: not stored) and ``q`` quantized with
         ``quant = (scale, zero_point, dtype)`` (None: not stored), both (N, C_out, OH,
         OW) in channels-last memory. ``residual`` (same shape) is added before ReLU."""
+        if self.choose(x, x_zero_point, post_op, residual, float_dtype, quant) == "cudnn":
+            return self._cudnn(x, x_zero_point, post_op, residual, float_dtype, quant)
+        return self.triton(x, x_zero_point, post_op, residual, float_dtype, quant)
+
+    def choose(self, x, x_zero_point, post_op, residual, float_dtype, quant) -> str:
+        """"cudnn" where cuDNN takes this call and ran it faster than the Triton kernel
+        (timed once per call signature, never during a CUDA-graph capture), else
+        "triton"."""
+        if not x.is_cuda:
+            return "triton"
+        key = (tuple(x.shape), x.dtype, int(x_zero_point), post_op,
+               None if residual is None else residual.dtype, float_dtype,
+               None if quant is None else tuple(quant))
+        choice = self.choices.get(key)
+        if choice is not None:
+            return choice
+        if self._cudnn is None:
+            from deepseek.backends.cuda.cudnn_int8 import CudnnConv2dInt8
+
+            self._cudnn = CudnnConv2dInt8(self, self.weight)
+        args = (x, x_zero_point, post_op, residual, float_dtype, quant)
+        if self.prefer == "triton" or not self._cudnn.supports(x, x_zero_point, quant) \
+                or self._cudnn.build(x, post_op, residual, float_dtype, quant) is None:
+            choice = "triton"
+        elif self.prefer == "cudnn":
+            choice = "cudnn"
+        elif torch.cuda.is_current_stream_capturing():
+            return "triton"  # timed at a later call outside the capture
+        else:
+            times = {"triton": _time(lambda: self.triton(*args))}
+            try:
+                times["cudnn"] = _time(lambda: self._cudnn(*args))
+            except RuntimeError:  # cuDNN failed to run the plan it built: Triton's
+                pass
+            choice = min(times, key=times.get)
+        self.choices[key] = choice
+        return choice
+
+    def triton(self, x: torch.Tensor, x_zero_point: int, post_op: str = "none",
+               residual: torch.Tensor | None = None, float_dtype: torch.dtype | None = None,
+               quant: tuple | None = None):
+        """The call through the Triton kernels (arguments as ``__call__``)."""
         n, c, h, w = x.shape
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
