@@ -336,6 +336,25 @@ _CUDNN_INT8 = {"1x1": (2, 64, 7, 5, 40, 1, 1, 0), "3x3": (2, 32, 9, 11, 20, 3, 1
                "3x3_stride2": (1, 48, 10, 9, 36, 3, 2, 1), "1x1_stride2": (2, 16, 9, 9, 8, 1, 2, 0)}
 
 
+def test_a_second_int8_kernel_must_agree_before_it_is_chosen():
+    """The check ``Conv2dInt8.choose`` runs before it times cuDNN's kernel: float results
+    within 1e-3 relative L2, quantized ones one step apart at rounding ties only."""
+    from deepseek.backends.cuda.triton_int8 import _agree
+
+    y = torch.randn(2, 8, 5, 5)
+    q = torch.randint(-128, 127, (2, 8, 5, 5), dtype=torch.int8)
+    tie = q.clone()
+    tie.view(-1)[0] += 1
+    assert _agree((y, q), (y * (1 + 1e-5), tie))
+    assert not _agree((y, q), (y * 1.01, q))
+    far = q.clone()
+    far.view(-1)[0] += 2
+    assert not _agree((None, q), (None, far))
+    many = q.clone()
+    many.view(-1)[:20] += 1  # 20 of 400 values: not ties
+    assert not _agree((None, q), (None, many))
+
+
 @pytest.mark.skipif(DEVICE != "cuda" or _cudnn_frontend() is None,
                     reason="needs a GPU and nvidia-cudnn-frontend (the cuda extra)")
 @pytest.mark.parametrize("case", sorted(_CUDNN_INT8))

@@ -4,13 +4,16 @@ cuDNN runs an int8 x int8 convolution (int32 accumulation) on the integer tensor
 with element-wise work after it compiled into the same kernel (its runtime fusion):
 here the dequantize scale per output channel, the bias, a residual, ReLU and the
 requantize of the result. PyTorch exposes no int8 convolution, so the graph is built
-through ``cudnn-frontend``'s Python module (the ``cuda`` extra: ``nvidia-cudnn-frontend``),
-bound to the libcudnn PyTorch itself loaded; without it this module offers nothing and
-the Triton kernel (``triton_int8``) runs every int8 convolution.
+through ``cudnn-frontend``'s compiled module (``pip install nvidia-cudnn-frontend==1.12.0``:
+the module's graph class as 1.12 has it; later versions wrap it in Python), bound to the
+libcudnn PyTorch itself loaded; without it this module offers nothing and the Triton
+kernel (``triton_int8``) runs every int8 convolution.
 
 Only symmetric activations (int8, zero point 0) qualify: cuDNN's convolution has no
 zero point. A graph is built per input shape and epilogue, the first time one is run,
-and kept.
+and kept; ``Conv2dInt8.choose`` takes it only where its results agree with the Triton
+kernel's on that call and it runs faster. Not yet run on a GPU (written while no device
+was lent): experimental until ``tests/test_triton_kernels.py`` has passed on one.
 """
 
 from __future__ import annotations
