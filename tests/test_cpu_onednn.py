@@ -226,7 +226,7 @@ def test_resnet_block_plan_matches_eager(precision, half_precisions_native):
 
 def test_not_offered_without_onednn(monkeypatch):
     monkeypatch.setattr(onednn, "_root", lambda: None)
-    monkeypatch.setattr(native, "_LIBS", {k: v for k, v in native._LIBS.items() if k != "onednn"})
+    monkeypatch.setattr(onednn, "_LIBRARIES", {})
     _forcing(monkeypatch, "onednn_made")
     assert not onednn.available() and "oneDNN not found" in native.unavailable["onednn"]
     source = _plan_source(_check(_Block().eval(), torch.randn(2, 3, 10, 10)))
@@ -297,6 +297,61 @@ def test_input_converted_by_a_reorder_in_the_chain(monkeypatch, half_precisions_
     first = merged.splitlines()[2]  # after the def and the inputs' unpacking
     assert " = chain" in first and first.endswith("(i_x)"), merged
     assert merged.count("= chain") == 1 and merged.count("to_copy") == 1, merged  # the output's
+
+
+_TWO_RUNTIMES = pytest.mark.skipif(len(onednn.runtimes()) < 2,
+                                   reason="needs both PyTorch's oneDNN and the extra's")
+
+
+@_TWO_RUNTIMES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_runtimes_make_the_same_kernels(dtype):
+    """A convolution with a residual and a GEMM with GELU, made on PyTorch's oneDNN and on
+    the extra's, each against ATen."""
+    torch.manual_seed(9)
+    w, b = torch.randn(24, 16, 3, 3) * 0.1, torch.randn(24)
+    x = torch.randn(2, 16, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 24, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double())
+    wl, bl = torch.randn(16, 40) * 0.1, torch.randn(40)
+    rows = torch.randn(9, 16).to(dtype)
+    ref_l = F.gelu(rows.double() @ wl.double() + bl.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for runtime in onednn.runtimes():
+        pick = lambda candidates, runtime=runtime: runtime  # noqa: E731
+        conv = onednn.conv2d(w, b, [1, 1], [1, 1], [1, 1], 1, x.shape, dtype, "relu", "add",
+                             choose=pick)
+        assert conv.lib is onednn.library(runtime)
+        assert rel_l2(conv(x, r).double(), ref) < tol
+        gemm = onednn.linear(wl, bl, 9, dtype, "gelu", choose=pick)
+        assert rel_l2(gemm(rows).double(), ref_l) < tol
+
+
+@_TWO_RUNTIMES
+def test_a_chain_mixes_kernels_of_both_runtimes(monkeypatch):
+    """Kernels alternately made on either oneDNN run in one chain call, each through its
+    own library's entry; the plan matches eager."""
+    from deepseek.backends.cpu import codegen
+
+    turn = []
+
+    def choose(candidates):
+        if set(candidates) == set(onednn.RUNTIMES):
+            turn.append(len(turn) % 2)
+            return onednn.RUNTIMES[turn[-1]]
+        return "onednn_made" if "onednn_made" in candidates else next(iter(candidates))
+    monkeypatch.setattr(codegen, "_fastest", choose)
+    torch.manual_seed(10)
+    model = _Tower().eval()
+    engine = _check(model, torch.randn(1, 16, 8, 8))
+    plan = next(iter(engine._parts[0].executable.plans.values()))
+    chain = next(v for v in plan.__globals__.values() if isinstance(v, onednn.Chain))
+    assert {k.lib._name for k in chain.kernels} == {onednn.library(r)._name
+                                                    for r in onednn.RUNTIMES}
+
+
+def test_pytorch_onednn_functions_missing_is_none():
+    assert onednn.torch_onednn(["dnnl_no_such_function"]) is None
 
 
 class _Tower(nn.Module):

@@ -825,7 +825,8 @@ class _Emitter:
         # the same oneDNN convolution, its primitive made once (no per-call setup), timed as
         # it runs in a stretch of such kernels, which the plan calls at once (dnn_chains)
         made = onednn.conv2d(weight, bias, a["stride"], a["padding"], a["dilation"],
-                             a["groups"], shape, dtype, post) if packed is not None else None
+                             a["groups"], shape, dtype, post, choose=_fastest) \
+            if packed is not None else None
         if made is not None:
             candidates["onednn_made"] = made.step(xcl)
         candidates["aten"] = aten
@@ -1137,7 +1138,8 @@ class _Emitter:
         # oneDNN's matmul and its 1x1 convolution, each a primitive made once (no per-call
         # setup; at a few rows the convolution's kernels stream the weight faster: ResNet-50's
         # classifier at batch 1 100 against 181 us on an AMX Xeon)
-        made = onednn.linear(wt, bias, rows, x.spec.dtype) if onednn_ok else None
+        made = onednn.linear(wt, bias, rows, x.spec.dtype, choose=_fastest) if onednn_ok \
+            else None
         if made is not None:
             candidates["onednn_made"] = functools.partial(made, xr)
             calls["onednn_made"] = lambda: self.dnn_call(made, x) if len(shape) == 2 \
@@ -1145,7 +1147,8 @@ class _Emitter:
 
         def conv_made(activation="none"):
             return onednn.conv2d(wt.t().contiguous().view(n_cols, k, 1, 1), bias, [1, 1], [0, 0],
-                                 [1, 1], 1, (1, k, 1, rows), x.spec.dtype, activation) \
+                                 [1, 1], 1, (1, k, 1, rows), x.spec.dtype, activation,
+                                 choose=_fastest) \
                 if onednn_ok and nhwc is None else None
 
         def conv_made_call(kernel) -> str:
@@ -1167,7 +1170,7 @@ class _Emitter:
                 fused["conv1x1"] = lambda: conv_run(*post)
             act_name = "relu" if post[0] == "relu" else "gelu_tanh" if post[2] == "tanh" \
                 else "gelu"
-            made_act = onednn.linear(wt, bias, rows, x.spec.dtype, act_name)
+            made_act = onednn.linear(wt, bias, rows, x.spec.dtype, act_name, choose=_fastest)
             if made_act is not None:
                 fused["onednn_made"] = functools.partial(made_act, xr)
             conv_act = conv_made(act_name)
@@ -1329,10 +1332,12 @@ class _Emitter:
         shape, dtype = list(x.spec.concrete(self.env)), x.spec.dtype
         bias = self.constants[b.name] if b is not None else None
         made = onednn.conv2d(self.constants[w.name], bias, a["stride"], a["padding"],
-                             a["dilation"], a["groups"], shape, dtype, "relu", "add")
+                             a["dilation"], a["groups"], shape, dtype, "relu", "add",
+                             choose=_fastest)
         dies = can_write_into(self.graph, host, z)
         summed = onednn.conv2d(self.constants[w.name], bias, a["stride"], a["padding"],
-                               a["dilation"], a["groups"], shape, dtype, "relu", "sum") \
+                               a["dilation"], a["groups"], shape, dtype, "relu", "sum",
+                               choose=_fastest) \
             if made is not None and dies else None
         if made is not None:
             xr = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)

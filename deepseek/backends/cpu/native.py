@@ -75,9 +75,9 @@ def _version(cc: str) -> list[str]:
                           timeout=30).stdout.splitlines()[:1]
 
 
-def _build(name: str, cc: str, extra: tuple[str, ...]) -> str:
+def _build(name: str, cc: str, extra: tuple[str, ...], c_file: str) -> str:
     source = b""
-    for file in [f"{name}.c"] + sorted(f for f in os.listdir(_HERE) if f.endswith(".h")):
+    for file in [c_file] + sorted(f for f in os.listdir(_HERE) if f.endswith(".h")):
         with open(os.path.join(_HERE, file), "rb") as f:  # the headers it may include too
             source += f.read()
     version = _version(cc)
@@ -86,7 +86,7 @@ def _build(name: str, cc: str, extra: tuple[str, ...]) -> str:
     path = os.path.join(_out_dir(), f"{name}_{key[:20]}.so")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, os.path.join(_HERE, f"{name}.c"), *extra],
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, os.path.join(_HERE, c_file), *extra],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {name}.c: {done.stderr.strip()[-2000:]}")
@@ -95,10 +95,11 @@ def _build(name: str, cc: str, extra: tuple[str, ...]) -> str:
 
 
 def library(name: str, signatures: Mapping[str, tuple[list, object]],
-            extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+            extra: tuple[str, ...] = (), source: str | None = None) -> ctypes.CDLL | None:
     """The compiled ``<name>.c`` (built once per machine), or None where it cannot be built.
     ``signatures``: each exported function's (argument types, result type), set on load;
-    ``extra``: more compiler arguments (include paths, libraries to link)."""
+    ``extra``: more compiler arguments (include paths, libraries to link); ``source``: the
+    C file's name where it is not ``name`` (one file built two ways)."""
     with _LOCK:
         if name not in _LIBS:
             import torch  # noqa: F401  (its libgomp must be loaded first: see the module doc)
@@ -109,7 +110,7 @@ def library(name: str, signatures: Mapping[str, tuple[list, object]],
                 unavailable[name] = "no C compiler (set CC or install gcc)"
             else:
                 try:
-                    lib = ctypes.CDLL(_build(name, cc, extra))
+                    lib = ctypes.CDLL(_build(name, cc, extra, f"{source or name}.c"))
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     unavailable[name] = str(e)
                 for fn, (args, result) in signatures.items() if lib is not None else ():

@@ -15,6 +15,77 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The oneDNN C API functions this file calls. Built with DS_DNNL_TABLE, it links no
+ * libdnnl: each call goes through a pointer that ds_onednn_bind sets, in this order, to
+ * the functions of a oneDNN already in the process (PyTorch's own copy, found by the
+ * Python side); the C API is stable across oneDNN 3.x. */
+#define DS_DNNL_FUNCTIONS(X) \
+    X(dnnl_convolution_forward_primitive_desc_create) \
+    X(dnnl_engine_create) \
+    X(dnnl_matmul_primitive_desc_create) \
+    X(dnnl_memory_create) \
+    X(dnnl_memory_desc_create_with_tag) \
+    X(dnnl_memory_desc_destroy) \
+    X(dnnl_memory_desc_get_size) \
+    X(dnnl_memory_destroy) \
+    X(dnnl_memory_get_data_handle) \
+    X(dnnl_memory_set_data_handle) \
+    X(dnnl_pooling_forward_primitive_desc_create) \
+    X(dnnl_post_ops_append_binary) \
+    X(dnnl_post_ops_append_eltwise) \
+    X(dnnl_post_ops_append_sum) \
+    X(dnnl_post_ops_create) \
+    X(dnnl_post_ops_destroy) \
+    X(dnnl_primitive_attr_create) \
+    X(dnnl_primitive_attr_destroy) \
+    X(dnnl_primitive_attr_set_post_ops) \
+    X(dnnl_primitive_create) \
+    X(dnnl_primitive_desc_destroy) \
+    X(dnnl_primitive_desc_query_md) \
+    X(dnnl_primitive_destroy) \
+    X(dnnl_primitive_execute) \
+    X(dnnl_reorder_primitive_desc_create) \
+    X(dnnl_stream_create) \
+    X(dnnl_stream_wait)
+#define DS_NAME(f) #f ","
+const char ds_onednn_symbol_names[] = DS_DNNL_FUNCTIONS(DS_NAME);
+#ifdef DS_DNNL_TABLE
+#define DS_POINTER(f) static __typeof__(f) *p_##f;
+DS_DNNL_FUNCTIONS(DS_POINTER)
+void ds_onednn_bind(void *const *fns) {
+    int i = 0;
+#define DS_BIND(f) p_##f = (__typeof__(f) *)fns[i++];
+    DS_DNNL_FUNCTIONS(DS_BIND)
+}
+#define dnnl_convolution_forward_primitive_desc_create p_dnnl_convolution_forward_primitive_desc_create
+#define dnnl_engine_create p_dnnl_engine_create
+#define dnnl_matmul_primitive_desc_create p_dnnl_matmul_primitive_desc_create
+#define dnnl_memory_create p_dnnl_memory_create
+#define dnnl_memory_desc_create_with_tag p_dnnl_memory_desc_create_with_tag
+#define dnnl_memory_desc_destroy p_dnnl_memory_desc_destroy
+#define dnnl_memory_desc_get_size p_dnnl_memory_desc_get_size
+#define dnnl_memory_destroy p_dnnl_memory_destroy
+#define dnnl_memory_get_data_handle p_dnnl_memory_get_data_handle
+#define dnnl_memory_set_data_handle p_dnnl_memory_set_data_handle
+#define dnnl_pooling_forward_primitive_desc_create p_dnnl_pooling_forward_primitive_desc_create
+#define dnnl_post_ops_append_binary p_dnnl_post_ops_append_binary
+#define dnnl_post_ops_append_eltwise p_dnnl_post_ops_append_eltwise
+#define dnnl_post_ops_append_sum p_dnnl_post_ops_append_sum
+#define dnnl_post_ops_create p_dnnl_post_ops_create
+#define dnnl_post_ops_destroy p_dnnl_post_ops_destroy
+#define dnnl_primitive_attr_create p_dnnl_primitive_attr_create
+#define dnnl_primitive_attr_destroy p_dnnl_primitive_attr_destroy
+#define dnnl_primitive_attr_set_post_ops p_dnnl_primitive_attr_set_post_ops
+#define dnnl_primitive_create p_dnnl_primitive_create
+#define dnnl_primitive_desc_destroy p_dnnl_primitive_desc_destroy
+#define dnnl_primitive_desc_query_md p_dnnl_primitive_desc_query_md
+#define dnnl_primitive_destroy p_dnnl_primitive_destroy
+#define dnnl_primitive_execute p_dnnl_primitive_execute
+#define dnnl_reorder_primitive_desc_create p_dnnl_reorder_primitive_desc_create
+#define dnnl_stream_create p_dnnl_stream_create
+#define dnnl_stream_wait p_dnnl_stream_wait
+#endif
+
 enum { RES_NONE = 0, RES_BINARY = 1, RES_SUM = 2 };
 /* activations, by code: none, relu, gelu (tanh), gelu (erf), sigmoid, tanh, silu, hardswish */
 static const struct { dnnl_alg_kind_t alg; float alpha, beta; } ACTS[] = {
@@ -259,18 +330,20 @@ int ds_onednn_run(void *handle, void *src, void *dst, void *res) {
     return st;
 }
 
-/* Runs n kernels in order, one call for a chain of them (no interpreter between). Step
+/* Runs n kernels in order, one call for a chain of them (no interpreter between), kernel
+ * i through runs[i] (the ds_onednn_run of the library that made it). Step
  * i's source, destination and residual are each two int64s in refs[6i..6i+5]: a base
  * (0 = arena, 1 + j = bases[1 + j], -1 = none) and a byte offset from it. 0 on success,
  * else the failing step's status. */
-int ds_onednn_run_chain(int n, void *const *handles, const long long *refs,
-                        char *const *bases) {
+typedef int (*ds_run_fn)(void *, void *, void *, void *);
+int ds_onednn_run_chain(int n, void *const *handles, void *const *runs,
+                        const long long *refs, char *const *bases) {
     for (int i = 0; i < n; i++) {
         const long long *r = refs + 6 * i;
         void *p[3];
         for (int j = 0; j < 3; j++)
             p[j] = r[2 * j] < 0 ? NULL : bases[r[2 * j]] + r[2 * j + 1];
-        int st = ds_onednn_run(handles[i], p[0], p[1], p[2]);
+        int st = ((ds_run_fn)runs[i])(handles[i], p[0], p[1], p[2]);
         if (st) return st;
     }
     return 0;
