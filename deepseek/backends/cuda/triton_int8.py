@@ -332,21 +332,6 @@ def _agree(a: tuple, b: tuple) -> bool:
     return True
 
 
-def _time(fn, iters: int = 5) -> float:
-    """Median milliseconds of ``fn`` on the current stream (after two warm-up calls)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[iters // 2]
-
-
 def _stored(dtype: torch.dtype, zero_point: int) -> int:
     """A padded pixel's value as the kernels load it: the zero point as stored (uint8 bits
     read as int8; the kernels then flip the top bit of all they load)."""
@@ -428,10 +413,12 @@ class Conv2dInt8:
         elif torch.cuda.is_current_stream_capturing():
             return "triton"  # timed at a later call outside the capture
         else:
-            times = {"triton": _time(lambda: self.triton(*args))}
+            from deepseek.backends.cuda.autotune import graph_time  # as the plan replays it
+
+            times = {"triton": graph_time(lambda: self.triton(*args))}
             try:
                 if _agree(self.triton(*args), self._cudnn(*args)):
-                    times["cudnn"] = _time(lambda: self._cudnn(*args))
+                    times["cudnn"] = graph_time(lambda: self._cudnn(*args))
             except RuntimeError:  # cuDNN failed to run the plan it built: Triton's
                 pass
             choice = min(times, key=times.get)
