@@ -48,8 +48,10 @@ def kernel_choices() -> dict[str, int]:
 
 
 def layers(batch: int, iters: int) -> list[dict]:
-    """Each layer alone: the int8 kernel (int8 in, + bias + ReLU, int8 out) against
-    cuDNN's bf16 convolution + bias + ReLU on channels-last tensors."""
+    """Each layer alone: the int8 kernels (int8 in, + bias + ReLU, int8 out: Triton's, and
+    cuDNN's where ``nvidia-cudnn-frontend`` is installed and builds it) against cuDNN's
+    bf16 convolution + bias + ReLU on channels-last tensors."""
+    from deepseek.backends.cuda.cudnn_int8 import frontend
     from deepseek.backends.cuda.triton_int8 import Conv2dInt8
 
     rows = []
@@ -60,23 +62,33 @@ def layers(batch: int, iters: int) -> list[dict]:
         b = torch.randn(cout, device="cuda")
         xq = (x * 20).clamp(-128, 127).to(torch.int8)
         wq = (w * 20).clamp(-128, 127).to(torch.int8)
-        conv = Conv2dInt8(wq, torch.full((cout,), 0.01, device="cuda"), 0.05, b, (s, s),
-                          (k // 2, k // 2), (1, 1))
         xb, wb, bb = (t.to(torch.bfloat16) for t in (x, w.contiguous(
             memory_format=torch.channels_last), b))
-        ms = time_cuda({
-            "bf16_cudnn": lambda: torch.cudnn_convolution_relu(xb, wb, bb, (s, s),
-                                                               (k // 2, k // 2), (1, 1), 1),
-            "int8_triton": lambda: conv(xq, 0, "relu", quant=(0.1, 0, torch.int8))}, iters)
+        contenders = {"bf16_cudnn": lambda: torch.cudnn_convolution_relu(
+            xb, wb, bb, (s, s), (k // 2, k // 2), (1, 1), 1)}
+        for kernel in ("triton", "cudnn") if frontend() is not None else ("triton",):
+            conv = Conv2dInt8(wq, torch.full((cout,), 0.01, device="cuda"), 0.05, b, (s, s),
+                              (k // 2, k // 2), (1, 1))
+            conv.prefer = kernel
+            conv(xq, 0, "relu", quant=(0.1, 0, torch.int8))
+            if set(conv.choices.values()) == {kernel}:  # cuDNN may build no plan for it
+                contenders[f"int8_{kernel}"] = (
+                    lambda c=conv: c(xq, 0, "relu", quant=(0.1, 0, torch.int8)))
+        ms = time_cuda(contenders, iters)
         size_out = (size + 2 * (k // 2) - k) // s + 1
         tops = 2 * batch * size_out ** 2 * cout * cin * k * k / 1e9
-        rows.append({"layer": f"{cin}->{cout} {k}x{k}/{s} @{size}", **{
-            f"{n}_ms": v for n, v in ms.items()}, "speedup": ms["bf16_cudnn"] / ms["int8_triton"],
-            "int8_tops": tops / ms["int8_triton"], "bf16_tflops": tops / ms["bf16_cudnn"]})
-        r = rows[-1]
-        print(f"{r['layer']:24s} bf16 {r['bf16_cudnn_ms']:.3f} ms ({r['bf16_tflops']:.0f} TFLOP/s)"
-              f"  int8 {r['int8_triton_ms']:.3f} ms ({r['int8_tops']:.0f} TOP/s)  "
-              f"{r['speedup']:.2f}x", flush=True)
+        row = {"layer": f"{cin}->{cout} {k}x{k}/{s} @{size}", "bf16_tflops":
+               tops / ms["bf16_cudnn"], **{f"{n}_ms": v for n, v in ms.items()}}
+        for n in ms:
+            if n.startswith("int8"):
+                row[f"{n}_speedup"] = ms["bf16_cudnn"] / ms[n]
+                row[f"{n}_tops"] = tops / ms[n]
+        rows.append(row)
+        print(f"{row['layer']:24s} bf16 {ms['bf16_cudnn']:.3f} ms "
+              f"({row['bf16_tflops']:.0f} TFLOP/s)" + "".join(
+                  f"  {n} {v:.3f} ms ({row[n + '_tops']:.0f} TOP/s, "
+                  f"{row[n + '_speedup']:.2f}x)" for n, v in ms.items() if n != "bf16_cudnn"),
+              flush=True)
     return rows
 
 
