@@ -1,7 +1,8 @@
 """One oneDNN convolution or GEMM per call: PyTorch's op (``mkldnn._convolution_pointwise``,
 ``_linear_pointwise``: the primitive descriptor made again each call) against the same
-computation as a primitive made once (``deepseek.backends.cpu.onednn``), per layer shape,
-interleaved rounds, medians.
+computation as a primitive made once (``deepseek.backends.cpu.onednn``) on each oneDNN
+runtime available (PyTorch's own, ``made_torch``, and the ``onednn`` extra's,
+``made_extra``), per layer shape, interleaved rounds, medians.
 
     python -m benchmarks.onednn_calls --threads 2 [--dtype bf16] [--out F.json]
 """
@@ -22,6 +23,8 @@ CONVS = [("tiny 1x1", 64, 64, 1, 1, 2, None),
          ("64->256 1x1 @56 + residual", 64, 256, 1, 1, 56, "add"),
          ("256->64 1x1 @56", 256, 64, 1, 1, 56, None),
          ("64->64 3x3 @56", 64, 64, 3, 1, 56, None),
+         ("128->128 3x3/2 @56", 128, 128, 3, 2, 56, None),
+         ("256->256 3x3/2 @28", 256, 256, 3, 2, 28, None),
          ("512->512 3x3/2 @14", 512, 512, 3, 2, 14, None),
          ("512->2048 1x1 @7 + residual", 512, 2048, 1, 1, 7, "add"),
          ("3->64 7x7/2 @224", 3, 64, 7, 2, 224, None)]
@@ -45,28 +48,35 @@ def main(argv=None) -> int:
         p = [k // 2] * 2
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), p, [s, s], [1, 1], 1,
                                                             list(x.shape))
-        made = onednn.conv2d(w, b, (s, s), p, (1, 1), 1, x.shape, dt, "relu", res)
-        z = torch.randn(made.shape).to(dt).contiguous(memory_format=torch.channels_last)
+        made = {r: onednn.conv2d(w, b, (s, s), p, (1, 1), 1, x.shape, dt, "relu", res,
+                                 choose=lambda c, r=r: r) for r in onednn.runtimes()}
+        z = torch.randn(next(iter(made.values())).shape).to(dt).contiguous(
+            memory_format=torch.channels_last)
         if res:
             contenders = {"pytorch": lambda: torch.ops.mkldnn._convolution_pointwise.binary(
                 x, z, packed, b, p, [s, s], [1, 1], 1, "add", None, "relu", [], ""),
-                "made_once": lambda: made(x, z)}
+                **{f"made_{r}": (lambda k=k: k(x, z)) for r, k in made.items()}}
         else:
             contenders = {"pytorch": lambda: torch.ops.mkldnn._convolution_pointwise(
                 x, packed, b, p, [s, s], [1, 1], 1, "relu", [], ""),
-                "made_once": lambda: made(x)}
+                **{f"made_{r}": (lambda k=k: k(x)) for r, k in made.items()}}
         rows.append({"layer": label, **time_interleaved(contenders, iters=200, warmup=20)})
     for label, m, kk, n in GEMMS:
         x, w, b = torch.randn(m, kk).to(dt), torch.randn(kk, n).to(dt), torch.randn(n).to(dt)
         packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), m)
-        made = onednn.linear(w, b, m, dt)
+        made = {r: onednn.linear(w, b, m, dt, choose=lambda c, r=r: r)
+                for r in onednn.runtimes()}
         rows.append({"layer": label, **time_interleaved({
             "pytorch": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""),
-            "made_once": lambda: made(x)}, iters=200, warmup=20)})
-    for r in rows:
-        r["pytorch_us"], r["made_once_us"] = r.pop("pytorch") * 1e6, r.pop("made_once") * 1e6
-        print(f"{r['layer']:30s} pytorch {r['pytorch_us']:8.1f} us   made once "
-              f"{r['made_once_us']:8.1f} us   {r['pytorch_us'] / r['made_once_us']:.2f}x")
+            **{f"made_{r}": (lambda k=k: k(x)) for r, k in made.items()}},
+            iters=200, warmup=20)})
+    for row in rows:
+        names = [k for k in row if k != "layer"]
+        for k in names:
+            row[f"{k}_us"] = row.pop(k) * 1e6
+        print(f"{row['layer']:30s} " + "   ".join(
+            f"{k} {row[k + '_us']:8.1f} us ({row['pytorch_us'] / row[k + '_us']:.2f}x)"
+            for k in names))
     if a.out:
         save_json(a.out, {"machine": info, "dtype": a.dtype, "results": rows})
     return 0
