@@ -350,6 +350,12 @@ def test_a_chain_mixes_kernels_of_both_runtimes(monkeypatch):
                                                     for r in onednn.RUNTIMES}
 
 
+def test_unknown_runtime_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("DEEPSEEK_ONEDNN", "mkl")
+    with pytest.raises(ValueError, match="DEEPSEEK_ONEDNN='mkl'.*torch, extra"):
+        onednn.runtimes()
+
+
 def test_pytorch_onednn_functions_missing_is_none():
     assert onednn.torch_onednn(["dnnl_no_such_function"]) is None
 

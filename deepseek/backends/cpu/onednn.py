@@ -13,6 +13,8 @@ and ``onednn-devel-cpu-gomp`` wheels, found under ``sys.prefix``) or from
 found too). Without them
 ``available()`` is False and these kernels are simply not among the candidates. The
 library is built against the libgomp PyTorch has loaded, so it shares its threads.
+The same C file is also built to run on PyTorch's own, newer oneDNN (``RUNTIMES``,
+``torch_onednn``), and each kernel made on both where that is found, the faster kept.
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ _LIBRARIES: dict[str, ctypes.CDLL | None] = {}
 
 def runtimes() -> list[str]:
     """The oneDNN runtimes kernels can be made on here, preferred first."""
-    only = os.environ.get("DEEPSEEK_ONEDNN")
-    return [r for r in RUNTIMES if (only in (None, "", r)) and library(r) is not None]
+    only = os.environ.get("DEEPSEEK_ONEDNN") or None
+    if only is not None and only not in RUNTIMES:
+        raise ValueError(f"DEEPSEEK_ONEDNN={only!r} is not a oneDNN runtime: set it to one "
+                         f"of {', '.join(RUNTIMES)}, or unset it to use both")
+    return [r for r in RUNTIMES if only in (None, r) and library(r) is not None]
 
 
 def library(runtime: str | None = None) -> ctypes.CDLL | None:
