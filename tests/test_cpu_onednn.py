@@ -328,6 +328,22 @@ def test_both_runtimes_make_the_same_kernels(dtype):
 
 
 @_TWO_RUNTIMES
+def test_a_choice_answered_without_timing_makes_one_kernel(monkeypatch):
+    """As from the disk cache: the choice names a runtime without calling the candidates,
+    and only that runtime's kernel is made (a warm compile does not make both)."""
+    made = []
+
+    class Counting(onednn._Kernel):
+        def __init__(self, lib, *rest, **kw):
+            made.append(lib)
+            super().__init__(lib, *rest, **kw)
+    monkeypatch.setattr(onednn, "_Kernel", Counting)
+    kernel = onednn.conv2d(torch.randn(8, 4, 1, 1), None, [1, 1], [0, 0], [1, 1], 1,
+                           (1, 4, 5, 5), torch.float32, choose=lambda candidates: "extra")
+    assert made == [onednn.library("extra")] and kernel.lib is made[0]
+
+
+@_TWO_RUNTIMES
 def test_a_chain_mixes_kernels_of_both_runtimes(monkeypatch):
     """Kernels alternately made on either oneDNN run in one chain call, each through its
     own library's entry; the plan matches eager."""
