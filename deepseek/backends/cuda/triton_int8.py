@@ -400,12 +400,15 @@ class Conv2dInt8:
         choice = self.choices.get(key)
         if choice is not None:
             return choice
-        if self._cudnn is None:
-            from deepseek.backends.cuda.cudnn_int8 import CudnnConv2dInt8
+        from deepseek.backends.cuda.cudnn_int8 import CudnnConv2dInt8, frontend
 
+        if frontend() is None or self.prefer == "triton":
+            self.choices[key] = "triton"
+            return "triton"
+        if self._cudnn is None:
             self._cudnn = CudnnConv2dInt8(self, self.weight)
         args = (x, x_zero_point, post_op, residual, float_dtype, quant)
-        if self.prefer == "triton" or not self._cudnn.supports(x, x_zero_point, quant) \
+        if not self._cudnn.supports(x, x_zero_point, quant) \
                 or self._cudnn.build(x, post_op, residual, float_dtype, quant) is None:
             choice = "triton"
         elif self.prefer == "cudnn":
