@@ -372,8 +372,14 @@ def test_unknown_runtime_setting_is_a_clear_error(monkeypatch):
         onednn.runtimes()
 
 
-def test_pytorch_onednn_functions_missing_is_none():
+def test_pytorch_onednn_functions_missing_is_none(tmp_path):
+    import mmap
+
     assert onednn.torch_onednn(["dnnl_no_such_function"]) is None
+    not_elf = tmp_path / "libfake.so"
+    not_elf.write_bytes(b"not an ELF file" * 100)
+    with open(not_elf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert onednn._functions(m, str(not_elf), ["dnnl_version"]) is None
 
 
 class _Tower(nn.Module):
