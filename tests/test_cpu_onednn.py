@@ -366,6 +366,35 @@ def test_a_chain_mixes_kernels_of_both_runtimes(monkeypatch):
                                                     for r in onednn.RUNTIMES}
 
 
+@pytest.mark.parametrize("xdt,zp", [(torch.uint8, 131), (torch.int8, 0), (torch.int8, 5)])
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (1, 1, 0), (3, 2, 1), (1, 2, 0)])
+@pytest.mark.parametrize("out", [torch.float32, torch.uint8, torch.int8])
+def test_int8_convolution_made_once_matches_the_reference(xdt, zp, k, stride, pad, out):
+    """oneDNN's int8 convolution as a primitive made once (scales, zero points, bias,
+    ReLU, requantization in its attributes) against conv2d_int8's float formula: float
+    outputs to float32 rounding, quantized ones exactly or one step off at a tie."""
+    from deepseek.quantization.kernels import reference_conv2d_int8
+
+    torch.manual_seed(11)
+    lo, hi = (0, 256) if xdt == torch.uint8 else (-128, 128)
+    x = torch.randint(lo, hi, (2, 32, 9, 7), dtype=xdt)
+    w = torch.randint(-127, 128, (24, 32, k, k), dtype=torch.int8)
+    ws, b = torch.rand(24) * 0.01 + 1e-3, torch.randn(24)
+    act = "relu" if out != torch.int8 else "none"
+    quantized = out != torch.float32
+    made = onednn.qconv2d(w, ws, b, [stride] * 2, [pad] * 2, [1, 1], list(x.shape), xdt, 0.02,
+                          zp, act, out, 0.5 if quantized else 1.0, 3 if quantized else 0)
+    got = made(x.contiguous(memory_format=torch.channels_last))
+    want = reference_conv2d_int8(x, 0.02, zp, w, ws, None, b, [stride] * 2, [pad] * 2, [1, 1],
+                                 1, act, 0.5, 3, out if quantized else None)
+    assert got.dtype == out and got.is_contiguous(memory_format=torch.channels_last)
+    if not quantized:
+        assert rel_l2(got, want) < 1e-6
+        return
+    diff = (got.int() - want.int()).abs()
+    assert diff.max() <= 1 and int((diff > 0).sum()) <= max(2, diff.numel() // 500)
+
+
 def test_unknown_runtime_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_ONEDNN", "mkl")
     with pytest.raises(ValueError, match="DEEPSEEK_ONEDNN='mkl'.*torch, extra"):

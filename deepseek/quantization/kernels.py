@@ -6,7 +6,10 @@ which is also its fallback. The fast paths:
 - CPU: oneDNN's int8 convolution and linear (``torch.ops.onednn.qconv2d_pointwise``
   and ``qlinear_pointwise``, the kernels of PyTorch's x86 quantization), with
   the int8 weight pre-packed once and cached on the weight tensor itself, so a
-  graph holds plain int8 constants (safetensors) and still runs pre-packed.
+  graph holds plain int8 constants (safetensors) and still runs pre-packed. A
+  convolution runs instead as a oneDNN int8 primitive made once per input shape
+  (``deepseek.backends.cpu.onednn.qconv2d``: no primitive made per call) where that
+  measures faster on its first input.
 - CUDA: ``torch._int_mm`` (int8 x int8 -> int32) for linear; convolution and
   shapes ``_int_mm`` refuses take the reference path.
 
@@ -296,6 +299,52 @@ def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
         return reference_conv2d_int8(*args, _dequantized)
     if not _onednn_ok(x, weight, weight_scale):
         return _float_conv2d_cpu(*args)
+    made = _made_conv2d_int8(*args)
+    if made is not None:
+        return made(x.contiguous(memory_format=torch.channels_last))
+    return _pytorch_conv2d_int8(*args)
+
+
+def _made_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                      stride, padding, dilation, groups, post_op, output_scale,
+                      output_zero_point, output_dtype):
+    """The convolution as a oneDNN int8 primitive made once for this input shape
+    (``onednn.qconv2d``), where one can be made and it ran faster than PyTorch's int8 op
+    (which makes its primitive every call; for a 1x1 layer, its int8 linear) on the
+    first input it saw; else None. Symmetric weights, one group."""
+    if groups != 1 or (weight_zero_point is not None and bool(weight_zero_point.ne(0).any())):
+        return None
+    out = None if output_dtype is None or output_dtype == torch.float32 else output_dtype
+    args = (x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, stride,
+            padding, dilation, groups, post_op, output_scale, output_zero_point, output_dtype)
+
+    def build():
+        from deepseek.backends.cpu import onednn  # at call time (see the module doc)
+        from deepseek.timing import time_interleaved
+
+        kernel = onednn.qconv2d(weight, weight_scale, bias, list(stride), list(padding),
+                                list(dilation), list(x.shape), x.dtype, x_scale,
+                                x_zero_point, post_op, out or torch.float32,
+                                output_scale if out else 1.0, output_zero_point if out else 0)
+        if kernel is None:
+            return False
+        xs = x.contiguous(memory_format=torch.channels_last)
+        times = time_interleaved({"made": lambda: kernel(xs),
+                                  "pytorch": lambda: _pytorch_conv2d_int8(*args)},
+                                 iters=5, warmup=2)
+        return kernel if times["made"] < times["pytorch"] else False
+
+    made = _cached(weight, ("made_qconv", tuple(x.shape), x.dtype, x_scale, x_zero_point,
+                            tuple(stride), tuple(padding), tuple(dilation), post_op,
+                            output_scale, output_zero_point, out, *_tensor_key(weight_scale),
+                            *_tensor_key(bias)), build)
+    return made or None
+
+
+def _pytorch_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point,
+                         bias, stride, padding, dilation, groups, post_op, output_scale,
+                         output_zero_point, output_dtype):
+    """The convolution through PyTorch's oneDNN int8 ops."""
     if weight.shape[2:] == (1, 1) and list(padding) == [0, 0] and groups == 1:
         # a 1x1 convolution is a GEMM over the (strided) pixels of the channels-last input:
         # oneDNN's int8 linear runs it 3-50x faster than its convolution (whose kernel for

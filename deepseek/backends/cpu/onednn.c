@@ -38,6 +38,8 @@
     X(dnnl_post_ops_destroy) \
     X(dnnl_primitive_attr_create) \
     X(dnnl_primitive_attr_destroy) \
+    X(dnnl_primitive_attr_set_scales_mask) \
+    X(dnnl_primitive_attr_set_zero_points_mask) \
     X(dnnl_primitive_attr_set_post_ops) \
     X(dnnl_primitive_create) \
     X(dnnl_primitive_desc_destroy) \
@@ -75,6 +77,8 @@ void ds_onednn_bind(void *const *fns) {
 #define dnnl_post_ops_destroy p_dnnl_post_ops_destroy
 #define dnnl_primitive_attr_create p_dnnl_primitive_attr_create
 #define dnnl_primitive_attr_destroy p_dnnl_primitive_attr_destroy
+#define dnnl_primitive_attr_set_scales_mask p_dnnl_primitive_attr_set_scales_mask
+#define dnnl_primitive_attr_set_zero_points_mask p_dnnl_primitive_attr_set_zero_points_mask
 #define dnnl_primitive_attr_set_post_ops p_dnnl_primitive_attr_set_post_ops
 #define dnnl_primitive_create p_dnnl_primitive_create
 #define dnnl_primitive_desc_destroy p_dnnl_primitive_desc_destroy
@@ -99,6 +103,9 @@ typedef struct {
     dnnl_stream_t stream;
     dnnl_primitive_t prim;
     dnnl_memory_t src, wei, bias, dst, res;
+    /* int8: scales of the source, the weights (per output channel) and the destination,
+     * and the source's and destination's zero points, fixed when the kernel is made */
+    dnnl_memory_t q[5];
     int residual;
     pthread_mutex_t lock;
 } ds_kernel;
@@ -261,6 +268,99 @@ void *ds_onednn_matmul_create(const int *p, const void *weights, const float *bi
     return k;
 }
 
+void ds_onednn_destroy(void *handle);
+
+/* the execution arguments of ds_kernel.q, in order */
+static const int Q_ARGS[5] = {
+    DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS,
+    DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC,
+    DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST};
+
+/* a memory object of n values of type dt holding a copy of values, or NULL */
+static dnnl_memory_t constant(dnnl_data_type_t dt, int n, const void *values) {
+    dnnl_dims_t d = {n};
+    dnnl_memory_desc_t md;
+    dnnl_memory_t m = NULL;
+    void *h = NULL;
+    dnnl_memory_desc_create_with_tag(&md, 1, d, dt, dnnl_a);
+    if (dnnl_memory_create(&m, md, g_engine, DNNL_MEMORY_ALLOCATE) == dnnl_success
+            && dnnl_memory_get_data_handle(m, &h) == dnnl_success)
+        memcpy(h, values, dnnl_memory_desc_get_size(md));
+    else if (m) {
+        dnnl_memory_destroy(m);
+        m = NULL;
+    }
+    dnnl_memory_desc_destroy(md);
+    return m;
+}
+
+static dnnl_data_type_t qtype_of(int code) {
+    return code == 2 ? dnnl_u8 : code == 3 ? dnnl_s8 : code == 1 ? dnnl_bf16 : dnnl_f32;
+}
+
+/* An int8 convolution: p: n, c, h, w, oc, kh, kw, sh, sw, ph0, pw0, ph1, pw1, dh, dw,
+ * oh, ow, src type (2 u8, 3 s8), dst type (0 f32, 1 bf16, 2 u8, 3 s8), act, per-channel
+ * weight scales (0/1), src zero point, dst zero point. weights: plain int8 (oc, c, kh, kw);
+ * bias float32 or NULL; scales: src scale, dst scale (1 / the output's scale is applied),
+ * then the weights' (oc or 1). dst = act(src_scale * w_scale[o] * sum((src - zp) * w)
+ * + bias[o]), quantized as round(dst / dst_scale) + dst_zp for an integer dst. */
+void *ds_onednn_qconv_create(const int *p, const void *weights, const float *bias,
+                             const float *scales) {
+    pthread_once(&g_once, init_engine);
+    if (!g_ok) return NULL;
+    int n = p[0], c = p[1], h = p[2], w = p[3], oc = p[4], kh = p[5], kw = p[6];
+    int oh = p[15], ow = p[16], act = p[19], per_channel = p[20];
+    int zps[2] = {p[21], p[22]};
+    dnnl_data_type_t st = qtype_of(p[17]), dt = qtype_of(p[18]);
+    int int_dst = dt == dnnl_u8 || dt == dnnl_s8;
+    dnnl_dims_t src_d = {n, c, h, w}, dst_d = {n, oc, oh, ow}, bias_d = {oc}, wd = {oc, c, kh, kw};
+    dnnl_dims_t strides = {p[7], p[8]}, dil = {p[13] - 1, p[14] - 1};
+    dnnl_dims_t pad_l = {p[9], p[10]}, pad_r = {p[11], p[12]};
+    dnnl_memory_desc_t src_md, dst_md, wany_md, wsrc_md, bias_md;
+    dnnl_memory_desc_create_with_tag(&src_md, 4, src_d, st, dnnl_nhwc);
+    dnnl_memory_desc_create_with_tag(&dst_md, 4, dst_d, dt, dnnl_nhwc);
+    dnnl_memory_desc_create_with_tag(&bias_md, 1, bias_d, dnnl_f32, dnnl_a);
+    dnnl_memory_desc_create_with_tag(&wany_md, 4, wd, dnnl_s8, dnnl_format_tag_any);
+    dnnl_memory_desc_create_with_tag(&wsrc_md, 4, wd, dnnl_s8, dnnl_oihw);
+    dnnl_primitive_attr_t attr = make_attr(RES_NONE, dst_md, act);
+    int ok = attr != NULL
+        && dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0) == dnnl_success
+        && dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, per_channel ? 1 : 0)
+               == dnnl_success
+        && (!int_dst || dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0)
+               == dnnl_success)
+        && (!zps[0] || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0)
+               == dnnl_success)
+        && (!zps[1] || !int_dst
+            || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0) == dnnl_success);
+    dnnl_primitive_desc_t pd = NULL;
+    ds_kernel *k = NULL;
+    if (ok && dnnl_convolution_forward_primitive_desc_create(
+            &pd, g_engine, dnnl_forward_inference, dnnl_convolution_direct, src_md, wany_md,
+            bias ? bias_md : NULL, dst_md, strides, dil, pad_l, pad_r, attr) == dnnl_success)
+        k = finish(pd, wsrc_md, weights, bias_md, bias, RES_NONE);
+    if (k) {
+        k->q[0] = constant(dnnl_f32, 1, &scales[0]);
+        k->q[1] = constant(dnnl_f32, per_channel ? oc : 1, &scales[2]);
+        if (int_dst) k->q[2] = constant(dnnl_f32, 1, &scales[1]);
+        if (zps[0]) k->q[3] = constant(dnnl_s32, 1, &zps[0]);
+        if (zps[1] && int_dst) k->q[4] = constant(dnnl_s32, 1, &zps[1]);
+        if (!k->q[0] || !k->q[1] || (int_dst && !k->q[2]) || (zps[0] && !k->q[3])
+                || (zps[1] && int_dst && !k->q[4])) {
+            ds_onednn_destroy(k);
+            k = NULL;
+        }
+    }
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    dnnl_memory_desc_destroy(src_md);
+    dnnl_memory_desc_destroy(dst_md);
+    dnnl_memory_desc_destroy(wany_md);
+    dnnl_memory_desc_destroy(wsrc_md);
+    dnnl_memory_desc_destroy(bias_md);
+    return k;
+}
+
 /* p: n, c, h, w, kh, kw, sh, sw, ph0, pw0, ph1, pw1, dh, dw, oh, ow, dtype, alg (0 max:
  * padded positions never win; 1 average over the window's positions inside the input;
  * 2 average counting padded positions as zeros). Pooling of NHWC memory. */
@@ -311,7 +411,7 @@ void *ds_onednn_reorder_create(const int *p) {
 /* dst = act(op(src) [+ res]); with RES_SUM, dst holds the residual on entry. 0 on success */
 int ds_onednn_run(void *handle, void *src, void *dst, void *res) {
     ds_kernel *k = handle;
-    dnnl_exec_arg_t args[5];
+    dnnl_exec_arg_t args[10];
     int n = 0, st;
     pthread_mutex_lock(&k->lock);
     dnnl_memory_set_data_handle(k->src, src);
@@ -324,6 +424,8 @@ int ds_onednn_run(void *handle, void *src, void *dst, void *res) {
         dnnl_memory_set_data_handle(k->res, res);
         args[n++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, k->res};
     }
+    for (int i = 0; i < 5; i++)
+        if (k->q[i]) args[n++] = (dnnl_exec_arg_t){Q_ARGS[i], k->q[i]};
     st = dnnl_primitive_execute(k->prim, k->stream, n, args);
     if (st == dnnl_success) st = dnnl_stream_wait(k->stream);
     pthread_mutex_unlock(&k->lock);
@@ -358,6 +460,8 @@ void ds_onednn_destroy(void *handle) {
     dnnl_memory_destroy(k->src);
     dnnl_memory_destroy(k->dst);
     if (k->res) dnnl_memory_destroy(k->res);
+    for (int i = 0; i < 5; i++)
+        if (k->q[i]) dnnl_memory_destroy(k->q[i]);
     pthread_mutex_destroy(&k->lock);
     free(k);
 }

@@ -88,6 +88,7 @@ def _library(runtime: str) -> ctypes.CDLL | None:
     signatures = {
         "ds_onednn_conv_create": ([p, p, p], p), "ds_onednn_matmul_create": ([p, p, p], p),
         "ds_onednn_pool_create": ([p], p), "ds_onednn_reorder_create": ([p], p),
+        "ds_onednn_qconv_create": ([p, p, p, p], p),
         "ds_onednn_run": ([p, p, p, p], ctypes.c_int),
         "ds_onednn_run_chain": ([ctypes.c_int, p, p, p, p], ctypes.c_int),
         "ds_onednn_destroy": ([p], None)}
@@ -390,6 +391,42 @@ def _timed_step(kernel: _Kernel) -> Callable[[], int]:
     residual = None if not kernel.residual else \
         torch.randn(kernel.shape).to(kernel.dtype).contiguous(memory_format=kernel.format)
     return kernel.step(x, residual)
+
+
+# the C side's codes for int8 kernels' source and destination types
+_QTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2, torch.int8: 3}
+
+
+def qconv2d(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+            stride, padding, dilation, in_shape, x_dtype: torch.dtype, x_scale: float,
+            x_zero_point: int, activation: str = "none", out_dtype: torch.dtype = torch.float32,
+            out_scale: float = 1.0, out_zero_point: int = 0) -> _Kernel | None:
+    """An int8 convolution (``weight`` int8, symmetric, ``weight_scale`` per output channel
+    or one) of NHWC ``x_dtype`` (uint8/int8) inputs of ``in_shape`` with ``x_scale`` and
+    ``x_zero_point``: ``activation(conv(dequantized x, dequantized weight) + bias)``,
+    returned in float32 or quantized to ``out_dtype`` (uint8/int8) with ``out_scale`` and
+    ``out_zero_point``; None where oneDNN makes no primitive. Made on the preferred
+    runtime: PyTorch's int8 op runs the same oneDNN, making its primitive every call."""
+    lib = library()
+    if lib is None or x_dtype not in (torch.uint8, torch.int8) or weight.dtype != torch.int8 \
+            or out_dtype not in _QTYPES:
+        return None
+    n, c, h, w = in_shape
+    oc, _, kh, kw = weight.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ws = weight_scale.detach().float().reshape(-1)
+    params = torch.tensor([n, c, h, w, oc, kh, kw, *stride, *padding, *padding, *dilation,
+                           oh, ow, _QTYPES[x_dtype], _QTYPES[out_dtype],
+                           ACTIVATIONS[activation], int(ws.numel() > 1), int(x_zero_point),
+                           int(out_zero_point)], dtype=torch.int32)
+    scales = torch.cat([torch.tensor([float(x_scale), float(out_scale)]), ws]).contiguous()
+    wt = weight.detach().contiguous()
+    b = _bias(bias)
+    handle = lib.ds_onednn_qconv_create(params.data_ptr(), wt.data_ptr(),
+                                        None if b is None else b.data_ptr(), scales.data_ptr())
+    return _Kernel(lib, handle, in_shape, (n, oc, oh, ow), out_dtype, True,
+                   source=(x_dtype, torch.channels_last)) if handle else None
 
 
 def reorder(in_shape, dtype: torch.dtype, to: torch.dtype) -> _Kernel | None:
