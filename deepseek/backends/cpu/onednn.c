@@ -194,33 +194,31 @@ static ds_kernel *finish(dnnl_primitive_desc_t pd, const_dnnl_memory_desc_t wsrc
     return k;
 }
 
-/* p: n, c, h, w, oc, kh, kw, sh, sw, ph0, pw0, ph1, pw1, dh, dw, groups, oh, ow,
- *    dtype (0 f32, 1 bf16), residual, act. weights: plain (oc, c/groups, kh, kw) of dtype;
- *    bias: float32 or NULL. */
-void *ds_onednn_conv_create(const int *p, const void *weights, const float *bias) {
-    pthread_once(&g_once, init_engine);
-    if (!g_ok) return NULL;
+/* The convolution of geometry p[0..17] (n, c, h, w, oc, kh, kw, sh, sw, ph0, pw0, ph1,
+ * pw1, dh, dw, groups, oh, ow) from NHWC src of type st into NHWC dst of type dt, weights
+ * of type wt (plain (oc, c/groups, kh, kw), reordered into the layout it chose), with
+ * attr (destroyed here); NULL where oneDNN makes no primitive. */
+static ds_kernel *conv_kernel(const int *p, dnnl_data_type_t st, dnnl_data_type_t wt,
+                              dnnl_data_type_t dt, dnnl_primitive_attr_t attr,
+                              const void *weights, const float *bias, int residual) {
     int n = p[0], c = p[1], h = p[2], w = p[3], oc = p[4], kh = p[5], kw = p[6];
     int g = p[15], oh = p[16], ow = p[17];
-    dnnl_data_type_t dt = dtype_of(p[18]);
-    int residual = p[19], act = p[20];
     dnnl_dims_t src_d = {n, c, h, w}, dst_d = {n, oc, oh, ow}, bias_d = {oc};
     dnnl_dims_t strides = {p[7], p[8]}, dil = {p[13] - 1, p[14] - 1};
     dnnl_dims_t pad_l = {p[9], p[10]}, pad_r = {p[11], p[12]};
     dnnl_memory_desc_t src_md, dst_md, wany_md, wsrc_md, bias_md;
-    dnnl_memory_desc_create_with_tag(&src_md, 4, src_d, dt, dnnl_nhwc);
+    dnnl_memory_desc_create_with_tag(&src_md, 4, src_d, st, dnnl_nhwc);
     dnnl_memory_desc_create_with_tag(&dst_md, 4, dst_d, dt, dnnl_nhwc);
     dnnl_memory_desc_create_with_tag(&bias_md, 1, bias_d, dnnl_f32, dnnl_a);
     if (g == 1) {
         dnnl_dims_t wd = {oc, c, kh, kw};
-        dnnl_memory_desc_create_with_tag(&wany_md, 4, wd, dt, dnnl_format_tag_any);
-        dnnl_memory_desc_create_with_tag(&wsrc_md, 4, wd, dt, dnnl_oihw);
+        dnnl_memory_desc_create_with_tag(&wany_md, 4, wd, wt, dnnl_format_tag_any);
+        dnnl_memory_desc_create_with_tag(&wsrc_md, 4, wd, wt, dnnl_oihw);
     } else {
         dnnl_dims_t wd = {g, oc / g, c / g, kh, kw};
-        dnnl_memory_desc_create_with_tag(&wany_md, 5, wd, dt, dnnl_format_tag_any);
-        dnnl_memory_desc_create_with_tag(&wsrc_md, 5, wd, dt, dnnl_goihw);
+        dnnl_memory_desc_create_with_tag(&wany_md, 5, wd, wt, dnnl_format_tag_any);
+        dnnl_memory_desc_create_with_tag(&wsrc_md, 5, wd, wt, dnnl_goihw);
     }
-    dnnl_primitive_attr_t attr = make_attr(residual, dst_md, act);
     dnnl_primitive_desc_t pd = NULL;
     ds_kernel *k = NULL;
     if (attr && dnnl_convolution_forward_primitive_desc_create(
@@ -235,6 +233,20 @@ void *ds_onednn_conv_create(const int *p, const void *weights, const float *bias
     dnnl_memory_desc_destroy(wsrc_md);
     dnnl_memory_desc_destroy(bias_md);
     return k;
+}
+
+/* p: the geometry (conv_kernel's), then dtype (0 f32, 1 bf16), residual, act. weights:
+ * plain (oc, c/groups, kh, kw) of dtype; bias: float32 or NULL. */
+void *ds_onednn_conv_create(const int *p, const void *weights, const float *bias) {
+    pthread_once(&g_once, init_engine);
+    if (!g_ok) return NULL;
+    dnnl_data_type_t dt = dtype_of(p[18]);
+    dnnl_dims_t dst_d = {p[0], p[4], p[16], p[17]};
+    dnnl_memory_desc_t dst_md;
+    dnnl_memory_desc_create_with_tag(&dst_md, 4, dst_d, dt, dnnl_nhwc);
+    dnnl_primitive_attr_t attr = make_attr(p[19], dst_md, p[20]);
+    dnnl_memory_desc_destroy(dst_md);
+    return conv_kernel(p, dt, dt, dt, attr, weights, bias, p[19]);
 }
 
 /* p: m, k, n, dtype, residual, act. Rows (m, k) times a (k, n) row-major weight into
@@ -298,33 +310,26 @@ static dnnl_data_type_t qtype_of(int code) {
     return code == 2 ? dnnl_u8 : code == 3 ? dnnl_s8 : code == 1 ? dnnl_bf16 : dnnl_f32;
 }
 
-/* An int8 convolution: p: n, c, h, w, oc, kh, kw, sh, sw, ph0, pw0, ph1, pw1, dh, dw,
- * oh, ow, src type (2 u8, 3 s8), dst type (0 f32, 1 bf16, 2 u8, 3 s8), act, per-channel
- * weight scales (0/1), src zero point, dst zero point. weights: plain int8 (oc, c, kh, kw);
- * bias float32 or NULL; scales: src scale, dst scale (1 / the output's scale is applied),
- * then the weights' (oc or 1). dst = act(src_scale * w_scale[o] * sum((src - zp) * w)
- * + bias[o]), quantized as round(dst / dst_scale) + dst_zp for an integer dst. */
+/* An int8 convolution: p: the geometry (conv_kernel's, one group), then src type (2 u8,
+ * 3 s8), dst type (0 f32, 1 bf16, 2 u8, 3 s8), act, per-channel weight scales (0/1), src
+ * zero point, dst zero point. weights: plain int8 (oc, c, kh, kw); bias float32 or NULL;
+ * scales: the src scale, the dst scale, then the weights' (oc or 1).
+ * dst = act(src_scale * w_scale[o] * sum((src - src_zp) * w) + bias[o]), for an integer
+ * dst then round(dst / dst_scale) + dst_zp, saturated. */
 void *ds_onednn_qconv_create(const int *p, const void *weights, const float *bias,
                              const float *scales) {
     pthread_once(&g_once, init_engine);
-    if (!g_ok) return NULL;
-    int n = p[0], c = p[1], h = p[2], w = p[3], oc = p[4], kh = p[5], kw = p[6];
-    int oh = p[15], ow = p[16], act = p[19], per_channel = p[20];
-    int zps[2] = {p[21], p[22]};
-    dnnl_data_type_t st = qtype_of(p[17]), dt = qtype_of(p[18]);
+    if (!g_ok || p[15] != 1) return NULL;
+    int oc = p[4], act = p[20], per_channel = p[21];
+    int zps[2] = {p[22], p[23]};
+    dnnl_data_type_t st = qtype_of(p[18]), dt = qtype_of(p[19]);
     int int_dst = dt == dnnl_u8 || dt == dnnl_s8;
-    dnnl_dims_t src_d = {n, c, h, w}, dst_d = {n, oc, oh, ow}, bias_d = {oc}, wd = {oc, c, kh, kw};
-    dnnl_dims_t strides = {p[7], p[8]}, dil = {p[13] - 1, p[14] - 1};
-    dnnl_dims_t pad_l = {p[9], p[10]}, pad_r = {p[11], p[12]};
-    dnnl_memory_desc_t src_md, dst_md, wany_md, wsrc_md, bias_md;
-    dnnl_memory_desc_create_with_tag(&src_md, 4, src_d, st, dnnl_nhwc);
+    dnnl_dims_t dst_d = {p[0], oc, p[16], p[17]};
+    dnnl_memory_desc_t dst_md;
     dnnl_memory_desc_create_with_tag(&dst_md, 4, dst_d, dt, dnnl_nhwc);
-    dnnl_memory_desc_create_with_tag(&bias_md, 1, bias_d, dnnl_f32, dnnl_a);
-    dnnl_memory_desc_create_with_tag(&wany_md, 4, wd, dnnl_s8, dnnl_format_tag_any);
-    dnnl_memory_desc_create_with_tag(&wsrc_md, 4, wd, dnnl_s8, dnnl_oihw);
     dnnl_primitive_attr_t attr = make_attr(RES_NONE, dst_md, act);
-    int ok = attr != NULL
-        && dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0) == dnnl_success
+    dnnl_memory_desc_destroy(dst_md);
+    if (attr && !(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0) == dnnl_success
         && dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, per_channel ? 1 : 0)
                == dnnl_success
         && (!int_dst || dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0)
@@ -332,13 +337,11 @@ void *ds_onednn_qconv_create(const int *p, const void *weights, const float *bia
         && (!zps[0] || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0)
                == dnnl_success)
         && (!zps[1] || !int_dst
-            || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0) == dnnl_success);
-    dnnl_primitive_desc_t pd = NULL;
-    ds_kernel *k = NULL;
-    if (ok && dnnl_convolution_forward_primitive_desc_create(
-            &pd, g_engine, dnnl_forward_inference, dnnl_convolution_direct, src_md, wany_md,
-            bias ? bias_md : NULL, dst_md, strides, dil, pad_l, pad_r, attr) == dnnl_success)
-        k = finish(pd, wsrc_md, weights, bias_md, bias, RES_NONE);
+            || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0) == dnnl_success))) {
+        dnnl_primitive_attr_destroy(attr);
+        attr = NULL;
+    }
+    ds_kernel *k = conv_kernel(p, st, dnnl_s8, dt, attr, weights, bias, RES_NONE);
     if (k) {
         k->q[0] = constant(dnnl_f32, 1, &scales[0]);
         k->q[1] = constant(dnnl_f32, per_channel ? oc : 1, &scales[2]);
@@ -351,13 +354,6 @@ void *ds_onednn_qconv_create(const int *p, const void *weights, const float *bia
             k = NULL;
         }
     }
-    if (pd) dnnl_primitive_desc_destroy(pd);
-    if (attr) dnnl_primitive_attr_destroy(attr);
-    dnnl_memory_desc_destroy(src_md);
-    dnnl_memory_desc_destroy(dst_md);
-    dnnl_memory_desc_destroy(wany_md);
-    dnnl_memory_desc_destroy(wsrc_md);
-    dnnl_memory_desc_destroy(bias_md);
     return k;
 }
 

@@ -306,6 +306,16 @@ def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach().float().contiguous()
 
 
+def _conv_geometry(weight, stride, padding, dilation, groups, in_shape) -> tuple[list, tuple]:
+    """(the C side's geometry parameters, the output's shape) of a 2-D convolution."""
+    n, c, h, w = in_shape
+    oc, _, kh, kw = weight.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ([n, c, h, w, oc, kh, kw, *stride, *padding, *padding, *dilation, groups, oh, ow],
+            (n, oc, oh, ow))
+
+
 def conv2d(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
            groups: int, in_shape, dtype: torch.dtype, activation: str = "none",
            residual: str | None = None, choose=None) -> _Kernel | None:
@@ -314,12 +324,8 @@ def conv2d(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dil
     ``residual``: None, "add" or "sum" (see ``_RESIDUAL``); ``choose``: see ``_made``."""
     if dtype not in _DTYPES:
         return None
-    n, c, h, w = in_shape
-    oc, _, kh, kw = weight.shape
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    params = torch.tensor([n, c, h, w, oc, kh, kw, *stride, *padding, *padding, *dilation,
-                           groups, oh, ow, _DTYPES[dtype], _RESIDUAL[residual],
+    geometry, out_shape = _conv_geometry(weight, stride, padding, dilation, groups, in_shape)
+    params = torch.tensor([*geometry, _DTYPES[dtype], _RESIDUAL[residual],
                            ACTIVATIONS[activation]], dtype=torch.int32)
     wt = weight.detach().to(dtype).contiguous()
     b = _bias(bias)
@@ -327,7 +333,7 @@ def conv2d(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dil
     def make(lib):
         handle = lib.ds_onednn_conv_create(params.data_ptr(), wt.data_ptr(),
                                            None if b is None else b.data_ptr())
-        return _Kernel(lib, handle, in_shape, (n, oc, oh, ow), dtype, True, residual) \
+        return _Kernel(lib, handle, in_shape, out_shape, dtype, True, residual) \
             if handle else None
     return _made(make, choose)
 
@@ -411,13 +417,9 @@ def qconv2d(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor
     if lib is None or x_dtype not in (torch.uint8, torch.int8) or weight.dtype != torch.int8 \
             or out_dtype not in _QTYPES:
         return None
-    n, c, h, w = in_shape
-    oc, _, kh, kw = weight.shape
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    geometry, out_shape = _conv_geometry(weight, stride, padding, dilation, 1, in_shape)
     ws = weight_scale.detach().float().reshape(-1)
-    params = torch.tensor([n, c, h, w, oc, kh, kw, *stride, *padding, *padding, *dilation,
-                           oh, ow, _QTYPES[x_dtype], _QTYPES[out_dtype],
+    params = torch.tensor([*geometry, _QTYPES[x_dtype], _QTYPES[out_dtype],
                            ACTIVATIONS[activation], int(ws.numel() > 1), int(x_zero_point),
                            int(out_zero_point)], dtype=torch.int32)
     scales = torch.cat([torch.tensor([float(x_scale), float(out_scale)]), ws]).contiguous()
@@ -425,7 +427,7 @@ def qconv2d(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor
     b = _bias(bias)
     handle = lib.ds_onednn_qconv_create(params.data_ptr(), wt.data_ptr(),
                                         None if b is None else b.data_ptr(), scales.data_ptr())
-    return _Kernel(lib, handle, in_shape, (n, oc, oh, ow), out_dtype, True,
+    return _Kernel(lib, handle, in_shape, out_shape, out_dtype, True,
                    source=(x_dtype, torch.channels_last)) if handle else None
 
 
