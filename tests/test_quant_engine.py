@@ -96,6 +96,50 @@ def test_int8_engine_matches_eager_quantized_module(kind, method, granularity):
     assert rel_l2(want, fp32) < 0.1  # and the quantized model is still the model
 
 
+class ResidualBlocks(nn.Module):
+    """Two ResNet block ends: one adding a downsample convolution, one the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 1))
+        self.down = nn.Conv2d(16, 32, 1)
+        self.b = nn.Sequential(nn.Conv2d(32, 16, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(self.a(h) + self.down(h))
+        h = torch.relu(self.b(h) + h)
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["symmetric", "asymmetric/symmetric"])
+def test_int8_block_ends_run_as_one_primitive(method):
+    """On the CPU, an int8 convolution + residual add + ReLU (a block's end) runs as one
+    oneDNN int8 primitive made once, the add and ReLU its post-ops (a sum into the
+    residual's buffer where it dies there); the engine matches the quantized module."""
+    from deepseek.backends.cpu import onednn
+    from deepseek.quantization.kernels import native_int8
+
+    if not onednn.available() or not native_int8():
+        pytest.skip("needs oneDNN's int8 kernels (the onednn extra, VNNI)")
+    torch.manual_seed(12)
+    model = ResidualBlocks().eval()
+    act_method, _, weight_method = method.partition("/")
+    qmodel = Quantizer(QuantConfig(method=act_method, weight_method=weight_method or None,
+                                   progress=False)).quantize(
+        model, [torch.randn(4, 3, 12, 12) for _ in range(4)])
+    engine = ds.compile(qmodel, (torch.randn(2, 3, 12, 12),), precision="int8", backend="cpu")
+    for _ in range(2):
+        x = torch.randn(2, 3, 12, 12)
+        with torch.no_grad():
+            want = qmodel(x)
+        assert rel_l2(engine(x), want) < 2e-3
+    plan = next(iter(engine._parts[0].executable.plans.values()))
+    assert ".add_(" not in plan.source and plan.source.count("= dnn") >= 2, plan.source
+
+
 @pytest.mark.parametrize("vnni, weight_bits", [(True, 8), (False, 8), (False, 7)])
 def test_int8_kernels_off_native_are_named(vnni, weight_bits, monkeypatch):
     """Without VNNI, oneDNN's int8 kernels are exact only for 7-bit weights: 8-bit ones run

@@ -394,7 +394,10 @@ class _Emitter:
                 return quantize
         if id(node) in self.conv_add_relu:
             self.cl.add(id(out))
-            return self.conv_residual(*self.conv_add_relu[id(node)], node)
+            conv, z = self.conv_add_relu[id(node)]
+            if conv.op is Op.CONV2D_INT8:
+                return self.dnn_call(self.int8_residual[id(conv)], conv.inputs[0], z)
+            return self.conv_residual(conv, z, node)
         if op is Op.FUSED_POINTWISE:
             return self.fused_chain(node, ins)
         if op is Op.TO_COPY and self.device == "cpu":
@@ -1360,7 +1363,47 @@ class _Emitter:
 
     def prepare(self) -> None:
         """Decisions that span nodes, made before any statement (backends extend it)."""
-        self.find_conv_residuals(self.onednn_conv)
+        self.int8_residual: dict[int, onednn._Kernel] = {}
+        self.find_conv_residuals(lambda n: self.onednn_conv(n) or self.int8_conv(n))
+        for host, (conv, z) in list(self.conv_add_relu.items()):
+            if conv.op is not Op.CONV2D_INT8:
+                continue
+            # the residual add and ReLU as the int8 primitive's post-ops
+            made = self.int8_conv(conv, z, self.graph.nodes[self.index[host]])
+            if made is None:  # no primitive: the nodes run apart, as captured
+                del self.conv_add_relu[host], self.deferred[id(conv)]
+            else:
+                self.int8_residual[id(conv)] = made
+
+    def int8_conv(self, node: Node | None, z: Value | None = None, host: Node | None = None):
+        """Whether ``node`` is an int8 convolution with a float result, no post-op and
+        constant operands that a oneDNN int8 primitive made once can run with a residual
+        add and ReLU after it (a quantized ResNet block's end); with ``z`` and its
+        ``host`` (the add + ReLU node), that primitive: accumulating into ``z``'s buffer
+        where ``z`` dies there (oneDNN's sum post-op), else adding it."""
+        from deepseek.quantization.kernels import int8_native_for
+
+        if node is None or node.op is not Op.CONV2D_INT8 or self.device != "cpu":
+            return False
+        x, w, ws, wz, b = node.inputs
+        a = {k: bind(v, self.env) for k, v in node.attrs.items()}
+        g, out = self.graph, node.outputs[0]
+        if not (isinstance(x, Value) and x.spec.dtype in (torch.uint8, torch.int8)
+                and all(g.is_constant(v) for v in (w, ws, wz, b) if v is not None)
+                and a["post_op"] == "none" and a["output_dtype"] in (None, torch.float32)
+                and a["groups"] == 1 and x.spec.rank == 4 and onednn.available()
+                and len(self.users.get(id(out), [])) == 1 and out not in g.outputs
+                and (wz is None or not bool(self.constants[wz.name].ne(0).any()))
+                and int8_native_for(self.constants[w.name])):
+            return False
+        if z is None:
+            return True
+        residual = "sum" if can_write_into(g, host, z) else "add"
+        return onednn.qconv2d(
+            self.constants[w.name], self.constants[ws.name],
+            None if b is None else self.constants[b.name], a["stride"], a["padding"],
+            a["dilation"], list(x.spec.concrete(self.env)), x.spec.dtype, a["x_scale"],
+            a["x_zero_point"], "relu", residual=residual)
 
     def generate(self) -> Callable:
         g = self.graph

@@ -312,22 +312,23 @@ static dnnl_data_type_t qtype_of(int code) {
 
 /* An int8 convolution: p: the geometry (conv_kernel's, one group), then src type (2 u8,
  * 3 s8), dst type (0 f32, 1 bf16, 2 u8, 3 s8), act, per-channel weight scales (0/1), src
- * zero point, dst zero point. weights: plain int8 (oc, c, kh, kw); bias float32 or NULL;
- * scales: the src scale, the dst scale, then the weights' (oc or 1).
- * dst = act(src_scale * w_scale[o] * sum((src - src_zp) * w) + bias[o]), for an integer
- * dst then round(dst / dst_scale) + dst_zp, saturated. */
+ * zero point, dst zero point, residual (RES_*, for a float dst). weights: plain int8
+ * (oc, c, kh, kw); bias float32 or NULL; scales: the src scale, the dst scale, then the
+ * weights' (oc or 1). dst = act(src_scale * w_scale[o] * sum((src - src_zp) * w) + bias[o]
+ * [+ residual]), for an integer dst then round(dst / dst_scale) + dst_zp, saturated. */
 void *ds_onednn_qconv_create(const int *p, const void *weights, const float *bias,
                              const float *scales) {
     pthread_once(&g_once, init_engine);
     if (!g_ok || p[15] != 1) return NULL;
-    int oc = p[4], act = p[20], per_channel = p[21];
+    int oc = p[4], act = p[20], per_channel = p[21], residual = p[24];
     int zps[2] = {p[22], p[23]};
     dnnl_data_type_t st = qtype_of(p[18]), dt = qtype_of(p[19]);
     int int_dst = dt == dnnl_u8 || dt == dnnl_s8;
+    if (residual != RES_NONE && int_dst) return NULL;
     dnnl_dims_t dst_d = {p[0], oc, p[16], p[17]};
     dnnl_memory_desc_t dst_md;
     dnnl_memory_desc_create_with_tag(&dst_md, 4, dst_d, dt, dnnl_nhwc);
-    dnnl_primitive_attr_t attr = make_attr(RES_NONE, dst_md, act);
+    dnnl_primitive_attr_t attr = make_attr(residual, dst_md, act);
     dnnl_memory_desc_destroy(dst_md);
     if (attr && !(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0) == dnnl_success
         && dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, per_channel ? 1 : 0)
@@ -341,7 +342,7 @@ void *ds_onednn_qconv_create(const int *p, const void *weights, const float *bia
         dnnl_primitive_attr_destroy(attr);
         attr = NULL;
     }
-    ds_kernel *k = conv_kernel(p, st, dnnl_s8, dt, attr, weights, bias, RES_NONE);
+    ds_kernel *k = conv_kernel(p, st, dnnl_s8, dt, attr, weights, bias, residual);
     if (k) {
         k->q[0] = constant(dnnl_f32, 1, &scales[0]);
         k->q[1] = constant(dnnl_f32, per_channel ? oc : 1, &scales[2]);

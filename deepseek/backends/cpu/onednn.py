@@ -406,12 +406,15 @@ _QTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2, torch.int8: 3}
 def qconv2d(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
             stride, padding, dilation, in_shape, x_dtype: torch.dtype, x_scale: float,
             x_zero_point: int, activation: str = "none", out_dtype: torch.dtype = torch.float32,
-            out_scale: float = 1.0, out_zero_point: int = 0) -> _Kernel | None:
+            out_scale: float = 1.0, out_zero_point: int = 0,
+            residual: str | None = None) -> _Kernel | None:
     """An int8 convolution (``weight`` int8, symmetric, ``weight_scale`` per output channel
     or one) of NHWC ``x_dtype`` (uint8/int8) inputs of ``in_shape`` with ``x_scale`` and
     ``x_zero_point``: ``activation(conv(dequantized x, dequantized weight) + bias)``,
     returned in float32 or quantized to ``out_dtype`` (uint8/int8) with ``out_scale`` and
-    ``out_zero_point``; None where oneDNN makes no primitive. Made on the preferred
+    ``out_zero_point``; ``residual`` (None, "add" or "sum", see ``_RESIDUAL``; a float
+    result only) added before the activation; None where oneDNN makes no primitive. Made
+    on the preferred
     runtime: PyTorch's int8 op runs the same oneDNN, making its primitive every call."""
     lib = library()
     if lib is None or x_dtype not in (torch.uint8, torch.int8) or weight.dtype != torch.int8 \
@@ -421,13 +424,13 @@ def qconv2d(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor
     ws = weight_scale.detach().float().reshape(-1)
     params = torch.tensor([*geometry, _QTYPES[x_dtype], _QTYPES[out_dtype],
                            ACTIVATIONS[activation], int(ws.numel() > 1), int(x_zero_point),
-                           int(out_zero_point)], dtype=torch.int32)
+                           int(out_zero_point), _RESIDUAL[residual]], dtype=torch.int32)
     scales = torch.cat([torch.tensor([float(x_scale), float(out_scale)]), ws]).contiguous()
     wt = weight.detach().contiguous()
     b = _bias(bias)
     handle = lib.ds_onednn_qconv_create(params.data_ptr(), wt.data_ptr(),
                                         None if b is None else b.data_ptr(), scales.data_ptr())
-    return _Kernel(lib, handle, in_shape, out_shape, out_dtype, True,
+    return _Kernel(lib, handle, in_shape, out_shape, out_dtype, True, residual,
                    source=(x_dtype, torch.channels_last)) if handle else None
 
 
