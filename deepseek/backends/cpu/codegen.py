@@ -400,6 +400,10 @@ class _Emitter:
             return self.conv_residual(conv, z, node)
         if op is Op.FUSED_POINTWISE:
             return self.fused_chain(node, ins)
+        if op is Op.CONV2D_INT8 and self.device == "cpu":
+            alone = self.int8_alone(node)
+            if alone is not None:
+                return alone
         if op is Op.TO_COPY and self.device == "cpu":
             converted = self.convert_for_conv(node, ins, attrs)
             if converted is not None:
@@ -1368,42 +1372,79 @@ class _Emitter:
         for host, (conv, z) in list(self.conv_add_relu.items()):
             if conv.op is not Op.CONV2D_INT8:
                 continue
-            # the residual add and ReLU as the int8 primitive's post-ops
-            made = self.int8_conv(conv, z, self.graph.nodes[self.index[host]])
+            # the residual add and ReLU as the int8 primitive's post-ops, accumulating into
+            # z's buffer where z dies there (oneDNN's sum post-op), else adding it
+            host_node = self.graph.nodes[self.index[host]]
+            made = self.int8_made(conv, "relu", None, "sum" if can_write_into(
+                self.graph, host_node, z) else "add")
             if made is None:  # no primitive: the nodes run apart, as captured
                 del self.conv_add_relu[host], self.deferred[id(conv)]
             else:
                 self.int8_residual[id(conv)] = made
 
-    def int8_conv(self, node: Node | None, z: Value | None = None, host: Node | None = None):
-        """Whether ``node`` is an int8 convolution with a float result, no post-op and
-        constant operands that a oneDNN int8 primitive made once can run with a residual
-        add and ReLU after it (a quantized ResNet block's end); with ``z`` and its
-        ``host`` (the add + ReLU node), that primitive: accumulating into ``z``'s buffer
-        where ``z`` dies there (oneDNN's sum post-op), else adding it."""
+    def int8_conv(self, node: Node | None) -> bool:
+        """Whether ``node`` is an int8 convolution with a float result and no post-op,
+        read by one node only, that a oneDNN int8 primitive made once can run with a
+        residual add and ReLU after it (a quantized ResNet block's end)."""
+        if self.int8_attrs(node) is None:
+            return False
+        a, out = node.attrs, node.outputs[0]
+        return (a["post_op"] == "none" and a["output_dtype"] in (None, torch.float32)
+                and len(self.users.get(id(out), [])) == 1 and out not in self.graph.outputs)
+
+    def int8_attrs(self, node: Node | None) -> dict | None:
+        """The bound attributes of an int8 convolution that oneDNN's int8 primitive can
+        run here (one group, constant symmetric weights it computes exactly, 4-D int8 or
+        uint8 input), else None."""
         from deepseek.quantization.kernels import int8_native_for
 
         if node is None or node.op is not Op.CONV2D_INT8 or self.device != "cpu":
-            return False
+            return None
         x, w, ws, wz, b = node.inputs
         a = {k: bind(v, self.env) for k, v in node.attrs.items()}
-        g, out = self.graph, node.outputs[0]
-        if not (isinstance(x, Value) and x.spec.dtype in (torch.uint8, torch.int8)
-                and all(g.is_constant(v) for v in (w, ws, wz, b) if v is not None)
-                and a["post_op"] == "none" and a["output_dtype"] in (None, torch.float32)
-                and a["groups"] == 1 and x.spec.rank == 4 and onednn.available()
-                and len(self.users.get(id(out), [])) == 1 and out not in g.outputs
-                and (wz is None or not bool(self.constants[wz.name].ne(0).any()))
-                and int8_native_for(self.constants[w.name])):
-            return False
-        if z is None:
-            return True
-        residual = "sum" if can_write_into(g, host, z) else "add"
+        ok = (isinstance(x, Value) and x.spec.dtype in (torch.uint8, torch.int8)
+              and all(self.graph.is_constant(v) for v in (w, ws, wz, b) if v is not None)
+              and a["groups"] == 1 and x.spec.rank == 4 and onednn.available()
+              and (wz is None or not bool(self.constants[wz.name].ne(0).any()))
+              and int8_native_for(self.constants[w.name]))
+        return a if ok else None
+
+    def int8_made(self, node: Node, post: str, out_dtype, residual: str | None = None):
+        """``node``'s int8 primitive made once (``onednn.qconv2d``) with activation
+        ``post``, result ``out_dtype`` (None: float32) and ``residual``, or None."""
+        x, w, ws, _, b = node.inputs
+        a = self.int8_attrs(node)
+        quantized = out_dtype not in (None, torch.float32)
         return onednn.qconv2d(
             self.constants[w.name], self.constants[ws.name],
             None if b is None else self.constants[b.name], a["stride"], a["padding"],
             a["dilation"], list(x.spec.concrete(self.env)), x.spec.dtype, a["x_scale"],
-            a["x_zero_point"], "relu", residual=residual)
+            a["x_zero_point"], post, out_dtype if quantized else torch.float32,
+            a["output_scale"] if quantized else 1.0, a["output_zero_point"] if quantized else 0,
+            residual=residual)
+
+    def int8_alone(self, node: Node) -> str | None:
+        """An int8 convolution as its primitive made once, called from the plan (so it
+        can join a chain), where that measures faster than the op's own call; else None."""
+        a = self.int8_attrs(node)
+        if a is None:
+            return None
+        made = self.int8_made(node, a["post_op"], a["output_dtype"])
+        if made is None:
+            return None
+        x, w, ws, wz, b = node.inputs
+        xr = torch.randint(0, 100, list(x.spec.concrete(self.env)), dtype=x.spec.dtype
+                           ).contiguous(memory_format=torch.channels_last)
+        consts = [None if v is None else self.constants[v.name] for v in (w, ws, wz, b)]
+        op = node.opdef.overload
+        args = [a[k] for k in ("x_scale", "x_zero_point")] + consts[:3]
+        rest = [a[k] for k in ("stride", "padding", "dilation", "groups", "post_op",
+                               "output_scale", "output_zero_point", "output_dtype")]
+        if _fastest({"onednn_made": made.step(xr),
+                     "op": lambda: op(xr, *args, consts[3], *rest)}) != "onednn_made":
+            return None
+        self.cl.add(id(node.outputs[0]))
+        return self.dnn_call(made, x)
 
     def generate(self) -> Callable:
         g = self.graph
