@@ -400,14 +400,12 @@ class _Emitter:
             return self.conv_residual(conv, z, node)
         if op is Op.FUSED_POINTWISE:
             return self.fused_chain(node, ins)
-        if op is Op.CONV2D_INT8 and self.device == "cpu":
-            alone = self.int8_alone(node)
-            if alone is not None:
-                return alone
-        if op is Op.TO_COPY and self.device == "cpu":
-            converted = self.convert_for_conv(node, ins, attrs)
-            if converted is not None:
-                return converted
+        made = {Op.CONV2D_INT8: lambda: self.int8_alone(node),  # oneDNN kernels made once
+                Op.TO_COPY: lambda: self.convert_for_conv(node, ins, attrs)}.get(op)
+        if made is not None and self.device == "cpu":
+            expr = made()
+            if expr is not None:
+                return expr
         if op in (Op.ADDMM, Op.MM, Op.MATMUL) and self.device == "cpu":
             fused = self.const_gemm(node, ins, attrs)
             if fused is not None:
