@@ -302,7 +302,7 @@ def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
     made = _made_conv2d_int8(*args)
     if made is not None:
         return made(x.contiguous(memory_format=torch.channels_last))
-    return _pytorch_conv2d_int8(*args)
+    return pytorch_conv2d_int8(*args)
 
 
 def _made_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
@@ -314,7 +314,6 @@ def _made_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
     first input it saw; else None. Symmetric weights, one group."""
     if groups != 1 or (weight_zero_point is not None and bool(weight_zero_point.ne(0).any())):
         return None
-    out = None if output_dtype is None or output_dtype == torch.float32 else output_dtype
     args = (x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, stride,
             padding, dilation, groups, post_op, output_scale, output_zero_point, output_dtype)
 
@@ -324,24 +323,25 @@ def _made_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
 
         kernel = onednn.qconv2d(weight, weight_scale, bias, list(stride), list(padding),
                                 list(dilation), list(x.shape), x.dtype, x_scale,
-                                x_zero_point, post_op, out or torch.float32,
-                                output_scale if out else 1.0, output_zero_point if out else 0)
+                                x_zero_point, post_op, output_dtype, output_scale,
+                                output_zero_point)
         if kernel is None:
             return False
         xs = x.contiguous(memory_format=torch.channels_last)
         times = time_interleaved({"made": lambda: kernel(xs),
-                                  "pytorch": lambda: _pytorch_conv2d_int8(*args)},
+                                  "pytorch": lambda: pytorch_conv2d_int8(*args)},
                                  iters=5, warmup=2)
         return kernel if times["made"] < times["pytorch"] else False
 
     made = _cached(weight, ("made_qconv", tuple(x.shape), x.dtype, x_scale, x_zero_point,
                             tuple(stride), tuple(padding), tuple(dilation), post_op,
-                            output_scale, output_zero_point, out, *_tensor_key(weight_scale),
+                            output_scale, output_zero_point, output_dtype,
+                            *_tensor_key(weight_scale),
                             *_tensor_key(bias)), build)
     return made or None
 
 
-def _pytorch_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point,
+def pytorch_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point,
                          bias, stride, padding, dilation, groups, post_op, output_scale,
                          output_zero_point, output_dtype):
     """The convolution through PyTorch's oneDNN int8 ops."""

@@ -1412,34 +1412,33 @@ class _Emitter:
         ``post``, result ``out_dtype`` (None: float32) and ``residual``, or None."""
         x, w, ws, _, b = node.inputs
         a = self.int8_attrs(node)
-        quantized = out_dtype not in (None, torch.float32)
         return onednn.qconv2d(
             self.constants[w.name], self.constants[ws.name],
             None if b is None else self.constants[b.name], a["stride"], a["padding"],
             a["dilation"], list(x.spec.concrete(self.env)), x.spec.dtype, a["x_scale"],
-            a["x_zero_point"], post, out_dtype if quantized else torch.float32,
-            a["output_scale"] if quantized else 1.0, a["output_zero_point"] if quantized else 0,
+            a["x_zero_point"], post, out_dtype, a["output_scale"], a["output_zero_point"],
             residual=residual)
 
     def int8_alone(self, node: Node) -> str | None:
         """An int8 convolution as its primitive made once, called from the plan (so it
-        can join a chain), where that measures faster than the op's own call; else None."""
+        can join a chain), where that measures faster than PyTorch's int8 ops (which make
+        their primitive every call); else None."""
+        from deepseek.quantization.kernels import pytorch_conv2d_int8
+
         a = self.int8_attrs(node)
         if a is None:
             return None
         made = self.int8_made(node, a["post_op"], a["output_dtype"])
         if made is None:
             return None
-        x, w, ws, wz, b = node.inputs
+        x = node.inputs[0]
         xr = torch.randint(0, 100, list(x.spec.concrete(self.env)), dtype=x.spec.dtype
                            ).contiguous(memory_format=torch.channels_last)
-        consts = [None if v is None else self.constants[v.name] for v in (w, ws, wz, b)]
-        op = node.opdef.overload
-        args = [a[k] for k in ("x_scale", "x_zero_point")] + consts[:3]
+        consts = [None if v is None else self.constants[v.name] for v in node.inputs[1:]]
         rest = [a[k] for k in ("stride", "padding", "dilation", "groups", "post_op",
                                "output_scale", "output_zero_point", "output_dtype")]
-        if _fastest({"onednn_made": made.step(xr),
-                     "op": lambda: op(xr, *args, consts[3], *rest)}) != "onednn_made":
+        if _fastest({"onednn_made": made.step(xr), "pytorch": lambda: pytorch_conv2d_int8(
+                xr, a["x_scale"], a["x_zero_point"], *consts, *rest)}) != "onednn_made":
             return None
         self.cl.add(id(node.outputs[0]))
         return self.dnn_call(made, x)

@@ -405,18 +405,21 @@ _QTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2, torch.int8: 3}
 
 def qconv2d(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
             stride, padding, dilation, in_shape, x_dtype: torch.dtype, x_scale: float,
-            x_zero_point: int, activation: str = "none", out_dtype: torch.dtype = torch.float32,
+            x_zero_point: int, activation: str = "none", out_dtype: torch.dtype | None = None,
             out_scale: float = 1.0, out_zero_point: int = 0,
             residual: str | None = None) -> _Kernel | None:
     """An int8 convolution (``weight`` int8, symmetric, ``weight_scale`` per output channel
     or one) of NHWC ``x_dtype`` (uint8/int8) inputs of ``in_shape`` with ``x_scale`` and
     ``x_zero_point``: ``activation(conv(dequantized x, dequantized weight) + bias)``,
-    returned in float32 or quantized to ``out_dtype`` (uint8/int8) with ``out_scale`` and
+    returned in float32 (``out_dtype`` None or float32: the output scale and zero point
+    are then unused) or quantized to ``out_dtype`` (uint8/int8) with ``out_scale`` and
     ``out_zero_point``; ``residual`` (None, "add" or "sum", see ``_RESIDUAL``; a float
     result only) added before the activation; None where oneDNN makes no primitive. Made
     on the preferred
     runtime: PyTorch's int8 op runs the same oneDNN, making its primitive every call."""
     lib = library()
+    if out_dtype in (None, torch.float32):
+        out_dtype, out_scale, out_zero_point = torch.float32, 1.0, 0
     if lib is None or x_dtype not in (torch.uint8, torch.int8) or weight.dtype != torch.int8 \
             or out_dtype not in _QTYPES:
         return None
