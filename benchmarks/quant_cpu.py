@@ -4,12 +4,16 @@ Contenders, interleaved in one run: Deepseek fp32; Deepseek int8 (static PTQ,
 uint8 activations and symmetric per-channel int8 weights, min-max calibration
 on 8 random batches, compiled with ``precision="int8"``), and the same with
 7-bit weights (``int8_w7``: what oneDNN's int8 kernels compute exactly on CPUs
-without VNNI, where 8-bit weights run the float formula); for BERT also ONNX
-Runtime fp32 and ONNX Runtime int8 (its dynamic quantization,
-``quantize_dynamic``, of the same ONNX file), 2 intra-op threads, and Deepseek
-int8 with mixed precision (``accuracy_budget``: the most sensitive layers stay
-float until the outputs agree with fp32 within relative L2 0.009; 7-bit weights
-without VNNI).
+without VNNI, where 8-bit weights run the float formula); for BERT also Deepseek
+dynamic int8 (``calibration="dynamic"``: each token's row quantized at run time,
+asymmetric uint8-range, symmetric per-channel weights), ONNX Runtime fp32 and ONNX
+Runtime int8 (its dynamic quantization, ``quantize_dynamic``, of the same ONNX file
+after ``quant_pre_process``, ONNX Runtime's documented first step: without it the
+weights reach MatMul through Transpose nodes and ``quantize_dynamic`` leaves every
+MatMul in float; the run checks that the int8 file has ``MatMulInteger`` nodes),
+2 intra-op threads, and Deepseek int8 with mixed precision (``accuracy_budget``:
+the most sensitive layers stay float until the outputs agree with fp32 within
+relative L2 0.009; 7-bit weights without VNNI).
 Agreement with fp32: relative L2 of the outputs on fresh random inputs.
 
     python -m benchmarks.quant_cpu --threads 2 --out benchmarks/results/quant_cpu.json
@@ -50,16 +54,23 @@ def _fresh(inputs: tuple, vocab: int | None) -> tuple:
 
 def _ort_sessions(model, inputs, threads: int) -> dict:
     try:
+        import onnx
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         return {}
     from deepseek.frontend.onnx_export import export_onnx
 
     folder = tempfile.mkdtemp()
     fp32 = export_onnx(ds.capture(model, inputs), os.path.join(folder, "model.onnx"))
-    int8 = os.path.join(folder, "model_int8.onnx")
-    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+    pre, int8 = (os.path.join(folder, f) for f in ("model_pre.onnx", "model_int8.onnx"))
+    quant_pre_process(fp32, pre)
+    quantize_dynamic(pre, int8, weight_type=QuantType.QInt8)
+    integer = sum(n.op_type == "MatMulInteger" for n in onnx.load(int8).graph.node)
+    if not integer:
+        raise RuntimeError("ONNX Runtime's quantize_dynamic quantized no MatMul of the file: "
+                           "its int8 column would time a float model")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -83,6 +94,11 @@ def bench(name: str, threads: int, iters: int, mixed: bool) -> dict:
                              progress=False)
         runs[label] = ds.compile(Quantizer(config).quantize(model, calib), inputs, backend="cpu",
                                  precision="int8")
+    if name == "bert_base":  # Linear layers only: what dynamic quantization covers
+        config = QuantConfig(calibration="dynamic", method="asymmetric",
+                             weight_method="symmetric", progress=False)
+        runs["deepseek_int8_dynamic"] = ds.compile(Quantizer(config).quantize(model), inputs,
+                                                   backend="cpu", precision="int8")
     mixed_bits = 8 if native_int8() else 7  # the weights this CPU's int8 kernels take
     if mixed:  # mixed precision: the most sensitive layers stay float until the outputs
         # agree with fp32 within MIXED_BUDGET (relative L2, on two held-out batches)

@@ -164,10 +164,11 @@ _TABLE: list[tuple[str, Prop]] = [
     *[(f"quantized_decomposed::{n}", Prop.QUANT) for n in (
         "quantize_per_channel_group.default", "dequantize_per_channel_group.default",
         "quantize_per_token.default", "dequantize_per_token.default",
+        "choose_qparams_per_token.default", "choose_qparams_per_token_asymmetric.default",
     )],
     # integer kernels that quantization lowering emits (deepseek/quantization/kernels.py)
     *[(f"deepseek_quant::{n}.default", MM) for n in (
-        "linear_int8", "conv2d_int8", "linear_weight_only",
+        "linear_int8", "conv2d_int8", "linear_int8_dynamic", "linear_weight_only",
     )],
 ]
 

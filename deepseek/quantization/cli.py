@@ -10,10 +10,12 @@ import tempfile
 import torch
 
 from deepseek.errors import DeepseekError
+from deepseek.quantization.config import CALIBRATIONS
 
 EXAMPLE = ("deepseek quantize mnist_cnn -o mnist_int8.dsk --method symmetric "
            "--calibration entropy\n"
            "  deepseek quantize mypkg.models:make_model -o m.dsk --calib-data mypkg.data:batches\n"
+           "  deepseek quantize bert_base -o bert_dyn.dsk --calibration dynamic\n"
            "  deepseek quantize mypkg.llm:make -o w4.dsk --weight-bits 4 --activation-bits none "
            "--granularity per_group --group-size 64")
 
@@ -34,8 +36,9 @@ def register(command) -> None:
     s.add_argument("--granularity", default="per_channel",
                    choices=["per_tensor", "per_channel", "per_group"])
     s.add_argument("--group-size", type=int, default=128)
-    s.add_argument("--calibration", default="minmax",
-                   choices=["minmax", "percentile", "entropy", "mse"])
+    s.add_argument("--calibration", default="minmax", choices=list(CALIBRATIONS),
+                   help="how activation ranges are found; 'dynamic': per row at run time "
+                        "(Linear layers; no calibration data)")
     s.add_argument("--weight-bits", type=int, default=8)
     s.add_argument("--activation-bits", type=_bits, default=8,
                    help="bits of activations, or 'none' for weight-only quantization")
@@ -77,7 +80,7 @@ def cmd_quantize(a) -> int:
                          granularity=a.granularity, group_size=a.group_size,
                          calibration=a.calibration, skip=a.skip, embeddings=a.embeddings)
     model, inputs = load_model(a.model, a.batch)
-    static = config.activation_bits is not None
+    static = config.activation_bits is not None and not config.dynamic
     calib = _calibration_batches(a.calib_data, inputs, a.calib_batches) if static else None
     quantizer = Quantizer(config)
     qmodel = quantizer.quantize(model, calib)

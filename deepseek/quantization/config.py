@@ -11,6 +11,7 @@ from deepseek.quantization.observers import CALIBRATORS
 
 METHODS = ("asymmetric", "symmetric")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+CALIBRATIONS = (*CALIBRATORS, "dynamic")  # "dynamic": ranges taken from each call's rows
 
 
 class QuantizationError(DeepseekError):
@@ -28,10 +29,14 @@ class QuantConfig:
     weight-only quantization of LLM-style linears). Activations are per tensor,
     calibrated by ``calibration`` ("minmax", "percentile", "entropy", "mse").
     ``activation_bits=None`` (or quantizing without calibration data) gives
-    weight-only quantization. ``skip`` holds module-name patterns (fnmatch:
-    ``"classifier.*"``, ``"*.attention.*"``) left in float. ``accuracy_budget``
-    (the largest drop of the eval metric accepted) turns on mixed precision:
-    the most sensitive layers stay in float until the budget holds.
+    weight-only quantization. ``calibration="dynamic"`` needs no calibration data:
+    each row (token) of a Linear layer's input is quantized to 8 bits with a scale
+    (and, "asymmetric", a zero point) taken from that row at run time, as
+    ``torch.ao.quantization.quantize_dynamic`` and ONNX Runtime's ``quantize_dynamic``
+    do (they take one range per tensor); convolutions stay in float. ``skip`` holds
+    module-name patterns (fnmatch: ``"classifier.*"``, ``"*.attention.*"``) left in
+    float. ``accuracy_budget`` (the largest drop of the eval metric accepted) turns on
+    mixed precision: the most sensitive layers stay in float until the budget holds.
 
     Example::
 
@@ -72,6 +77,11 @@ class QuantConfig:
         return self.method == "symmetric"
 
     @property
+    def dynamic(self) -> bool:
+        """Whether activations are quantized per row at run time (no calibration)."""
+        return self.calibration == "dynamic" and self.activation_bits is not None
+
+    @property
     def weight_symmetric(self) -> bool:
         return (self.weight_method or self.method) == "symmetric"
 
@@ -94,8 +104,12 @@ class QuantConfig:
             raise bad(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not isinstance(self.group_size, int) or self.group_size < 2:
             raise bad(f"group_size must be an int >= 2, got {self.group_size!r}")
-        if self.calibration not in CALIBRATORS:
-            raise bad(f"calibration must be one of {CALIBRATORS}, got {self.calibration!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise bad(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if self.dynamic and self.activation_bits != 8:
+            raise bad(f"calibration='dynamic' quantizes activations to 8 bits (int8 per row); "
+                      f"got activation_bits={self.activation_bits!r}: set activation_bits=8, "
+                      f"or choose a static calibrator {CALIBRATORS}")
         if not 50 < self.percentile <= 100:
             raise bad(f"percentile must be in (50, 100], got {self.percentile!r}")
         if self.weight_search not in ("minmax", "mse"):

@@ -10,6 +10,10 @@ which is also its fallback. The fast paths:
   convolution runs instead as a oneDNN int8 primitive made once per input shape
   (``deepseek.backends.cpu.onednn.qconv2d``: no primitive made per call) where that
   measures faster on its first input.
+- dynamic int8 linear (``linear_int8_dynamic``: each row of the activation quantized with
+  its own scale at run time): on the CPU one C pass quantizes the rows, ``torch._int_mm``
+  multiplies, one C pass turns int32 into the float result; on CUDA ATen's steps around
+  ``torch._int_mm``.
 - CUDA: ``torch._int_mm`` (int8 x int8 -> int32) for linear; convolution and
   shapes ``_int_mm`` refuses take the reference path.
 
@@ -37,6 +41,9 @@ _LIB.define(
     "Tensor? weight_zero_point, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
     "int groups, str post_op, float output_scale, int output_zero_point, "
     "ScalarType? output_dtype) -> Tensor")
+_LIB.define(
+    "linear_int8_dynamic(Tensor x, bool symmetric, Tensor weight, Tensor weight_scale, "
+    "Tensor? weight_zero_point, Tensor? bias, str post_op) -> Tensor")
 _LIB.define(
     "linear_weight_only(Tensor x, Tensor weight, Tensor weight_scale, Tensor? weight_zero_point, "
     "Tensor? bias, int bits, int group_size) -> Tensor")
@@ -107,6 +114,22 @@ def reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, weight
     xd = (x.float() - x_zero_point) * x_scale
     y = F.linear(xd, dequantize(weight, weight_scale, weight_zero_point), bias)
     return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
+
+
+def reference_linear_int8_dynamic(x, symmetric, weight, weight_scale, weight_zero_point, bias,
+                                  post_op, dequantize=dequantize_weight):
+    """``post_op(linear(dq(q(x)), dequantize(weight), bias))`` where each row of ``x`` (a
+    token) is quantized to int8 with its own scale (and, not ``symmetric``, zero point),
+    chosen from that row at run time: PyTorch's ``choose_qparams_per_token(_asymmetric)``,
+    ``quantize_per_token`` and ``dequantize_per_token``."""
+    qd = torch.ops.quantized_decomposed
+    choose = qd.choose_qparams_per_token if symmetric else qd.choose_qparams_per_token_asymmetric
+    xf = x.float()
+    scale, zero_point = choose(xf, torch.int8)
+    q = qd.quantize_per_token(xf, scale, zero_point, -128, 127, torch.int8)
+    xd = qd.dequantize_per_token(q, scale, zero_point, -128, 127, torch.int8, torch.float32)
+    y = F.linear(xd, dequantize(weight, weight_scale, weight_zero_point), bias)
+    return torch.relu(y) if post_op == "relu" else y
 
 
 def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
@@ -242,6 +265,30 @@ def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
     rowsum = ((x.float() - x_zero_point) * x_scale).sum(-1, keepdim=True)
     y = y - rowsum * _zero_point_term(weight, weight_scale, weight_zero_point)
     return _finish(y, post_op, output_scale, output_zero_point, output_dtype, one_pass=True)
+
+
+def _linear_int8_dynamic_cpu(x, symmetric, weight, weight_scale, weight_zero_point, bias,
+                              post_op):
+    """Rows quantized in one C pass, ``torch._int_mm`` (oneDNN's int8 GEMM, exact on VNNI),
+    and one C pass from int32 to the float result (zero points, scales, bias, ReLU)."""
+    from deepseek.backends.cpu import rowwise  # at call time (see the module doc)
+
+    args = (x, symmetric, weight, weight_scale, weight_zero_point, bias, post_op)
+    if not (_VNNI and x.dtype == torch.float32 and weight.dim() == 2
+            and weight.dtype == torch.int8 and weight_scale.numel() in (1, weight.shape[0])
+            and rowwise.library() is not None):
+        return reference_linear_int8_dynamic(*args, _dequantized)
+    k, n = weight.shape[1], weight.shape[0]
+    rows = rowwise.quantize_rows(x.contiguous(), symmetric)
+    acc = torch._int_mm(rows[0].reshape(-1, k), weight.t())
+    colsum = _cached(weight, ("colsum_int",), lambda: weight.sum(1, dtype=torch.int32))
+    zero_point = None if weight_zero_point is None else _cached(
+        weight, ("zp_int", *_tensor_key(weight_zero_point)),
+        lambda: weight_zero_point.to(torch.int32).reshape(-1).expand(n).contiguous())
+    y = rowwise.dequantize_rows(acc, rows, weight_scale.float().contiguous(), colsum, zero_point,
+                                None if bias is None else bias.float().contiguous(), k,
+                                post_op == "relu")
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _float_conv2d_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
@@ -435,6 +482,32 @@ def _linear_int8_cuda(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
     return _finish(y, post_op, output_scale, output_zero_point, output_dtype)
 
 
+def _linear_int8_dynamic_cuda(x, symmetric, weight, weight_scale, weight_zero_point, bias,
+                               post_op):
+    """The reference formula, its GEMM as ``torch._int_mm`` on the integer tensor cores."""
+    m, k, n = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
+    if not (m > 16 and k % 8 == 0 and n % 8 == 0 and weight.dtype == torch.int8
+            and weight_scale.numel() in (1, n)):
+        return reference_linear_int8_dynamic(x, symmetric, weight, weight_scale,
+                                             weight_zero_point, bias, post_op)
+    qd = torch.ops.quantized_decomposed
+    choose = qd.choose_qparams_per_token if symmetric else qd.choose_qparams_per_token_asymmetric
+    xf = x.float().reshape(m, k)
+    scale, zero_point = choose(xf, torch.int8)
+    q = qd.quantize_per_token(xf, scale, zero_point, -128, 127, torch.int8)
+    acc = torch._int_mm(q, weight.t()).float()
+    colsum = _cached(weight, ("colsum",), lambda: weight.sum(1, dtype=torch.int32).float())
+    acc = acc - zero_point.float() * colsum
+    if weight_zero_point is not None:
+        rowsum = (q.float() - zero_point.float()).sum(-1, keepdim=True)
+        acc = acc - rowsum * weight_zero_point.float().reshape(-1)
+    y = acc * (scale.float() * weight_scale.float().reshape(-1))
+    if bias is not None:
+        y = y + bias.float()
+    y = y.reshape(*x.shape[:-1], n)
+    return torch.relu(y) if post_op == "relu" else y
+
+
 def triton_conv2d_int8(weight, weight_scale, x_scale, bias, stride, padding, dilation):
     """The Triton int8 convolution of this weight (its packed operands), made once per
     weight and parameters: the op and the CUDA plans' fused calls share it."""
@@ -479,6 +552,10 @@ def _conv_meta(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point
     return x.new_empty(out.shape, dtype=output_dtype or torch.float32)
 
 
+def _dynamic_meta(x, symmetric, weight, *rest):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
 def _weight_only_meta(x, weight, weight_scale, weight_zero_point, bias, bits, group_size):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -489,8 +566,11 @@ _LIB.impl("linear_int8", _linear_meta, "Meta")
 _LIB.impl("conv2d_int8", _conv2d_int8_cpu, "CPU")
 _LIB.impl("conv2d_int8", _conv2d_int8_cuda, "CUDA")
 _LIB.impl("conv2d_int8", _conv_meta, "Meta")
+_LIB.impl("linear_int8_dynamic", _linear_int8_dynamic_cpu, "CPU")
+_LIB.impl("linear_int8_dynamic", _linear_int8_dynamic_cuda, "CUDA")
+_LIB.impl("linear_int8_dynamic", _dynamic_meta, "Meta")
 _LIB.impl("linear_weight_only", _linear_weight_only, "CPU")
 _LIB.impl("linear_weight_only", _linear_weight_only, "CUDA")
 _LIB.impl("linear_weight_only", _weight_only_meta, "Meta")
 
-OPS = ("linear_int8", "conv2d_int8", "linear_weight_only")
+OPS = ("linear_int8", "conv2d_int8", "linear_int8_dynamic", "linear_weight_only")

@@ -7,6 +7,8 @@ weight, the core-ATen form of ``F.linear``, with a ``view`` of a 3-D input):
         => conv2d_int8(xq, W_int, b, post_op="relu", output quantized)
     addmm(b, [view](dequant(xq)), permute(dequant(W_int)))  [-> relu] [-> quantize]
         => linear_int8([view](xq), W_int, b, ...)
+    addmm(b, dequant_per_token(quant_per_token(x, choose_qparams_per_token(x))), W...)
+        => linear_int8_dynamic(x, W_int, b)         (rows quantized at run time)
     addmm(b, x, permute(dequant(W_int)))          (x not quantized: weight-only)
         => linear_weight_only(x, W_int, b)          (4-bit weights packed two a byte)
 
@@ -28,11 +30,13 @@ from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop
 from deepseek.ir.types import TensorSpec
 from deepseek.passes.simplify import eliminate_dead_code
-from deepseek.quantization.kernels import int8_native_for, pack_int4
+from deepseek.quantization.kernels import int8_native_for, native_int8, pack_int4
 
 _DQ_ACT = {Op.DEQUANTIZE_PER_TENSOR, Op.DEQUANTIZE_PER_TENSOR_TENSOR}
 _Q_ACT = {Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR}
 _RESHAPES = {Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE}
+_CHOOSE_PER_TOKEN = {Op.CHOOSE_QPARAMS_PER_TOKEN: True,  # symmetric
+                     Op.CHOOSE_QPARAMS_PER_TOKEN_ASYMMETRIC: False}
 _FULL_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
@@ -113,6 +117,27 @@ class QDQMatcher:
             return None
         params = self.qparams(p)
         return _Act(x, *params) if params is not None else None
+
+    def dynamic_act(self, v) -> tuple[Value, bool] | None:
+        """(x, symmetric) where ``v`` is float32 ``x`` quantized per row to int8 and back
+        with parameters chosen from ``x`` itself (``DynamicQuantizedActivation``)."""
+        dq = self.producers.get(v) if isinstance(v, Value) else None
+        if dq is None or dq.op is not Op.DEQUANTIZE_PER_TOKEN or \
+                dq.attrs.get("output_dtype") not in (None, torch.float32):
+            return None
+        q = self.producers.get(dq.inputs[0])
+        choose = self.producers.get(dq.inputs[1])
+        if q is None or q.op is not Op.QUANTIZE_PER_TOKEN or choose is None or \
+                choose.op not in _CHOOSE_PER_TOKEN or \
+                self.producers.get(dq.inputs[2]) is not choose:
+            return None
+        x = choose.inputs[0]
+        full = all(n.attrs.get("quant_min") == -128 and n.attrs.get("quant_max") == 127
+                   and n.attrs.get("dtype") == torch.int8 for n in (q, dq))
+        if not (full and list(q.inputs) == [x, *choose.outputs] and list(dq.inputs[1:]) ==
+                list(choose.outputs) and x.spec.dtype == torch.float32):
+            return None
+        return x, _CHOOSE_PER_TOKEN[choose.op]
 
     def weight(self, v, rank: int, axis: int = 0) -> _Weight | None:
         """A constant integer weight de-quantized per tensor, per channel along ``axis``
@@ -219,10 +244,11 @@ def _lower_linear(m: QDQMatcher, node: Node, removed: set[int]) -> list[Node] | 
     view = m.producers.get(x) if isinstance(x, Value) else None
     viewed = view is not None and view.op in _RESHAPES
     act = m.act(view.inputs[0] if viewed else x)
-    if act is None or w.group_size or w.q.dtype != torch.int8:
+    dynamic = m.dynamic_act(view.inputs[0] if viewed else x) if act is None else None
+    if (act is None and dynamic is None) or w.group_size or w.q.dtype != torch.int8:
         return _lower_weight_only(m, node, x, w, bias)
     pre: list[Node] = []
-    xq, outputs = act.q, list(node.outputs)
+    xq, outputs = act.q if act is not None else dynamic[0], list(node.outputs)
     back = m.sole_user(node.outputs[0])
     if viewed and back is not None and back.op in _RESHAPES and \
             back.outputs[0].spec.shape == (*xq.spec.shape[:-1], w.q.shape[0]):
@@ -233,6 +259,9 @@ def _lower_linear(m: QDQMatcher, node: Node, removed: set[int]) -> list[Node] | 
         pre.append(Node(view.op, [xq], dict(view.attrs), [out], view.source))
         xq = out
     inputs = [xq] + _int8_inputs(m, w, bias)
+    if dynamic is not None:  # rows are quantized per call: by the kernel, from x itself
+        attrs = {"symmetric": dynamic[1], "post_op": "none"}
+        return pre + [Node(Op.LINEAR_INT8_DYNAMIC, inputs, attrs, outputs, node.source)]
     attrs = {"x_scale": act.scale, "x_zero_point": act.zero_point, "post_op": "none",
              "output_scale": 1.0, "output_zero_point": 0, "output_dtype": None}
     return pre + [Node(Op.LINEAR_INT8, inputs, attrs, outputs, node.source)]
@@ -265,6 +294,8 @@ def _fuse_epilogue(m: QDQMatcher, kernel: Node, removed: set[int]) -> None:
         kernel.outputs = list(user.outputs)
         removed.add(id(user))
         user = m.sole_user(kernel.outputs[0])
+    if kernel.op is Op.LINEAR_INT8_DYNAMIC:  # its result is float
+        return
     params = m.output_quantize(user)
     if params is None:
         return
@@ -277,8 +308,11 @@ def _fuse_epilogue(m: QDQMatcher, kernel: Node, removed: set[int]) -> None:
 def int8_kernels_off_native(graph: Graph) -> tuple[int, int]:
     """(how many, of how many) int8 convolution / linear kernels of a lowered graph have a
     weight that this CPU's int8 kernels cannot compute exactly (``int8_native_for``)."""
-    kernels = [n for n in graph.nodes if n.op in (Op.CONV2D_INT8, Op.LINEAR_INT8)]
-    off = sum(not int8_native_for(graph.constants[n.inputs[1].name]) for n in kernels
+    kernels = [n for n in graph.nodes
+               if n.op in (Op.CONV2D_INT8, Op.LINEAR_INT8, Op.LINEAR_INT8_DYNAMIC)]
+    off = sum(not int8_native_for(graph.constants[n.inputs[1].name])
+              or n.op is Op.LINEAR_INT8_DYNAMIC and not native_int8()  # exact on VNNI only
+              for n in kernels
               if graph.is_constant(n.inputs[1]))  # inputs: x, weight, scale, zero point, bias
     return off, len(kernels)
 

@@ -93,11 +93,30 @@ class QuantizedActivation(nn.Module):
                 f"scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}")
 
 
+class DynamicQuantizedActivation(nn.Module):
+    """Quantize then dequantize each row (the last dim: a token) with an int8 scale (and,
+    not ``symmetric``, a zero point) chosen from that row at run time."""
+
+    def __init__(self, symmetric: bool):
+        super().__init__()
+        self.symmetric = symmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choose = qd.choose_qparams_per_token if self.symmetric else \
+            qd.choose_qparams_per_token_asymmetric
+        scale, zero_point = choose(x, torch.int8)
+        q = qd.quantize_per_token(x, scale, zero_point, -128, 127, torch.int8)
+        return qd.dequantize_per_token(q, scale, zero_point, -128, 127, torch.int8, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"int8 per row at run time, {'symmetric' if self.symmetric else 'asymmetric'}"
+
+
 class QuantizedLinear(nn.Module):
     """``linear(dq(q(x)), dq(W_int), b)``; without ``input_quant``, weight-only."""
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None,
-                 input_quant: QuantizedActivation | None = None):
+                 input_quant: QuantizedActivation | DynamicQuantizedActivation | None = None):
         super().__init__()
         self.input_quant = input_quant
         self.weight = weight
@@ -173,7 +192,8 @@ def is_quantizable(module: nn.Module) -> bool:
 
 
 def quantized_module(module: nn.Module, weight: QuantizedWeight,
-                     input_quant: QuantizedActivation | None) -> nn.Module:
+                     input_quant: QuantizedActivation | DynamicQuantizedActivation | None
+                     ) -> nn.Module:
     """The quantized replacement of a Linear or Conv2d."""
     if isinstance(module, nn.Conv2d):
         return QuantizedConv2d(module, weight, input_quant)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deepseek.quantization.config import QuantizationError
 from deepseek.quantization.modules import (QuantizedActivation, QuantizedWeight,
                                            effective_granularity, is_quantizable, layer_names,
                                            quantized_module)
@@ -130,6 +131,9 @@ def prepare_qat(quantizer, model: nn.Module, calibration_data: Iterable | None,
     from deepseek.quantization.quantizer import set_submodule
 
     c = quantizer.config
+    if c.dynamic:
+        raise QuantizationError("QAT learns fixed activation ranges; calibration='dynamic' has "
+                                "no QAT form: pick a static calibrator (e.g. 'minmax') for QAT")
     float_model = quantizer.prepare(model)
     names = layer_names(float_model, quantizer.targets(float_model))  # embeddings: PTQ only
     static = c.activation_bits is not None

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 from deepseek.quantization.config import QuantConfig, QuantizationError
-from deepseek.quantization.modules import (QuantizedActivation, QuantizedEmbedding, QuantizedWeight,
-                                           is_quantizable, is_quantizable_embedding, layer_names,
-                                           quantized_module)
+from deepseek.quantization.modules import (DynamicQuantizedActivation, QuantizedActivation,
+                                           QuantizedEmbedding, QuantizedWeight, is_quantizable,
+                                           is_quantizable_embedding, layer_names, quantized_module)
 from deepseek.quantization.observers import Calibrator, make_calibrator, qrange
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ EvalFn = Callable[[nn.Module], float]
 class QuantReport:
     """What :meth:`Quantizer.quantize` did."""
 
-    mode: str = ""  # "static" | "weight_only"
+    mode: str = ""  # "static" | "dynamic" | "weight_only"
     quantized: list[str] = field(default_factory=list)
     kept_float: list[str] = field(default_factory=list)  # skipped by pattern or mixed precision
     mixed_precision: list[str] = field(default_factory=list)  # kept float to hold the budget
@@ -160,7 +160,8 @@ class Quantizer:
                 f"skip patterns {unmatched} match no module of {type(model).__name__}; module "
                 f"names look like {all_names[:6]} (fnmatch patterns, e.g. 'classifier.*')")
         names = [n for n, m in model.named_modules() if n and (
-            is_quantizable(m) or c.embeddings and is_quantizable_embedding(m))]
+            is_quantizable(m) and not (c.dynamic and isinstance(m, nn.Conv2d))
+            or c.embeddings and is_quantizable_embedding(m))]
         return [n for n in names if not c.skips(n)]
 
     def calibrate(self, model: nn.Module, names: list[str], calibration_data: Iterable) -> dict:
@@ -200,12 +201,14 @@ class Quantizer:
                 module.weight, c.weight_bits, c.weight_symmetric, rows, c.group_size,
                 c.weight_search))
         granularity = c.granularity
-        if granularity == "per_group" and calibrator is not None:
+        if granularity == "per_group" and (calibrator is not None or c.dynamic):
             granularity = "per_channel"  # int8 kernels take per-channel weight scales
         weight = QuantizedWeight(module.weight, c.weight_bits, c.weight_symmetric, granularity,
                                  c.group_size, c.weight_search)
         act = None
-        if calibrator is not None:
+        if c.dynamic:
+            act = DynamicQuantizedActivation(c.symmetric)
+        elif calibrator is not None:
             scale, zp = calibrator.qparams()
             act = QuantizedActivation(scale, zp, calibrator.r, c.activation_bits)
         return quantized_module(module, weight, act)
@@ -218,7 +221,9 @@ class Quantizer:
 
         With ``calibration_data`` (an iterable of input batches) and
         ``activation_bits`` set, weights and activations are quantized (static
-        PTQ); without, weights only. With ``config.accuracy_budget``, ``eval_fn``
+        PTQ); without, weights only. ``calibration="dynamic"`` quantizes the
+        Linear layers' activations per row at run time and needs no data (given,
+        it is read by ``bias_correction`` only). With ``config.accuracy_budget``, ``eval_fn``
         (model -> metric, higher is better) is required: the most sensitive
         layers are kept in float until the metric drop is within the budget.
         """
@@ -229,16 +234,23 @@ class Quantizer:
         float_model = self.prepare(model)
         names = self.targets(float_model)
         all_layers = [n for n, m in float_model.named_modules() if n and is_quantizable(m)]
-        static = calibration_data is not None and c.activation_bits is not None
-        if calibration_data is None and c.activation_bits is not None:
+        static = calibration_data is not None and c.activation_bits is not None \
+            and not c.dynamic
+        if calibration_data is None and c.activation_bits is not None and not c.dynamic:
             log.info("no calibration data: weight-only quantization")
-        if static and c.bias_correction:  # read twice: calibration, then the correction
+        correct = c.bias_correction and (static or c.dynamic)
+        if correct and calibration_data is None:
+            raise QuantizationError("bias_correction measures each layer's output shift on "
+                                    "calibration_data: pass some batches, or set "
+                                    "bias_correction=False")
+        if correct:  # read twice: calibration, then the correction
             calibration_data = list(calibration_data)
         calibrators = self.calibrate(float_model, layer_names(float_model, names),
                                      calibration_data) if static else {}
         layers = {n: self.quantized_layer(float_model.get_submodule(n), calibrators.get(n))
                   for n in names}
-        report = QuantReport(mode="static" if static else "weight_only")
+        report = QuantReport(mode="static" if static else "dynamic" if c.dynamic
+                             else "weight_only")
         keep: list[str] = []
         if c.accuracy_budget is not None:
             from deepseek.quantization.sensitivity import choose_float_layers
@@ -252,7 +264,7 @@ class Quantizer:
             if n not in keep:
                 set_submodule(qmodel, n, layer)
         report.quantized = [n for n in names if n not in keep]
-        if static and c.bias_correction:
+        if correct:
             from deepseek.quantization.bias_correction import correct_biases
 
             report.bias_shifts = correct_biases(float_model, qmodel, report.quantized,

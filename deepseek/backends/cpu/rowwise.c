@@ -1,8 +1,11 @@
 /* Element-wise and per-row float32 kernels of the CPU backend that PyTorch runs in
- * several passes: the tanh GELU (one pass, where ATen's tanh is slow on AVX2) and the
+ * several passes: the tanh GELU (one pass, where ATen's tanh is slow on AVX2), the
  * residual add + layer norm of transformers (one kernel writing both the sum and the
- * normalized rows). 8-wide GCC/Clang vectors; built by native.py.
+ * normalized rows), per-tensor and per-row (dynamic) quantization and the de-quantized
+ * result of an int8 GEMM. 8-wide GCC/Clang vectors; built by native.py.
  */
+#include <math.h>
+
 #include "simd.h"
 
 /* y = x * sigmoid(2u), 2u = x (2c + 2c 0.044715 x^2), c = sqrt(2 / pi): the tanh GELU
@@ -104,4 +107,120 @@ void ds_quantize(const float *x, unsigned char *q, long n, float inv, float zp, 
         quantize8(x + i * 8, q + i * 8, 8, inv, zp, qmin, qmax);
     if (n % 8)
         quantize8(x + full * 8, q + full * 8, (int)(n % 8), inv, zp, qmin, qmax);
+}
+
+/* dynamic per-row (per-token) int8 quantization, the formulas of PyTorch's
+ * quantized_decomposed choose_qparams_per_token(_asymmetric) + quantize_per_token:
+ * symmetric: s = max(max|x|, 1e-5) / 127, zp = 0, q = clamp(rint(x * (1 / s)), -128, 127)
+ * in float32; asymmetric: lo = min(min x, 0), hi = max(max x, 0), s = max((hi - lo) / 255,
+ * FLT_EPSILON), zp = the rounded zero point PyTorch picks, q = clamp(rint(x * (1 / s) + zp),
+ * -128, 127) in float64 (s is float64 there: two roundings, no FMA). Writes each row's
+ * scale, zero point and the sum of its q (for a weight zero point's correction). */
+typedef double v4d __attribute__((vector_size(32)));
+typedef long long v4l __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int v4i __attribute__((vector_size(16)));
+
+/* each lane of v clamped to [lo, hi] (a NaN stays NaN) */
+INLINE v4d clamp4d(v4d v, double lo, double hi) {
+    v4l below = v < lo, above = v > hi;
+    v = (v4d)(((v4l)v & ~below) | ((v4l)(v4d){lo, lo, lo, lo} & below));
+    return (v4d)(((v4l)v & ~above) | ((v4l)(v4d){hi, hi, hi, hi} & above));
+}
+
+__attribute__((optimize("fp-contract=off")))
+void ds_quantize_rows(const float *x, signed char *q, double *scale, int *zero_point,
+                      int *rowsum, long rows, int cols, int symmetric, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < rows; i++) {
+        const float *xi = x + i * cols;
+        signed char *qi = q + i * cols;
+        v8 vlo = {0}, vhi = {0}; /* the zeros of a partial load leave min(., 0), max(., 0) */
+        for (int j = 0; j < cols; j += 8) {
+            v8 v = load(xi + j, cols - j < 8 ? cols - j : 8);
+            vlo = select(v < vlo, v, vlo);
+            vhi = select(v > vhi, v, vhi);
+        }
+        float lo = 0.f, hi = 0.f;
+        for (int l = 0; l < 8; l++) {
+            lo = vlo[l] < lo ? vlo[l] : lo;
+            hi = vhi[l] > hi ? vhi[l] : hi;
+        }
+        v8i sums = {0};
+        if (symmetric) {
+            float amax = -lo > hi ? -lo : hi;
+            float s = (amax < 1e-5f ? 1e-5f : amax) / 127.f;
+            const float inv = 1.f / s;
+            const v8 shift = splat(12582912.f); /* 1.5 * 2^23: adding it rounds */
+            for (int j = 0; j < cols; j += 8) {
+                int nv = cols - j < 8 ? cols - j : 8;
+                v8 v = load(xi + j, nv) * inv; /* |v| <= 127 (NaN aside) */
+                v = (v + shift) - shift;
+                v = select(v < -128.f, splat(-128.f), select(v > 127.f, splat(127.f), v));
+                v8i iv = __builtin_convertvector(v, v8i);
+                store_bytes((unsigned char *)qi + j, iv, nv);
+                sums += iv; /* the lanes past nv loaded zeros */
+            }
+            scale[i] = s;
+            zero_point[i] = 0;
+        } else {
+            const float eps = 1.1920928955078125e-07f;
+            float s = (hi - lo) / 255.f;
+            s = s < eps ? eps : s;
+            float dlo = lo / s, dhi = hi / s;
+            float zp = (-128.f + dlo) + (127.f + dhi) > 0.f ? -128.f - dlo : 127.f - dhi;
+            zp = rintf(zp < -128.f ? -128.f : (zp > 127.f ? 127.f : zp));
+            const double inv = 1.0 / (double)s, magic = 6755399441055744.0; /* 1.5 * 2^52 */
+            for (int j = 0; j < cols; j += 8) {
+                int nv = cols - j < 8 ? cols - j : 8;
+                v8 f = load(xi + j, nv);
+                v4i half[2];
+                for (int h = 0; h < 2; h++) {
+                    v4f fh = {f[4 * h], f[4 * h + 1], f[4 * h + 2], f[4 * h + 3]};
+                    v4d v = __builtin_convertvector(fh, v4d) * inv;
+                    v = v + (double)zp;
+                    v = clamp4d(v, -129.0, 128.0); /* small enough for the magic rounding */
+                    v = (v + magic) - magic;
+                    half[h] = __builtin_convertvector(clamp4d(v, -128.0, 127.0), v4i);
+                }
+                v8i iv = {half[0][0], half[0][1], half[0][2], half[0][3],
+                          half[1][0], half[1][1], half[1][2], half[1][3]};
+                store_bytes((unsigned char *)qi + j, iv, nv);
+                if (nv < 8) /* lanes past nv hold zp, not 0 */
+                    for (int l = nv; l < 8; l++)
+                        iv[l] = 0;
+                sums += iv;
+            }
+            scale[i] = s;
+            zero_point[i] = (int)zp;
+        }
+        int sum = 0;
+        for (int l = 0; l < 8; l++)
+            sum += sums[l];
+        rowsum[i] = sum;
+    }
+}
+
+/* the float result of an int8 GEMM whose rows were quantized per row:
+ * y[m, n] = sx[m] sw[n] (acc - zx[m] colsum[n] - zw[n] rowsum[m] + K zx[m] zw[n]) + b[n],
+ * then ReLU (relu != 0); sw has one scale per column or one for all (per_channel 0);
+ * zw and b may be NULL */
+void ds_dequantize_rows(const int *acc, float *y, const double *sx, const int *zx,
+                        const int *rowsum, const float *sw, const int *colsum, const int *zw,
+                        const float *b, long rows, int cols, int depth, int per_channel,
+                        int relu, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < rows; i++) {
+        const int *ai = acc + i * cols;
+        float *yi = y + i * cols;
+        const float s = (float)sx[i];
+        const int z = zx[i], rs = rowsum[i];
+        for (int j = 0; j < cols; j++) {
+            int a = ai[j] - z * colsum[j];
+            if (zw)
+                a += zw[j] * (depth * z - rs);
+            float v = (float)a * (s * sw[per_channel ? j : 0]) + (b ? b[j] : 0.f);
+            yi[j] = relu && v < 0.f ? 0.f : v;
+        }
+    }
 }

@@ -1,5 +1,6 @@
 """One-pass float32 kernels in C (``rowwise.c``) for what PyTorch does in several passes:
-the tanh GELU, a transformer's residual add + layer norm, and per-tensor quantization.
+the tanh GELU, a transformer's residual add + layer norm, per-tensor and per-row
+(dynamic) quantization, and the float result of an int8 GEMM on per-row quantized rows.
 
 Against float64: the GELU's error is ATen's (5e-7 absolute), the layer norm's 6e-8
 relative (ATen's 5e-8); the residual sum is bitwise ATen's. 128 x 3072 GELU on an
@@ -22,7 +23,9 @@ def library() -> ctypes.CDLL | None:
     return native.library("rowwise", {
         "ds_gelu_tanh": ([p, p, n, i], None),
         "ds_add_layer_norm": ([p, p, p, p, p, p, n, i, ctypes.c_float, i], None),
-        "ds_quantize": ([p, p, n] + [ctypes.c_float] * 4 + [i], None)})
+        "ds_quantize": ([p, p, n] + [ctypes.c_float] * 4 + [i], None),
+        "ds_quantize_rows": ([p] * 5 + [n, i, i, i], None),
+        "ds_dequantize_rows": ([p] * 9 + [n] + [i] * 5, None)})
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -57,3 +60,36 @@ def quantize(x: torch.Tensor, inv_scale: float, zero_point: int, qmin: int, qmax
     library().ds_quantize(x.data_ptr(), q.data_ptr(), x.numel(), inv_scale, zero_point, qmin,
                           qmax, torch.get_num_threads())
     return q
+
+
+def quantize_rows(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """Each row of a contiguous float32 ``x`` (..., K) quantized to int8 with its own scale
+    (PyTorch's ``choose_qparams_per_token(_asymmetric)`` and ``quantize_per_token``, bitwise):
+    (q, scale float64, zero point int32, sum of q int32), the last three one per row."""
+    rows = x.numel() // x.shape[-1]
+    q = torch.empty(x.shape, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float64)
+    zero_point, rowsum = (torch.empty(rows, dtype=torch.int32) for _ in range(2))
+    library().ds_quantize_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(),
+                               zero_point.data_ptr(), rowsum.data_ptr(), rows, x.shape[-1],
+                               int(symmetric), torch.get_num_threads())
+    return q, scale, zero_point, rowsum
+
+
+def dequantize_rows(acc: torch.Tensor, rows: tuple, weight_scale: torch.Tensor,
+                    colsum: torch.Tensor, weight_zero_point: torch.Tensor | None,
+                    bias: torch.Tensor | None, depth: int, relu: bool) -> torch.Tensor:
+    """The float32 result (M, N) of an int8 GEMM ``acc`` (M, N) int32 over rows quantized by
+    ``quantize_rows`` (``rows``: its scale, zero point and row sums) and a weight of
+    ``weight_scale`` (one or N), ``colsum`` (N int32, its sums over the ``depth`` K) and
+    ``weight_zero_point`` (N int32 or None): zero points corrected for, scaled, bias added,
+    then ReLU if asked, in one pass."""
+    _, scale, zero_point, rowsum = rows
+    y = torch.empty(acc.shape, dtype=torch.float32)
+    library().ds_dequantize_rows(
+        acc.data_ptr(), y.data_ptr(), scale.data_ptr(), zero_point.data_ptr(),
+        rowsum.data_ptr(), weight_scale.data_ptr(), colsum.data_ptr(),
+        0 if weight_zero_point is None else weight_zero_point.data_ptr(),
+        0 if bias is None else bias.data_ptr(), acc.shape[0], acc.shape[1], depth,
+        int(weight_scale.numel() > 1), int(relu), torch.get_num_threads())
+    return y
