@@ -6,7 +6,7 @@ on 8 random batches, compiled with ``precision="int8"``), and the same with
 7-bit weights (``int8_w7``: what oneDNN's int8 kernels compute exactly on CPUs
 without VNNI, where 8-bit weights run the float formula); for BERT also Deepseek
 dynamic int8 (``calibration="dynamic"``: each token's row quantized at run time,
-asymmetric uint8-range, symmetric per-channel weights), ONNX Runtime fp32 and ONNX
+asymmetric, and ``_sym`` symmetric; symmetric per-channel weights), ONNX Runtime fp32 and ONNX
 Runtime int8 (its dynamic quantization, ``quantize_dynamic``, of the same ONNX file
 after ``quant_pre_process``, ONNX Runtime's documented first step: without it the
 weights reach MatMul through Transpose nodes and ``quantize_dynamic`` leaves every
@@ -95,10 +95,12 @@ def bench(name: str, threads: int, iters: int, mixed: bool) -> dict:
         runs[label] = ds.compile(Quantizer(config).quantize(model, calib), inputs, backend="cpu",
                                  precision="int8")
     if name == "bert_base":  # Linear layers only: what dynamic quantization covers
-        config = QuantConfig(calibration="dynamic", method="asymmetric",
-                             weight_method="symmetric", progress=False)
-        runs["deepseek_int8_dynamic"] = ds.compile(Quantizer(config).quantize(model), inputs,
-                                                   backend="cpu", precision="int8")
+        for label, method in (("deepseek_int8_dynamic", "asymmetric"),
+                              ("deepseek_int8_dynamic_sym", "symmetric")):
+            config = QuantConfig(calibration="dynamic", method=method, weight_method="symmetric",
+                                 progress=False)
+            runs[label] = ds.compile(Quantizer(config).quantize(model), inputs, backend="cpu",
+                                     precision="int8")
     mixed_bits = 8 if native_int8() else 7  # the weights this CPU's int8 kernels take
     if mixed:  # mixed precision: the most sensitive layers stay float until the outputs
         # agree with fp32 within MIXED_BUDGET (relative L2, on two held-out batches)

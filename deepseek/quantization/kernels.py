@@ -11,8 +11,8 @@ which is also its fallback. The fast paths:
   (``deepseek.backends.cpu.onednn.qconv2d``: no primitive made per call) where that
   measures faster on its first input.
 - dynamic int8 linear (``linear_int8_dynamic``: each row of the activation quantized with
-  its own scale at run time): on the CPU one C pass quantizes the rows, ``torch._int_mm``
-  multiplies, one C pass turns int32 into the float result; on CUDA ATen's steps around
+  its own scale at run time): on the CPU one C pass quantizes the rows, oneDNN's int8
+  linear multiplies, one C pass makes the float result; on CUDA ATen's steps around
   ``torch._int_mm``.
 - CUDA: ``torch._int_mm`` (int8 x int8 -> int32) for linear; convolution and
   shapes ``_int_mm`` refuses take the reference path.
@@ -269,23 +269,27 @@ def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
 
 def _linear_int8_dynamic_cpu(x, symmetric, weight, weight_scale, weight_zero_point, bias,
                               post_op):
-    """Rows quantized in one C pass, ``torch._int_mm`` (oneDNN's int8 GEMM, exact on VNNI),
-    and one C pass from int32 to the float result (zero points, scales, bias, ReLU)."""
+    """Rows quantized in one C pass (as uint8, zero point 128), oneDNN's int8 GEMM on the
+    pre-packed weight with its scales (the static kernel's ``qlinear_pointwise``), and one C
+    pass to the float result (zero points, the rows' scales, bias, ReLU)."""
     from deepseek.backends.cpu import rowwise  # at call time (see the module doc)
 
     args = (x, symmetric, weight, weight_scale, weight_zero_point, bias, post_op)
-    if not (_VNNI and x.dtype == torch.float32 and weight.dim() == 2
-            and weight.dtype == torch.int8 and weight_scale.numel() in (1, weight.shape[0])
+    if not (x.dtype == torch.float32 and weight.dim() == 2 and weight.dtype == torch.int8
+            and weight_scale.numel() in (1, weight.shape[0]) and int8_native_for(weight)
             and rowwise.library() is not None):
         return reference_linear_int8_dynamic(*args, _dequantized)
     k, n = weight.shape[1], weight.shape[0]
-    rows = rowwise.quantize_rows(x.contiguous(), symmetric)
-    acc = torch._int_mm(rows[0].reshape(-1, k), weight.t())
-    colsum = _cached(weight, ("colsum_int",), lambda: weight.sum(1, dtype=torch.int32))
+    rows = rowwise.quantize_rows(x.reshape(-1, k).contiguous(), symmetric)
+    scales, zeros, _ = _channel_params(weight, weight_scale, weight_zero_point)
+    packed = _cached(weight, ("qlinear",), lambda: torch.ops.onednn.qlinear_prepack(weight, None))
+    acc = torch.ops.onednn.qlinear_pointwise(rows[0], 1.0, 128, packed, scales, zeros, None, 1.0,
+                                             0, torch.float32, "none", [], "")
+    colsum = _cached(weight, ("colsum",), lambda: weight.sum(1, dtype=torch.int32).float())
     zero_point = None if weight_zero_point is None else _cached(
-        weight, ("zp_int", *_tensor_key(weight_zero_point)),
-        lambda: weight_zero_point.to(torch.int32).reshape(-1).expand(n).contiguous())
-    y = rowwise.dequantize_rows(acc, rows, weight_scale.float().contiguous(), colsum, zero_point,
+        weight, ("zp_float", *_tensor_key(weight_zero_point)),
+        lambda: weight_zero_point.float().reshape(-1).expand(n).contiguous())
+    y = rowwise.dequantize_rows(acc, rows, scales, colsum, zero_point,
                                 None if bias is None else bias.float().contiguous(), k,
                                 post_op == "relu")
     return y.reshape(*x.shape[:-1], n)

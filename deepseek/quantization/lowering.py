@@ -30,7 +30,7 @@ from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.ops import Op, Prop
 from deepseek.ir.types import TensorSpec
 from deepseek.passes.simplify import eliminate_dead_code
-from deepseek.quantization.kernels import int8_native_for, native_int8, pack_int4
+from deepseek.quantization.kernels import int8_native_for, pack_int4
 
 _DQ_ACT = {Op.DEQUANTIZE_PER_TENSOR, Op.DEQUANTIZE_PER_TENSOR_TENSOR}
 _Q_ACT = {Op.QUANTIZE_PER_TENSOR, Op.QUANTIZE_PER_TENSOR_TENSOR}
@@ -310,9 +310,7 @@ def int8_kernels_off_native(graph: Graph) -> tuple[int, int]:
     weight that this CPU's int8 kernels cannot compute exactly (``int8_native_for``)."""
     kernels = [n for n in graph.nodes
                if n.op in (Op.CONV2D_INT8, Op.LINEAR_INT8, Op.LINEAR_INT8_DYNAMIC)]
-    off = sum(not int8_native_for(graph.constants[n.inputs[1].name])
-              or n.op is Op.LINEAR_INT8_DYNAMIC and not native_int8()  # exact on VNNI only
-              for n in kernels
+    off = sum(not int8_native_for(graph.constants[n.inputs[1].name]) for n in kernels
               if graph.is_constant(n.inputs[1]))  # inputs: x, weight, scale, zero point, bias
     return off, len(kernels)
 

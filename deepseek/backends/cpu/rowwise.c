@@ -114,8 +114,9 @@ void ds_quantize(const float *x, unsigned char *q, long n, float inv, float zp, 
  * symmetric: s = max(max|x|, 1e-5) / 127, zp = 0, q = clamp(rint(x * (1 / s)), -128, 127)
  * in float32; asymmetric: lo = min(min x, 0), hi = max(max x, 0), s = max((hi - lo) / 255,
  * FLT_EPSILON), zp = the rounded zero point PyTorch picks, q = clamp(rint(x * (1 / s) + zp),
- * -128, 127) in float64 (s is float64 there: two roundings, no FMA). Writes each row's
- * scale, zero point and the sum of its q (for a weight zero point's correction). */
+ * -128, 127) in float64 (s is float64 there: two roundings, no FMA). Writes q + 128 as
+ * uint8 (what oneDNN's int8 GEMM takes at full speed, its zero point 128), each row's
+ * scale, zero point and the sum of its q (for the zero points' corrections). */
 typedef double v4d __attribute__((vector_size(32)));
 typedef long long v4l __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
@@ -129,12 +130,12 @@ INLINE v4d clamp4d(v4d v, double lo, double hi) {
 }
 
 __attribute__((optimize("fp-contract=off")))
-void ds_quantize_rows(const float *x, signed char *q, double *scale, int *zero_point,
+void ds_quantize_rows(const float *x, unsigned char *q, double *scale, int *zero_point,
                       int *rowsum, long rows, int cols, int symmetric, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long i = 0; i < rows; i++) {
         const float *xi = x + i * cols;
-        signed char *qi = q + i * cols;
+        unsigned char *qi = q + i * cols;
         v8 vlo = {0}, vhi = {0}; /* the zeros of a partial load leave min(., 0), max(., 0) */
         for (int j = 0; j < cols; j += 8) {
             v8 v = load(xi + j, cols - j < 8 ? cols - j : 8);
@@ -158,7 +159,7 @@ void ds_quantize_rows(const float *x, signed char *q, double *scale, int *zero_p
                 v = (v + shift) - shift;
                 v = select(v < -128.f, splat(-128.f), select(v > 127.f, splat(127.f), v));
                 v8i iv = __builtin_convertvector(v, v8i);
-                store_bytes((unsigned char *)qi + j, iv, nv);
+                store_bytes(qi + j, iv + 128, nv);
                 sums += iv; /* the lanes past nv loaded zeros */
             }
             scale[i] = s;
@@ -173,19 +174,18 @@ void ds_quantize_rows(const float *x, signed char *q, double *scale, int *zero_p
             const double inv = 1.0 / (double)s, magic = 6755399441055744.0; /* 1.5 * 2^52 */
             for (int j = 0; j < cols; j += 8) {
                 int nv = cols - j < 8 ? cols - j : 8;
-                v8 f = load(xi + j, nv);
+                v4f f[2] = {{0}, {0}};
+                memcpy(f, xi + j, (size_t)nv * sizeof(float));
                 v4i half[2];
                 for (int h = 0; h < 2; h++) {
-                    v4f fh = {f[4 * h], f[4 * h + 1], f[4 * h + 2], f[4 * h + 3]};
-                    v4d v = __builtin_convertvector(fh, v4d) * inv;
-                    v = v + (double)zp;
-                    v = clamp4d(v, -129.0, 128.0); /* small enough for the magic rounding */
+                    /* |x / s + zp| < 384 by the choice of s and zp (NaN aside): rounds */
+                    v4d v = __builtin_convertvector(f[h], v4d) * inv + (double)zp;
                     v = (v + magic) - magic;
                     half[h] = __builtin_convertvector(clamp4d(v, -128.0, 127.0), v4i);
                 }
                 v8i iv = {half[0][0], half[0][1], half[0][2], half[0][3],
                           half[1][0], half[1][1], half[1][2], half[1][3]};
-                store_bytes((unsigned char *)qi + j, iv, nv);
+                store_bytes(qi + j, iv + 128, nv);
                 if (nv < 8) /* lanes past nv hold zp, not 0 */
                     for (int l = nv; l < 8; l++)
                         iv[l] = 0;
@@ -201,26 +201,30 @@ void ds_quantize_rows(const float *x, signed char *q, double *scale, int *zero_p
     }
 }
 
-/* the float result of an int8 GEMM whose rows were quantized per row:
- * y[m, n] = sx[m] sw[n] (acc - zx[m] colsum[n] - zw[n] rowsum[m] + K zx[m] zw[n]) + b[n],
- * then ReLU (relu != 0); sw has one scale per column or one for all (per_channel 0);
- * zw and b may be NULL */
-void ds_dequantize_rows(const int *acc, float *y, const double *sx, const int *zx,
-                        const int *rowsum, const float *sw, const int *colsum, const int *zw,
-                        const float *b, long rows, int cols, int depth, int per_channel,
+/* the float result of an int8 GEMM over rows quantized by ds_quantize_rows: acc[m, n] is
+ * sw[n] * sum_k q[m, k] w[n, k] (oneDNN's int8 GEMM with the weight's scales, in float32);
+ * y[m, n] = sx[m] (acc - sw[n] (zx[m] colsum[n] + zw[n] (rowsum[m] - K zx[m]))) + b[n]
+ * (the rows' and the weight's zero points taken out), then ReLU (relu != 0). sw, colsum
+ * and zw (may be NULL) hold N floats, b N floats or NULL. y may be acc. */
+void ds_dequantize_rows(const float *acc, float *y, const double *sx, const int *zx,
+                        const int *rowsum, const float *sw, const float *colsum,
+                        const float *zw, const float *b, long rows, int cols, int depth,
                         int relu, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long i = 0; i < rows; i++) {
-        const int *ai = acc + i * cols;
+        const float *ai = acc + i * cols;
         float *yi = y + i * cols;
-        const float s = (float)sx[i];
-        const int z = zx[i], rs = rowsum[i];
-        for (int j = 0; j < cols; j++) {
-            int a = ai[j] - z * colsum[j];
+        const float s = (float)sx[i], z = (float)zx[i];
+        const float rz = (float)rowsum[i] - (float)depth * z;
+        for (int j = 0; j < cols; j += 8) {
+            int nv = cols - j < 8 ? cols - j : 8;
+            v8 corr = z * load(colsum + j, nv);
             if (zw)
-                a += zw[j] * (depth * z - rs);
-            float v = (float)a * (s * sw[per_channel ? j : 0]) + (b ? b[j] : 0.f);
-            yi[j] = relu && v < 0.f ? 0.f : v;
+                corr += rz * load(zw + j, nv);
+            v8 v = s * (load(ai + j, nv) - load(sw + j, nv) * corr);
+            if (b)
+                v += load(b + j, nv);
+            store(yi + j, relu ? vrelu(v) : v, nv);
         }
     }
 }

@@ -25,7 +25,7 @@ def library() -> ctypes.CDLL | None:
         "ds_add_layer_norm": ([p, p, p, p, p, p, n, i, ctypes.c_float, i], None),
         "ds_quantize": ([p, p, n] + [ctypes.c_float] * 4 + [i], None),
         "ds_quantize_rows": ([p] * 5 + [n, i, i, i], None),
-        "ds_dequantize_rows": ([p] * 9 + [n] + [i] * 5, None)})
+        "ds_dequantize_rows": ([p] * 9 + [n] + [i] * 4, None)})
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -65,9 +65,10 @@ def quantize(x: torch.Tensor, inv_scale: float, zero_point: int, qmin: int, qmax
 def quantize_rows(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, ...]:
     """Each row of a contiguous float32 ``x`` (..., K) quantized to int8 with its own scale
     (PyTorch's ``choose_qparams_per_token(_asymmetric)`` and ``quantize_per_token``, bitwise):
-    (q, scale float64, zero point int32, sum of q int32), the last three one per row."""
+    (q + 128 as uint8, scale float64, zero point int32, sum of q int32), the last three one
+    per row. (uint8 with zero point 128 is the form oneDNN's int8 GEMM takes at full speed.)"""
     rows = x.numel() // x.shape[-1]
-    q = torch.empty(x.shape, dtype=torch.int8)
+    q = torch.empty(x.shape, dtype=torch.uint8)
     scale = torch.empty(rows, dtype=torch.float64)
     zero_point, rowsum = (torch.empty(rows, dtype=torch.int32) for _ in range(2))
     library().ds_quantize_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(),
@@ -79,17 +80,17 @@ def quantize_rows(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, ...]:
 def dequantize_rows(acc: torch.Tensor, rows: tuple, weight_scale: torch.Tensor,
                     colsum: torch.Tensor, weight_zero_point: torch.Tensor | None,
                     bias: torch.Tensor | None, depth: int, relu: bool) -> torch.Tensor:
-    """The float32 result (M, N) of an int8 GEMM ``acc`` (M, N) int32 over rows quantized by
-    ``quantize_rows`` (``rows``: its scale, zero point and row sums) and a weight of
-    ``weight_scale`` (one or N), ``colsum`` (N int32, its sums over the ``depth`` K) and
-    ``weight_zero_point`` (N int32 or None): zero points corrected for, scaled, bias added,
-    then ReLU if asked, in one pass."""
+    """The float32 result (M, N) of an int8 GEMM over rows quantized by ``quantize_rows``
+    (``rows``), given ``acc`` (M, N) float32 = ``weight_scale[n] * sum_k q[m, k] w[n, k]``:
+    the rows' and the weight's zero points taken out (``colsum``: the weight's sums over its
+    ``depth`` K; ``weight_zero_point`` or None; N float32 each, as ``weight_scale``), times
+    each row's scale, plus ``bias``, then ReLU if asked, in one pass, in ``acc``'s memory
+    (returned)."""
     _, scale, zero_point, rowsum = rows
-    y = torch.empty(acc.shape, dtype=torch.float32)
     library().ds_dequantize_rows(
-        acc.data_ptr(), y.data_ptr(), scale.data_ptr(), zero_point.data_ptr(),
+        acc.data_ptr(), acc.data_ptr(), scale.data_ptr(), zero_point.data_ptr(),
         rowsum.data_ptr(), weight_scale.data_ptr(), colsum.data_ptr(),
         0 if weight_zero_point is None else weight_zero_point.data_ptr(),
-        0 if bias is None else bias.data_ptr(), acc.shape[0], acc.shape[1], depth,
-        int(weight_scale.numel() > 1), int(relu), torch.get_num_threads())
-    return y
+        0 if bias is None else bias.data_ptr(), acc.shape[0], acc.shape[1], depth, int(relu),
+        torch.get_num_threads())
+    return acc
