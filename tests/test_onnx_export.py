@@ -349,3 +349,40 @@ def test_importer_fallback_nodes_export_back():
     a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
     (got,) = ort_run(to_onnx(g), [a, b])
     torch.testing.assert_close(got, a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_weights_are_stored_transposed_for_gemm(tmp_path):
+    """A captured Linear is addmm(b, x, permute(W)): W is written already transposed (no
+    Transpose node), which ONNX Runtime's quantize_dynamic needs to see the MatMul's
+    weight; a constant read elsewhere too keeps its Transpose."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 5)).eval()
+    x = torch.randn(3, 12)
+    graph = ds.capture(model, (x,))
+    onnx_model = to_onnx(graph)
+    kinds = [n.op_type for n in onnx_model.graph.node]
+    assert "Transpose" not in kinds and kinds.count("Gemm") == 2
+    fresh = torch.randn(3, 12)
+    with torch.no_grad():
+        assert rel_l2(ort_run(onnx_model, [fresh])[0], model(fresh)) < 1e-5
+    # the weight transposed once: the stored tensors are W^T, nothing else
+    stored = sorted(tuple(t.dims) for t in onnx_model.graph.initializer if len(t.dims) == 2)
+    assert stored == [(8, 5), (12, 8)]
+    quant = pytest.importorskip("onnxruntime.quantization")
+    path, int8 = str(tmp_path / "m.onnx"), str(tmp_path / "m_int8.onnx")
+    export_onnx(graph, path)
+    quant.quantize_dynamic(path, int8, weight_type=quant.QuantType.QInt8)
+    assert sum(n.op_type == "MatMulInteger" for n in onnx.load(int8).graph.node) == 2
+
+    g = Graph()  # a constant that a transpose and another node both read
+    a = g.add_input("a", TensorSpec((4, 4), torch.float32))
+    g.input_names.append("a")
+    w = g.add_constant("w", torch.randn(4, 4))
+    t = g.add_node(Op.PERMUTE, [w], {"dims": [1, 0]},
+                   infer_specs(Node(Op.PERMUTE, [w], {"dims": [1, 0]}, []), {})).outputs[0]
+    y = g.add_node(Op.MM, [a, t], {}, infer_specs(Node(Op.MM, [a, t], {}, []), {})).outputs[0]
+    z = g.add_node(Op.ADD_TENSOR, [y, w], {}, infer_specs(Node(Op.ADD_TENSOR, [y, w], {}, []),
+                                                         {})).outputs[0]
+    g.outputs = [z]
+    assert "Transpose" in [n.op_type for n in check_graph(g, [r(4, 4)]).graph.node]

@@ -231,6 +231,31 @@ def _value_info(name: str, spec: TensorSpec) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, onnx_elem_type(spec.dtype), dims)
 
 
+def _folded_layouts(graph: Graph) -> dict[int, torch.Tensor]:
+    """{id(node): its result} for each transpose (``permute``, ``t``, ``transpose``) of a
+    constant that nothing else reads: the constant is written already transposed, so a
+    linear's weight reaches its Gemm/MatMul as an initializer (as tools that rewrite ONNX
+    files, e.g. ONNX Runtime's ``quantize_dynamic``, expect) and no Transpose runs."""
+    readers: dict[int, int] = {}
+    for n in graph.nodes:
+        for x in n.input_values():
+            readers[id(x)] = readers.get(id(x), 0) + 1
+    outputs = {id(x) for x in graph.outputs}
+    folded = {}
+    for n in graph.nodes:
+        if n.op not in (Op.PERMUTE, Op.T, Op.TRANSPOSE_INT) or n.fallback is not None:
+            continue
+        x = n.inputs[0]
+        if not isinstance(x, Value) or not graph.is_constant(x) or readers[id(x)] != 1 \
+                or id(x) in outputs:
+            continue
+        try:
+            folded[id(n)] = n.opdef.reference([graph.constants[x.name]], n.attrs).contiguous()
+        except Exception:  # noqa: BLE001 - left to the Transpose exporter
+            continue
+    return folded
+
+
 def _valid_name(name: str) -> bool:
     return bool(name) and name.isprintable()
 
@@ -251,12 +276,18 @@ def to_onnx(graph: Graph, opset: int | None = None, *, check: bool = True,
         name = ctx.fresh(want if _valid_name(want) else v.name)
         ctx.names[id(v)] = name
         inputs.append(_value_info(name, v.spec))
-    used = {id(x) for n in graph.nodes for x in n.input_values()} | {id(x) for x in graph.outputs}
+    folded = _folded_layouts(graph)
+    used = {id(x) for n in graph.nodes if id(n) not in folded for x in n.input_values()} | \
+        {id(x) for x in graph.outputs}
     for cname, v in graph.const_values.items():
         if id(v) in used:  # unused weights (BatchNorm's num_batches_tracked...) are left out
             ctx.names[id(v)] = ctx.initializer(graph.constants[cname], cname)
     unsupported = []
     for node in graph.nodes:
+        if id(node) in folded:  # a constant's transpose: stored transposed
+            ctx.names[id(node.outputs[0])] = ctx.initializer(folded[id(node)],
+                                                            node.inputs[0].name)
+            continue
         ctx.current = node
         fn = EXPORTERS.get(node.op) if node.fallback is None else \
             EXPORTERS.get(("fallback", node.fallback))  # type: ignore[call-overload]
