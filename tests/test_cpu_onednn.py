@@ -395,6 +395,33 @@ def test_int8_convolution_made_once_matches_the_reference(xdt, zp, k, stride, pa
     assert diff.max() <= 1 and int((diff > 0).sum()) <= max(2, diff.numel() // 500)
 
 
+@pytest.mark.parametrize("xdt,zp", [(torch.uint8, 131), (torch.int8, 0), (torch.int8, 5)])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("out", [torch.float32, torch.uint8, torch.int8])
+def test_int8_linear_made_once_matches_the_reference(xdt, zp, act, out):
+    """oneDNN's int8 GEMM as a primitive made once (a linear's (N, K) weight, per-channel
+    scales, bias, activation, requantization) against linear_int8's float formula."""
+    from deepseek.quantization.kernels import reference_linear_int8
+
+    torch.manual_seed(12)
+    lo, hi = (0, 256) if xdt == torch.uint8 else (-128, 128)
+    x = torch.randint(lo, hi, (37, 72), dtype=xdt)
+    w = torch.randint(-127, 128, (40, 72), dtype=torch.int8)
+    ws, b = torch.rand(40) * 0.01 + 1e-3, torch.randn(40)
+    quantized = out != torch.float32
+    made = onednn.qlinear(w, ws, b, 37, xdt, 0.02, zp, act, out, 0.5 if quantized else 1.0,
+                          3 if quantized else 0)
+    got = made(x)
+    want = reference_linear_int8(x, 0.02, zp, w, ws, None, b, act, 0.5, 3,
+                                 out if quantized else None)
+    assert got.dtype == out and got.shape == (37, 40)
+    if not quantized:
+        assert rel_l2(got, want) < 1e-5
+        return
+    diff = (got.int() - want.int()).abs()
+    assert diff.max() <= 1 and int((diff > 0).sum()) <= max(2, diff.numel() // 200)
+
+
 def test_unknown_runtime_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_ONEDNN", "mkl")
     with pytest.raises(ValueError, match="DEEPSEEK_ONEDNN='mkl'.*torch, extra"):

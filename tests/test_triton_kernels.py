@@ -333,7 +333,8 @@ def _cudnn_frontend():
 
 # (batch, c_in, h, w, c_out, kernel, stride, padding): symmetric int8 activations
 _CUDNN_INT8 = {"1x1": (2, 64, 7, 5, 40, 1, 1, 0), "3x3": (2, 32, 9, 11, 20, 3, 1, 1),
-               "3x3_stride2": (1, 48, 10, 9, 36, 3, 2, 1), "1x1_stride2": (2, 16, 9, 9, 8, 1, 2, 0)}
+               "3x3_stride2": (1, 48, 10, 9, 36, 3, 2, 1), "1x1_stride2": (2, 16, 9, 9, 8, 1, 2, 0),
+               "stem_3ch_7x7_stride2": (2, 3, 16, 15, 8, 7, 2, 3)}  # channels padded to 4
 
 
 def test_a_second_int8_kernel_must_agree_before_it_is_chosen():
@@ -377,6 +378,7 @@ def test_int8_convolution_through_cudnn_matches_the_reference(case):
     xd = x.to(DEVICE)
     want = reference_conv2d_int8(x, 0.02, 0, wq, ws, None, b, *geometry, "relu", 1.0, 0, None)
     y, _ = conv(xd, 0, "relu", float_dtype=torch.float32)
+    assert set(conv.choices.values()) == {"cudnn"}  # cuDNN built and ran it
     assert rel_l2(y.cpu(), want) < 1e-6
     plain = reference_conv2d_int8(x, 0.02, 0, wq, ws, None, b, *geometry, "none", 1.0, 0, None)
     residual = torch.randn(plain.shape, generator=g)

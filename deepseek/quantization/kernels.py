@@ -7,9 +7,9 @@ which is also its fallback. The fast paths:
   and ``qlinear_pointwise``, the kernels of PyTorch's x86 quantization), with
   the int8 weight pre-packed once and cached on the weight tensor itself, so a
   graph holds plain int8 constants (safetensors) and still runs pre-packed. A
-  convolution runs instead as a oneDNN int8 primitive made once per input shape
-  (``deepseek.backends.cpu.onednn.qconv2d``: no primitive made per call) where that
-  measures faster on its first input.
+  convolution or linear runs instead as a oneDNN int8 primitive made once per input
+  shape (``deepseek.backends.cpu.onednn.qconv2d`` / ``qlinear``: no primitive made per
+  call) where that measures faster on its first input.
 - dynamic int8 linear (``linear_int8_dynamic``: each row of the activation quantized with
   its own scale at run time): on the CPU one C pass quantizes the rows, oneDNN's int8
   linear multiplies, one C pass makes the float result; on CUDA ATen's steps around
@@ -48,7 +48,8 @@ _LIB.define(
     "linear_weight_only(Tensor x, Tensor weight, Tensor weight_scale, Tensor? weight_zero_point, "
     "Tensor? bias, int bits, int group_size) -> Tensor")
 
-POST_OPS = ("none", "relu")
+POST_OPS = ("none", "relu", "gelu", "gelu_tanh")  # gelu: the erf form; linear kernels only
+_GELU = {"gelu": "none", "gelu_tanh": "tanh"}  # post-op -> F.gelu's (and oneDNN's) approximate
 _QRANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
@@ -95,6 +96,8 @@ def _finish(y: torch.Tensor, post_op: str, out_scale: float, out_zp: int,
     CPU kernels; the reference functions keep ATen's steps)."""
     if post_op == "relu":
         y = torch.relu(y)
+    elif post_op in _GELU:
+        y = F.gelu(y, approximate=_GELU[post_op])
     if out_dtype is None or out_dtype == torch.float32:
         return y
     qmin, qmax = _QRANGE[out_dtype]
@@ -248,6 +251,15 @@ def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
         return reference_linear_int8(*args, _dequantized)
     if not _onednn_ok(x, weight, weight_scale):
         return _float_linear_cpu(*args)
+    made = _made_linear_int8(*args)
+    if made is not None:
+        return made(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], weight.shape[0])
+    return pytorch_linear_int8(*args)
+
+
+def pytorch_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                        post_op, output_scale, output_zero_point, output_dtype):
+    """The linear through PyTorch's oneDNN int8 linear (its weight pre-packed once)."""
     if x.dtype == torch.int8:  # oneDNN's int8-activation GEMM is a slow reference path (~5000x
         x = torch.bitwise_xor(x.view(torch.uint8), 128)  # here): x + 128 as uint8, exactly
         x_zero_point = x_zero_point + 128
@@ -255,11 +267,13 @@ def _linear_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
     packed = _cached(weight, ("qlinear",), lambda: torch.ops.onednn.qlinear_prepack(weight, None))
     fuse = not zp  # a weight zero point is corrected for after the kernel, before post-ops
     quant_out = output_dtype is not None and output_dtype != torch.float32
+    name, algorithm = ("gelu", _GELU[post_op]) if post_op in _GELU else (post_op, "")
     y = torch.ops.onednn.qlinear_pointwise(
         x.contiguous(), x_scale, x_zero_point, packed, scales, zeros,
         None if bias is None else bias.float(), output_scale if fuse and quant_out else 1.0,
         output_zero_point if fuse and quant_out else 0,
-        output_dtype if fuse and quant_out else torch.float32, post_op if fuse else "none", [], "")
+        output_dtype if fuse and quant_out else torch.float32, name if fuse else "none", [],
+        algorithm if fuse else "")
     if fuse:
         return y
     rowsum = ((x.float() - x_zero_point) * x_scale).sum(-1, keepdim=True)
@@ -335,10 +349,11 @@ def _float_linear_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
                               *_tensor_key(weight_zero_point), rows),
                      lambda: _onednn_linear_weight(
                          _dequantized(weight, weight_scale, weight_zero_point).t(), rows))
+    relu = post_op == "relu"  # as the kernel's post-op; GELU after it
     y = torch.ops.mkldnn._linear_pointwise(xd, packed, None if bias is None else bias.float(),
-                                           "relu" if post_op == "relu" else "none", [], "")
-    return _finish(y.reshape(*x.shape[:-1], n), "none", output_scale, output_zero_point,
-                   output_dtype, one_pass=True)
+                                           "relu" if relu else "none", [], "")
+    return _finish(y.reshape(*x.shape[:-1], n), "none" if relu else post_op, output_scale,
+                   output_zero_point, output_dtype, one_pass=True)
 
 
 def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
@@ -356,40 +371,69 @@ def _conv2d_int8_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zero
     return pytorch_conv2d_int8(*args)
 
 
+def _made_if_faster(weight: torch.Tensor, key: tuple, make, x_made: torch.Tensor, pytorch):
+    """The oneDNN int8 primitive ``make()`` builds (made once per ``key`` and weight) where
+    one can be made and it ran faster on ``x_made`` than ``pytorch()`` (PyTorch's int8 op,
+    which makes its primitive every call) on the first input seen; else None."""
+    def build():
+        from deepseek.timing import time_interleaved  # at call time (see the module doc)
+
+        kernel = make()
+        if kernel is None:
+            return False
+        times = time_interleaved({"made": lambda: kernel(x_made), "pytorch": pytorch},
+                                 iters=5, warmup=2)
+        return kernel if times["made"] < times["pytorch"] else False
+
+    return _cached(weight, key, build) or None
+
+
+def _symmetric(weight_zero_point) -> bool:
+    return weight_zero_point is None or not bool(weight_zero_point.ne(0).any())
+
+
 def _made_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
                       stride, padding, dilation, groups, post_op, output_scale,
                       output_zero_point, output_dtype):
     """The convolution as a oneDNN int8 primitive made once for this input shape
-    (``onednn.qconv2d``), where one can be made and it ran faster than PyTorch's int8 op
-    (which makes its primitive every call; for a 1x1 layer, its int8 linear) on the
-    first input it saw; else None. Symmetric weights, one group."""
-    if groups != 1 or (weight_zero_point is not None and bool(weight_zero_point.ne(0).any())):
+    (``onednn.qconv2d``) where it measures faster than PyTorch's int8 op (for a 1x1 layer,
+    its int8 linear); else None. Symmetric weights, one group."""
+    from deepseek.backends.cpu import onednn  # at call time (see the module doc)
+
+    if groups != 1 or not _symmetric(weight_zero_point):
         return None
     args = (x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, stride,
             padding, dilation, groups, post_op, output_scale, output_zero_point, output_dtype)
+    key = ("made_qconv", tuple(x.shape), x.dtype, x_scale, x_zero_point, tuple(stride),
+           tuple(padding), tuple(dilation), post_op, output_scale, output_zero_point,
+           output_dtype, *_tensor_key(weight_scale), *_tensor_key(bias))
+    return _made_if_faster(
+        weight, key, lambda: onednn.qconv2d(
+            weight, weight_scale, bias, list(stride), list(padding), list(dilation),
+            list(x.shape), x.dtype, x_scale, x_zero_point, post_op, output_dtype, output_scale,
+            output_zero_point),
+        x.contiguous(memory_format=torch.channels_last), lambda: pytorch_conv2d_int8(*args))
 
-    def build():
-        from deepseek.backends.cpu import onednn  # at call time (see the module doc)
-        from deepseek.timing import time_interleaved
 
-        kernel = onednn.qconv2d(weight, weight_scale, bias, list(stride), list(padding),
-                                list(dilation), list(x.shape), x.dtype, x_scale,
-                                x_zero_point, post_op, output_dtype, output_scale,
-                                output_zero_point)
-        if kernel is None:
-            return False
-        xs = x.contiguous(memory_format=torch.channels_last)
-        times = time_interleaved({"made": lambda: kernel(xs),
-                                  "pytorch": lambda: pytorch_conv2d_int8(*args)},
-                                 iters=5, warmup=2)
-        return kernel if times["made"] < times["pytorch"] else False
+def _made_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
+                      post_op, output_scale, output_zero_point, output_dtype):
+    """The linear as a oneDNN int8 primitive made once for this row count
+    (``onednn.qlinear``) where it measures faster than PyTorch's int8 linear; else None.
+    Symmetric weights."""
+    from deepseek.backends.cpu import onednn  # at call time (see the module doc)
 
-    made = _cached(weight, ("made_qconv", tuple(x.shape), x.dtype, x_scale, x_zero_point,
-                            tuple(stride), tuple(padding), tuple(dilation), post_op,
-                            output_scale, output_zero_point, output_dtype,
-                            *_tensor_key(weight_scale),
-                            *_tensor_key(bias)), build)
-    return made or None
+    if not _symmetric(weight_zero_point):
+        return None
+    args = (x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, post_op,
+            output_scale, output_zero_point, output_dtype)
+    rows = x.numel() // x.shape[-1]
+    key = ("made_qlinear", rows, x.dtype, x_scale, x_zero_point, post_op, output_scale,
+           output_zero_point, output_dtype, *_tensor_key(weight_scale), *_tensor_key(bias))
+    return _made_if_faster(
+        weight, key, lambda: onednn.qlinear(
+            weight, weight_scale, bias, rows, x.dtype, x_scale, x_zero_point, post_op,
+            output_dtype, output_scale, output_zero_point),
+        x.reshape(rows, -1).contiguous(), lambda: pytorch_linear_int8(*args))
 
 
 def pytorch_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point,

@@ -5,7 +5,7 @@ weight, the core-ATen form of ``F.linear``, with a ``view`` of a 3-D input):
 
     conv(dequant(xq), dequant(W_int), b) [-> relu] [-> quantize]
         => conv2d_int8(xq, W_int, b, post_op="relu", output quantized)
-    addmm(b, [view](dequant(xq)), permute(dequant(W_int)))  [-> relu] [-> quantize]
+    addmm(b, [view](dequant(xq)), permute(dequant(W_int)))  [-> relu | gelu] [-> quantize]
         => linear_int8([view](xq), W_int, b, ...)
     addmm(b, dequant_per_token(quant_per_token(x, choose_qparams_per_token(x))), W...)
         => linear_int8_dynamic(x, W_int, b)         (rows quantized at run time)
@@ -286,11 +286,15 @@ def _lower_weight_only(m: QDQMatcher, node: Node, x, w: _Weight, bias) -> list[N
 
 
 def _fuse_epilogue(m: QDQMatcher, kernel: Node, removed: set[int]) -> None:
-    """Fold a following ReLU, then a following full-range per-tensor quantize, into
-    ``kernel`` (oneDNN post-ops and output requantization)."""
+    """Fold a following ReLU (or, into a static int8 linear, GELU), then a following
+    full-range per-tensor quantize, into ``kernel`` (oneDNN post-ops and output
+    requantization)."""
     user = m.sole_user(kernel.outputs[0])
-    if user is not None and user.op is Op.RELU:
-        kernel.attrs["post_op"] = "relu"
+    gelu = user is not None and user.op is Op.GELU and kernel.op is Op.LINEAR_INT8 and \
+        user.attrs.get("approximate", "none") in ("none", "tanh")
+    if user is not None and (user.op is Op.RELU or gelu):
+        kernel.attrs["post_op"] = "relu" if user.op is Op.RELU else \
+            "gelu" if user.attrs.get("approximate", "none") == "none" else "gelu_tanh"
         kernel.outputs = list(user.outputs)
         removed.add(id(user))
         user = m.sole_user(kernel.outputs[0])

@@ -310,6 +310,46 @@ static dnnl_data_type_t qtype_of(int code) {
     return code == 2 ? dnnl_u8 : code == 3 ? dnnl_s8 : code == 1 ? dnnl_bf16 : dnnl_f32;
 }
 
+/* The attributes of an int8 primitive: post-ops (residual, act), the scales of the
+ * source (one), the weights (mask wmask) and, for an integer dst, the destination (one),
+ * the source's and an integer destination's zero points where non-zero (zps). NULL where
+ * oneDNN refuses them. */
+static dnnl_primitive_attr_t q_attr(int residual, const_dnnl_memory_desc_t dst_md, int act,
+                                    int wmask, int int_dst, const int *zps) {
+    dnnl_primitive_attr_t attr = make_attr(residual, dst_md, act);
+    if (attr && !(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0) == dnnl_success
+        && dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, wmask) == dnnl_success
+        && (!int_dst || dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0)
+               == dnnl_success)
+        && (!zps[0] || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0)
+               == dnnl_success)
+        && (!zps[1] || !int_dst
+            || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0) == dnnl_success))) {
+        dnnl_primitive_attr_destroy(attr);
+        attr = NULL;
+    }
+    return attr;
+}
+
+/* k (made with q_attr's attributes) given its scale and zero-point memories: scales holds
+ * the source's, the destination's, then nw of the weights'; destroys k and returns NULL
+ * where one cannot be made */
+static ds_kernel *q_constants(ds_kernel *k, const float *scales, int nw, int int_dst,
+                              const int *zps) {
+    if (!k) return NULL;
+    k->q[0] = constant(dnnl_f32, 1, &scales[0]);
+    k->q[1] = constant(dnnl_f32, nw, &scales[2]);
+    if (int_dst) k->q[2] = constant(dnnl_f32, 1, &scales[1]);
+    if (zps[0]) k->q[3] = constant(dnnl_s32, 1, &zps[0]);
+    if (zps[1] && int_dst) k->q[4] = constant(dnnl_s32, 1, &zps[1]);
+    if (!k->q[0] || !k->q[1] || (int_dst && !k->q[2]) || (zps[0] && !k->q[3])
+            || (zps[1] && int_dst && !k->q[4])) {
+        ds_onednn_destroy(k);
+        return NULL;
+    }
+    return k;
+}
+
 /* An int8 convolution: p: the geometry (conv_kernel's, one group), then src type (2 u8,
  * 3 s8), dst type (0 f32, 1 bf16, 2 u8, 3 s8), act, per-channel weight scales (0/1), src
  * zero point, dst zero point, residual (RES_*, for a float dst). weights: plain int8
@@ -328,33 +368,48 @@ void *ds_onednn_qconv_create(const int *p, const void *weights, const float *bia
     dnnl_dims_t dst_d = {p[0], oc, p[16], p[17]};
     dnnl_memory_desc_t dst_md;
     dnnl_memory_desc_create_with_tag(&dst_md, 4, dst_d, dt, dnnl_nhwc);
-    dnnl_primitive_attr_t attr = make_attr(residual, dst_md, act);
+    dnnl_primitive_attr_t attr = q_attr(residual, dst_md, act, per_channel ? 1 : 0, int_dst,
+                                        zps);
     dnnl_memory_desc_destroy(dst_md);
-    if (attr && !(dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0) == dnnl_success
-        && dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, per_channel ? 1 : 0)
-               == dnnl_success
-        && (!int_dst || dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0)
-               == dnnl_success)
-        && (!zps[0] || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0)
-               == dnnl_success)
-        && (!zps[1] || !int_dst
-            || dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0) == dnnl_success))) {
-        dnnl_primitive_attr_destroy(attr);
-        attr = NULL;
-    }
     ds_kernel *k = conv_kernel(p, st, dnnl_s8, dt, attr, weights, bias, residual);
-    if (k) {
-        k->q[0] = constant(dnnl_f32, 1, &scales[0]);
-        k->q[1] = constant(dnnl_f32, per_channel ? oc : 1, &scales[2]);
-        if (int_dst) k->q[2] = constant(dnnl_f32, 1, &scales[1]);
-        if (zps[0]) k->q[3] = constant(dnnl_s32, 1, &zps[0]);
-        if (zps[1] && int_dst) k->q[4] = constant(dnnl_s32, 1, &zps[1]);
-        if (!k->q[0] || !k->q[1] || (int_dst && !k->q[2]) || (zps[0] && !k->q[3])
-                || (zps[1] && int_dst && !k->q[4])) {
-            ds_onednn_destroy(k);
-            k = NULL;
-        }
-    }
+    return q_constants(k, scales, per_channel ? oc : 1, int_dst, zps);
+}
+
+/* An int8 GEMM, a linear layer's: p: m, k, n, src type (2 u8, 3 s8), dst type (0 f32,
+ * 1 bf16, 2 u8, 3 s8), act, per-channel weight scales (0/1), src zero point, dst zero
+ * point. Rows (m, k) times an int8 (n, k) row-major weight; bias float32 or NULL; scales
+ * and the result as ds_onednn_qconv_create's, per output column n. */
+void *ds_onednn_qmatmul_create(const int *p, const void *weights, const float *bias,
+                               const float *scales) {
+    pthread_once(&g_once, init_engine);
+    if (!g_ok) return NULL;
+    int m = p[0], kk = p[1], n = p[2], act = p[5], per_channel = p[6];
+    int zps[2] = {p[7], p[8]};
+    dnnl_data_type_t st = qtype_of(p[3]), dt = qtype_of(p[4]);
+    int int_dst = dt == dnnl_u8 || dt == dnnl_s8;
+    dnnl_dims_t a_d = {m, kk}, b_d = {kk, n}, c_d = {m, n}, bias_d = {1, n};
+    dnnl_memory_desc_t a_md, b_any, b_src, c_md, bias_md;
+    dnnl_memory_desc_create_with_tag(&a_md, 2, a_d, st, dnnl_ab);
+    dnnl_memory_desc_create_with_tag(&b_any, 2, b_d, dnnl_s8, dnnl_format_tag_any);
+    dnnl_memory_desc_create_with_tag(&b_src, 2, b_d, dnnl_s8, dnnl_ba);  /* (n, k) rows */
+    dnnl_memory_desc_create_with_tag(&c_md, 2, c_d, dt, dnnl_ab);
+    dnnl_memory_desc_create_with_tag(&bias_md, 2, bias_d, dnnl_f32, dnnl_ab);
+    dnnl_primitive_attr_t attr = q_attr(RES_NONE, c_md, act, per_channel ? 2 : 0, int_dst,
+                                        zps);
+    dnnl_primitive_desc_t pd = NULL;
+    ds_kernel *k = NULL;
+    if (attr && dnnl_matmul_primitive_desc_create(&pd, g_engine, a_md, b_any,
+                                                  bias ? bias_md : NULL, c_md, attr)
+                    == dnnl_success)
+        k = q_constants(finish(pd, b_src, weights, bias_md, bias, RES_NONE), scales,
+                        per_channel ? n : 1, int_dst, zps);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    dnnl_memory_desc_destroy(a_md);
+    dnnl_memory_desc_destroy(b_any);
+    dnnl_memory_desc_destroy(b_src);
+    dnnl_memory_desc_destroy(c_md);
+    dnnl_memory_desc_destroy(bias_md);
     return k;
 }
 

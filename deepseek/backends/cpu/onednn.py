@@ -88,7 +88,7 @@ def _library(runtime: str) -> ctypes.CDLL | None:
     signatures = {
         "ds_onednn_conv_create": ([p, p, p], p), "ds_onednn_matmul_create": ([p, p, p], p),
         "ds_onednn_pool_create": ([p], p), "ds_onednn_reorder_create": ([p], p),
-        "ds_onednn_qconv_create": ([p, p, p, p], p),
+        "ds_onednn_qconv_create": ([p, p, p, p], p), "ds_onednn_qmatmul_create": ([p, p, p, p], p),
         "ds_onednn_run": ([p, p, p, p], ctypes.c_int),
         "ds_onednn_run_chain": ([ctypes.c_int, p, p, p, p], ctypes.c_int),
         "ds_onednn_destroy": ([p], None)}
@@ -403,6 +403,22 @@ def _timed_step(kernel: _Kernel) -> Callable[[], int]:
 _QTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2, torch.int8: 3}
 
 
+def _int8_operands(weight, weight_scale, bias, x_dtype, x_scale, out_dtype, out_scale,
+                   out_zero_point):
+    """(library, out dtype, out scale, out zero point, weight scales, scales memory, weight,
+    bias) of an int8 kernel, or None where one cannot be asked for (see ``qconv2d``)."""
+    lib = library()
+    if out_dtype in (None, torch.float32):
+        out_dtype, out_scale, out_zero_point = torch.float32, 1.0, 0
+    if lib is None or x_dtype not in (torch.uint8, torch.int8) or weight.dtype != torch.int8 \
+            or out_dtype not in _QTYPES:
+        return None
+    ws = weight_scale.detach().float().reshape(-1)
+    scales = torch.cat([torch.tensor([float(x_scale), float(out_scale)]), ws]).contiguous()
+    return (lib, out_dtype, out_scale, out_zero_point, ws, scales, weight.detach().contiguous(),
+            _bias(bias))
+
+
 def qconv2d(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
             stride, padding, dilation, in_shape, x_dtype: torch.dtype, x_scale: float,
             x_zero_point: int, activation: str = "none", out_dtype: torch.dtype | None = None,
@@ -417,24 +433,40 @@ def qconv2d(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor
     result only) added before the activation; None where oneDNN makes no primitive. Made
     on the preferred
     runtime: PyTorch's int8 op runs the same oneDNN, making its primitive every call."""
-    lib = library()
-    if out_dtype in (None, torch.float32):
-        out_dtype, out_scale, out_zero_point = torch.float32, 1.0, 0
-    if lib is None or x_dtype not in (torch.uint8, torch.int8) or weight.dtype != torch.int8 \
-            or out_dtype not in _QTYPES:
+    operands = _int8_operands(weight, weight_scale, bias, x_dtype, x_scale, out_dtype,
+                              out_scale, out_zero_point)
+    if operands is None:
         return None
+    lib, out_dtype, out_scale, out_zero_point, ws, scales, wt, b = operands
     geometry, out_shape = _conv_geometry(weight, stride, padding, dilation, 1, in_shape)
-    ws = weight_scale.detach().float().reshape(-1)
     params = torch.tensor([*geometry, _QTYPES[x_dtype], _QTYPES[out_dtype],
                            ACTIVATIONS[activation], int(ws.numel() > 1), int(x_zero_point),
                            int(out_zero_point), _RESIDUAL[residual]], dtype=torch.int32)
-    scales = torch.cat([torch.tensor([float(x_scale), float(out_scale)]), ws]).contiguous()
-    wt = weight.detach().contiguous()
-    b = _bias(bias)
     handle = lib.ds_onednn_qconv_create(params.data_ptr(), wt.data_ptr(),
                                         None if b is None else b.data_ptr(), scales.data_ptr())
     return _Kernel(lib, handle, in_shape, out_shape, out_dtype, True, residual,
                    source=(x_dtype, torch.channels_last)) if handle else None
+
+
+def qlinear(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+            rows: int, x_dtype: torch.dtype, x_scale: float, x_zero_point: int,
+            activation: str = "none", out_dtype: torch.dtype | None = None,
+            out_scale: float = 1.0, out_zero_point: int = 0) -> _Kernel | None:
+    """As ``qconv2d``, for a linear layer: (``rows``, K) row-major ``x_dtype`` rows times
+    the int8 (N, K) ``weight``; None where oneDNN makes no primitive."""
+    operands = _int8_operands(weight, weight_scale, bias, x_dtype, x_scale, out_dtype,
+                              out_scale, out_zero_point)
+    if operands is None or weight.dim() != 2:
+        return None
+    lib, out_dtype, out_scale, out_zero_point, ws, scales, wt, b = operands
+    n, k = weight.shape
+    params = torch.tensor([rows, k, n, _QTYPES[x_dtype], _QTYPES[out_dtype],
+                           ACTIVATIONS[activation], int(ws.numel() > 1), int(x_zero_point),
+                           int(out_zero_point)], dtype=torch.int32)
+    handle = lib.ds_onednn_qmatmul_create(params.data_ptr(), wt.data_ptr(),
+                                          None if b is None else b.data_ptr(), scales.data_ptr())
+    return _Kernel(lib, handle, (rows, k), (rows, n), out_dtype, False,
+                   source=(x_dtype, torch.contiguous_format)) if handle else None
 
 
 def reorder(in_shape, dtype: torch.dtype, to: torch.dtype) -> _Kernel | None:

@@ -408,13 +408,14 @@ class Conv2dInt8:
         if self._cudnn is None:
             self._cudnn = CudnnConv2dInt8(self, self.weight)
         args = (x, x_zero_point, post_op, residual, float_dtype, quant)
-        if not self._cudnn.supports(x, x_zero_point, quant) \
-                or self._cudnn.build(x, post_op, residual, float_dtype, quant) is None:
+        if not self._cudnn.supports(x, x_zero_point, quant):
+            choice = "triton"
+        elif torch.cuda.is_current_stream_capturing():
+            return "triton"  # built and timed at a later call outside the capture
+        elif self._cudnn.build(x, post_op, residual, float_dtype, quant) is None:
             choice = "triton"
         elif self.prefer == "cudnn":
             choice = "cudnn"
-        elif torch.cuda.is_current_stream_capturing():
-            return "triton"  # timed at a later call outside the capture
         else:
             from deepseek.backends.cuda.autotune import graph_time  # as the plan replays it
 
