@@ -283,9 +283,9 @@ def pytorch_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_z
 
 def _linear_int8_dynamic_cpu(x, symmetric, weight, weight_scale, weight_zero_point, bias,
                               post_op):
-    """Rows quantized in one C pass (as uint8, zero point 128), oneDNN's int8 GEMM on the
-    pre-packed weight with its scales (the static kernel's ``qlinear_pointwise``), and one C
-    pass to the float result (zero points, the rows' scales, bias, ReLU)."""
+    """Rows quantized in one C pass (as uint8, zero point 128), the static int8 linear
+    with the weight's scales on them (a made oneDNN primitive or PyTorch's), and one C pass
+    to the float result (zero points, the rows' scales, bias, ReLU)."""
     from deepseek.backends.cpu import rowwise  # at call time (see the module doc)
 
     args = (x, symmetric, weight, weight_scale, weight_zero_point, bias, post_op)
@@ -295,10 +295,10 @@ def _linear_int8_dynamic_cpu(x, symmetric, weight, weight_scale, weight_zero_poi
         return reference_linear_int8_dynamic(*args, _dequantized)
     k, n = weight.shape[1], weight.shape[0]
     rows = rowwise.quantize_rows(x.reshape(-1, k).contiguous(), symmetric)
-    scales, zeros, _ = _channel_params(weight, weight_scale, weight_zero_point)
-    packed = _cached(weight, ("qlinear",), lambda: torch.ops.onednn.qlinear_prepack(weight, None))
-    acc = torch.ops.onednn.qlinear_pointwise(rows[0], 1.0, 128, packed, scales, zeros, None, 1.0,
-                                             0, torch.float32, "none", [], "")
+    scales = _channel_params(weight, weight_scale, weight_zero_point)[0]
+    # sw[n] * sum_k q w: the static kernel (made primitive or PyTorch's) on uint8 rows
+    acc = _linear_int8_cpu(rows[0], 1.0, 128, weight, weight_scale, None, None, "none", 1.0, 0,
+                           None)
     colsum = _cached(weight, ("colsum",), lambda: weight.sum(1, dtype=torch.int32).float())
     zero_point = None if weight_zero_point is None else _cached(
         weight, ("zp_float", *_tensor_key(weight_zero_point)),
