@@ -249,27 +249,27 @@ void *ds_onednn_conv_create(const int *p, const void *weights, const float *bias
     return conv_kernel(p, dt, dt, dt, attr, weights, bias, p[19]);
 }
 
-/* p: m, k, n, dtype, residual, act. Rows (m, k) times a (k, n) row-major weight into
- * (m, n); bias float32 or NULL. */
-void *ds_onednn_matmul_create(const int *p, const void *weights, const float *bias) {
-    pthread_once(&g_once, init_engine);
-    if (!g_ok) return NULL;
-    int m = p[0], kk = p[1], n = p[2];
-    dnnl_data_type_t dt = dtype_of(p[3]);
+/* The GEMM of rows (mkn[0], mkn[1]) of type st times weights of type wt given in w_tag
+ * order (dnnl_ab: (k, n) rows; dnnl_ba: a linear's (n, k) rows) into (m, n) of type dt,
+ * bias float32 or NULL, with attr (destroyed here); NULL where oneDNN makes no primitive. */
+static ds_kernel *matmul_kernel(const int *mkn, dnnl_data_type_t st, dnnl_data_type_t wt,
+                                dnnl_format_tag_t w_tag, dnnl_data_type_t dt,
+                                dnnl_primitive_attr_t attr, const void *weights,
+                                const float *bias, int residual) {
+    int m = mkn[0], kk = mkn[1], n = mkn[2];
     dnnl_dims_t a_d = {m, kk}, b_d = {kk, n}, c_d = {m, n}, bias_d = {1, n};
     dnnl_memory_desc_t a_md, b_any, b_src, c_md, bias_md;
-    dnnl_memory_desc_create_with_tag(&a_md, 2, a_d, dt, dnnl_ab);
-    dnnl_memory_desc_create_with_tag(&b_any, 2, b_d, dt, dnnl_format_tag_any);
-    dnnl_memory_desc_create_with_tag(&b_src, 2, b_d, dt, dnnl_ab);
+    dnnl_memory_desc_create_with_tag(&a_md, 2, a_d, st, dnnl_ab);
+    dnnl_memory_desc_create_with_tag(&b_any, 2, b_d, wt, dnnl_format_tag_any);
+    dnnl_memory_desc_create_with_tag(&b_src, 2, b_d, wt, w_tag);
     dnnl_memory_desc_create_with_tag(&c_md, 2, c_d, dt, dnnl_ab);
     dnnl_memory_desc_create_with_tag(&bias_md, 2, bias_d, dnnl_f32, dnnl_ab);
-    dnnl_primitive_attr_t attr = make_attr(p[4], c_md, p[5]);
     dnnl_primitive_desc_t pd = NULL;
     ds_kernel *k = NULL;
     if (attr && dnnl_matmul_primitive_desc_create(&pd, g_engine, a_md, b_any,
                                                   bias ? bias_md : NULL, c_md, attr)
                     == dnnl_success)
-        k = finish(pd, b_src, weights, bias_md, bias, p[4]);
+        k = finish(pd, b_src, weights, bias_md, bias, residual);
     if (pd) dnnl_primitive_desc_destroy(pd);
     if (attr) dnnl_primitive_attr_destroy(attr);
     dnnl_memory_desc_destroy(a_md);
@@ -278,6 +278,26 @@ void *ds_onednn_matmul_create(const int *p, const void *weights, const float *bi
     dnnl_memory_desc_destroy(c_md);
     dnnl_memory_desc_destroy(bias_md);
     return k;
+}
+
+/* a 2-D (rows, cols) row-major memory descriptor of type dt (to be destroyed) */
+static dnnl_memory_desc_t rows_md(int rows, int cols, dnnl_data_type_t dt) {
+    dnnl_dims_t d = {rows, cols};
+    dnnl_memory_desc_t md;
+    dnnl_memory_desc_create_with_tag(&md, 2, d, dt, dnnl_ab);
+    return md;
+}
+
+/* p: m, k, n, dtype, residual, act. Rows (m, k) times a (k, n) row-major weight into
+ * (m, n); bias float32 or NULL. */
+void *ds_onednn_matmul_create(const int *p, const void *weights, const float *bias) {
+    pthread_once(&g_once, init_engine);
+    if (!g_ok) return NULL;
+    dnnl_data_type_t dt = dtype_of(p[3]);
+    dnnl_memory_desc_t c_md = rows_md(p[0], p[2], dt);
+    dnnl_primitive_attr_t attr = make_attr(p[4], c_md, p[5]);
+    dnnl_memory_desc_destroy(c_md);
+    return matmul_kernel(p, dt, dt, dnnl_ab, dt, attr, weights, bias, p[4]);
 }
 
 void ds_onednn_destroy(void *handle);
@@ -383,34 +403,16 @@ void *ds_onednn_qmatmul_create(const int *p, const void *weights, const float *b
                                const float *scales) {
     pthread_once(&g_once, init_engine);
     if (!g_ok) return NULL;
-    int m = p[0], kk = p[1], n = p[2], act = p[5], per_channel = p[6];
+    int n = p[2], act = p[5], per_channel = p[6];
     int zps[2] = {p[7], p[8]};
     dnnl_data_type_t st = qtype_of(p[3]), dt = qtype_of(p[4]);
     int int_dst = dt == dnnl_u8 || dt == dnnl_s8;
-    dnnl_dims_t a_d = {m, kk}, b_d = {kk, n}, c_d = {m, n}, bias_d = {1, n};
-    dnnl_memory_desc_t a_md, b_any, b_src, c_md, bias_md;
-    dnnl_memory_desc_create_with_tag(&a_md, 2, a_d, st, dnnl_ab);
-    dnnl_memory_desc_create_with_tag(&b_any, 2, b_d, dnnl_s8, dnnl_format_tag_any);
-    dnnl_memory_desc_create_with_tag(&b_src, 2, b_d, dnnl_s8, dnnl_ba);  /* (n, k) rows */
-    dnnl_memory_desc_create_with_tag(&c_md, 2, c_d, dt, dnnl_ab);
-    dnnl_memory_desc_create_with_tag(&bias_md, 2, bias_d, dnnl_f32, dnnl_ab);
+    dnnl_memory_desc_t c_md = rows_md(p[0], n, dt);
     dnnl_primitive_attr_t attr = q_attr(RES_NONE, c_md, act, per_channel ? 2 : 0, int_dst,
                                         zps);
-    dnnl_primitive_desc_t pd = NULL;
-    ds_kernel *k = NULL;
-    if (attr && dnnl_matmul_primitive_desc_create(&pd, g_engine, a_md, b_any,
-                                                  bias ? bias_md : NULL, c_md, attr)
-                    == dnnl_success)
-        k = q_constants(finish(pd, b_src, weights, bias_md, bias, RES_NONE), scales,
-                        per_channel ? n : 1, int_dst, zps);
-    if (pd) dnnl_primitive_desc_destroy(pd);
-    if (attr) dnnl_primitive_attr_destroy(attr);
-    dnnl_memory_desc_destroy(a_md);
-    dnnl_memory_desc_destroy(b_any);
-    dnnl_memory_desc_destroy(b_src);
     dnnl_memory_desc_destroy(c_md);
-    dnnl_memory_desc_destroy(bias_md);
-    return k;
+    ds_kernel *k = matmul_kernel(p, st, dnnl_s8, dnnl_ba, dt, attr, weights, bias, RES_NONE);
+    return q_constants(k, scales, per_channel ? n : 1, int_dst, zps);
 }
 
 /* p: n, c, h, w, kh, kw, sh, sw, ph0, pw0, ph1, pw1, dh, dw, oh, ow, dtype, alg (0 max:
