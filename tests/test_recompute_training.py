@@ -172,3 +172,45 @@ def test_convolution_backward_flops_match_torchs_counter(mask):
     with FlopCounterMode(display=False) as counter:
         node.opdef.reference(tensors, attrs)
     assert node_flops(node, {}) == counter.get_total_flops() > 0
+
+
+def test_update_buffers_carries_batch_norm_statistics_from_step_to_step():
+    """With ``update_buffers`` the running mean, variance and batch count are inputs and
+    their new values outputs: three steps chained through them (interpreter and CPU
+    engine) give eager training's statistics and gradients; without, the graph's
+    contract is unchanged."""
+    import copy
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 5)).train()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    graph = capture_train_step(copy.deepcopy(model), (x,), F.cross_entropy, (y,),
+                               update_buffers=True)
+    bn = model[1]
+    names = ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    assert graph.input_names[-3:] == names
+    params = [p.detach() for p in model.parameters()]
+    assert len(graph.inputs) == len(params) + 2 + 3
+    assert len(graph.outputs) == 1 + len(params) + 3
+    engine = ds.compile(_copy_graph(graph), backend="cpu", opt_level=0)
+    buffers = {"graph": [bn.running_mean.clone(), bn.running_var.clone(),
+                         bn.num_batches_tracked.clone()]}
+    buffers["engine"] = [b.clone() for b in buffers["graph"]]
+    for _ in range(3):
+        batch = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+        loss = F.cross_entropy(model(batch[0]), batch[1])  # eager: updates bn in place
+        ref_grads = torch.autograd.grad(loss, list(model.parameters()))
+        out = run_graph(graph, params + list(batch) + buffers["graph"])
+        got = engine(*params, *batch, *buffers["engine"])
+        for result, key in ((out, "graph"), (got, "engine")):
+            assert torch.allclose(result[0], loss.detach(), rtol=1e-5)
+            assert_grads_close(result[1:1 + len(params)], ref_grads, 5e-5)
+            buffers[key] = list(result[-3:])
+            for new, old in zip(buffers[key], (bn.running_mean, bn.running_var,
+                                               bn.num_batches_tracked)):
+                assert torch.allclose(new, old, rtol=1e-5, atol=1e-6)
+    assert int(buffers["graph"][2]) == 3
+    plain = capture_train_step(copy.deepcopy(model), (x,), F.cross_entropy, (y,))
+    assert len(plain.inputs) == len(params) + 2 and len(plain.outputs) == 1 + len(params)

@@ -66,18 +66,22 @@ def _lift_attributes(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
 
 def capture_train_step(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
                        loss_fn: Callable, example_targets: Sequence[torch.Tensor] = (),
-                       strict: bool = False) -> Graph:
+                       strict: bool = False, update_buffers: bool = False) -> Graph:
     """Capture ``loss_fn(model(*inputs), *targets)`` and its gradients as one Graph.
 
     The Graph's inputs are the trainable parameters (``requires_grad``, in
     ``model.named_parameters()`` order, named by their dotted names in
     ``graph.input_names``), then ``example_inputs``, then ``example_targets``.
     Its outputs are the loss, then one gradient per trainable parameter, in
-    the same order. Buffers and frozen parameters are constants: the step
-    reads batch-norm running statistics (eval mode) but does not update them
-    (train mode computes batch statistics; the running averages are not
-    outputs). The model's train/eval mode at capture time is what is traced;
-    dropout must be off (p=0 or eval mode) for the step to be deterministic.
+    the same order. Buffers and frozen parameters are constants. A step in
+    train mode updates buffers (batch norm's running mean, variance and
+    batch count): with ``update_buffers``, each buffer the step updates is
+    an input after the targets and its new value an output after the
+    gradients (both in the order of ``graph.input_names[-k:]``), so that a
+    training loop feeds each step's outputs to the next; without, those
+    updates are dropped and the buffers are constants. The model's
+    train/eval mode at capture time is what is traced; dropout must be off
+    (p=0 or eval mode) for the step to be deterministic.
     An op outside the IR raises UnsupportedOpError when ``strict``; otherwise
     it runs through PyTorch.
 
@@ -118,6 +122,9 @@ def capture_train_step(model: torch.nn.Module, example_inputs: Sequence[torch.Te
     trainable_ids = [id(p) for p in params]
     param_input: dict[int, Value] = {}  # id(parameter) -> input (tied weights share one)
     batch_inputs: list[Value] = []
+    # buffers the step writes (output name -> buffer name), inputs when update_buffers
+    mutated = dict(sig.buffers_to_mutate) if update_buffers else {}
+    buffer_input: dict[str, Value] = {}
     lifted = _lift_attributes(gm)
 
     def placeholder(node, graph: Graph, namer: SymbolNamer):
@@ -131,6 +138,9 @@ def capture_train_step(model: torch.nn.Module, example_inputs: Sequence[torch.Te
         name = owner[node.name]
         tensor = named[name]
         short = name.removeprefix("model.").replace(".", "_")
+        if name in mutated.values():  # a buffer the step updates: fed by the loop
+            buffer_input[name] = graph.add_input(short, namer.spec(node.meta["val"]))
+            return buffer_input[name]
         if id(tensor) not in trainable_ids:  # a buffer or a frozen parameter
             return graph.add_constant(short, tensor.detach())
         if id(tensor) not in param_input:
@@ -141,9 +151,12 @@ def capture_train_step(model: torch.nn.Module, example_inputs: Sequence[torch.Te
     missing = [n for n, p in zip(names, params) if id(p) not in param_input]
     if missing:
         raise CaptureError(f"parameters {missing} did not reach the traced graph")
-    graph.inputs = [param_input[id(p)] for p in params] + batch_inputs
+    updated = [b for b in dict.fromkeys(mutated.values()) if b in buffer_input]
+    graph.inputs = [param_input[id(p)] for p in params] + batch_inputs + \
+        [buffer_input[b] for b in updated]
     graph.input_names = names + [f"input{i}" for i in range(len(example_inputs))] + \
-        [f"target{i}" for i in range(len(example_targets))]
+        [f"target{i}" for i in range(len(example_targets))] + \
+        [b.removeprefix("model.") for b in updated]
 
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     value_of = dict(zip((getattr(x, "name", None) for x in out_node.args[0]), fx_outputs))
@@ -163,8 +176,10 @@ def capture_train_step(model: torch.nn.Module, example_inputs: Sequence[torch.Te
             total = graph.add_node(Op.ADD_TENSOR, [total, g], {}, [total.spec],
                                    name=f"grad_{name}").outputs[0]
         outputs.append(total)
+    new_value = {b: value_of[out] for out, b in mutated.items()}
+    outputs += [new_value[b] for b in updated]
     graph.outputs = outputs
-    eliminate_dead_code(graph)  # batch-norm running-statistics updates
+    eliminate_dead_code(graph)  # without update_buffers: the buffers' updates
     log.info("captured a training step of %s: %d nodes, %d parameters", type(model).__name__,
              len(graph.nodes), len(params))
     return graph
