@@ -114,21 +114,10 @@ void ds_quantize(const float *x, unsigned char *q, long n, float inv, float zp, 
  * symmetric: s = max(max|x|, 1e-5) / 127, zp = 0, q = clamp(rint(x * (1 / s)), -128, 127)
  * in float32; asymmetric: lo = min(min x, 0), hi = max(max x, 0), s = max((hi - lo) / 255,
  * FLT_EPSILON), zp = the rounded zero point PyTorch picks, q = clamp(rint(x * (1 / s) + zp),
- * -128, 127) in float64 (s is float64 there: two roundings, no FMA). Writes q + 128 as
+ * -128, 127) as PyTorch computes it in float64 (s is float64 there: two roundings, no
+ * FMA). Writes q + 128 as
  * uint8 (what oneDNN's int8 GEMM takes at full speed, its zero point 128), each row's
  * scale, zero point and the sum of its q (for the zero points' corrections). */
-typedef double v4d __attribute__((vector_size(32)));
-typedef long long v4l __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-typedef int v4i __attribute__((vector_size(16)));
-
-/* each lane of v clamped to [lo, hi] (a NaN stays NaN) */
-INLINE v4d clamp4d(v4d v, double lo, double hi) {
-    v4l below = v < lo, above = v > hi;
-    v = (v4d)(((v4l)v & ~below) | ((v4l)(v4d){lo, lo, lo, lo} & below));
-    return (v4d)(((v4l)v & ~above) | ((v4l)(v4d){hi, hi, hi, hi} & above));
-}
-
 __attribute__((optimize("fp-contract=off")))
 void ds_quantize_rows(const float *x, unsigned char *q, double *scale, int *zero_point,
                       int *rowsum, long rows, int cols, int symmetric, int threads) {
@@ -171,25 +160,47 @@ void ds_quantize_rows(const float *x, unsigned char *q, double *scale, int *zero
             float dlo = lo / s, dhi = hi / s;
             float zp = (-128.f + dlo) + (127.f + dhi) > 0.f ? -128.f - dlo : 127.f - dhi;
             zp = rintf(zp < -128.f ? -128.f : (zp > 127.f ? 127.f : zp));
-            const double inv = 1.0 / (double)s, magic = 6755399441055744.0; /* 1.5 * 2^52 */
+            /* in float32 first: |x / s| <= 255 and |zp| <= 128, so x * (1 / s) + zp is
+             * within 6.2e-5 of the exact value; where that is farther than 1e-4 from a
+             * rounding boundary (n + 0.5), it rounds as PyTorch's float64 does; the few
+             * lanes nearer one are computed in float64 */
+            const float invf = 1.f / s;
+            const v8 shift = splat(12582912.f); /* 1.5 * 2^23: adding it rounds */
+            v8i near = {0};
             for (int j = 0; j < cols; j += 8) {
                 int nv = cols - j < 8 ? cols - j : 8;
-                v4f f[2] = {{0}, {0}};
-                memcpy(f, xi + j, (size_t)nv * sizeof(float));
-                v4i half[2];
-                for (int h = 0; h < 2; h++) {
-                    /* |x / s + zp| < 384 by the choice of s and zp (NaN aside): rounds */
-                    v4d v = __builtin_convertvector(f[h], v4d) * inv + (double)zp;
-                    v = (v + magic) - magic;
-                    half[h] = __builtin_convertvector(clamp4d(v, -128.0, 127.0), v4i);
-                }
-                v8i iv = {half[0][0], half[0][1], half[0][2], half[0][3],
-                          half[1][0], half[1][1], half[1][2], half[1][3]};
+                v8 v = load(xi + j, nv) * invf;
+                v = v + zp;
+                v8 r = (v + shift) - shift;
+                v8 d = v - r;
+                near |= (d > 0.4999f) | (d < -0.4999f);
+                r = select(r < -128.f, splat(-128.f), select(r > 127.f, splat(127.f), r));
+                v8i iv = __builtin_convertvector(r, v8i);
                 store_bytes(qi + j, iv + 128, nv);
                 if (nv < 8) /* lanes past nv hold zp, not 0 */
                     for (int l = nv; l < 8; l++)
                         iv[l] = 0;
                 sums += iv;
+            }
+            if (near[0] | near[1] | near[2] | near[3] | near[4] | near[5] | near[6] | near[7]) {
+                const double inv = 1.0 / (double)s; /* rare: redo the near ones in float64 */
+                for (int j = 0; j < cols; j += 8) {
+                    int nv = cols - j < 8 ? cols - j : 8;
+                    v8 v = load(xi + j, nv) * invf;
+                    v = v + zp;
+                    v8 d = v - ((v + shift) - shift);
+                    v8i at = (d > 0.4999f) | (d < -0.4999f);
+                    if (!(at[0] | at[1] | at[2] | at[3] | at[4] | at[5] | at[6] | at[7]))
+                        continue;
+                    for (int l = 0; l < nv; l++) {
+                        if (!at[l])
+                            continue;
+                        double r = rint((double)xi[j + l] * inv + (double)zp);
+                        int t = r < -128.0 ? -128 : (r > 127.0 ? 127 : (int)r);
+                        sums[0] += t - ((int)qi[j + l] - 128);
+                        qi[j + l] = (unsigned char)(t + 128);
+                    }
+                }
             }
             scale[i] = s;
             zero_point[i] = (int)zp;
