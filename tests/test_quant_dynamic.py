@@ -177,6 +177,9 @@ def test_dynamic_config_errors():
         Quantizer(QuantConfig(calibration="dynamic")).prepare_qat(model)
     with pytest.raises(QuantizationError, match="calibration_data"):
         Quantizer(QuantConfig(calibration="dynamic", bias_correction=True)).quantize(model)
+    convs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(QuantizationError, match="Linear layers only.*static PTQ"):
+        Quantizer(QuantConfig(calibration="dynamic")).quantize(convs)
     # weight-only stays weight-only whatever the calibration says
     q = Quantizer(QuantConfig(calibration="dynamic", activation_bits=None, progress=False))
     q.quantize(model)

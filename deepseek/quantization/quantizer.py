@@ -234,6 +234,12 @@ class Quantizer:
         float_model = self.prepare(model)
         names = self.targets(float_model)
         all_layers = [n for n, m in float_model.named_modules() if n and is_quantizable(m)]
+        if c.dynamic and not any(isinstance(float_model.get_submodule(n), nn.Linear)
+                                 for n in names):
+            raise QuantizationError(
+                f"calibration='dynamic' quantizes Linear layers only, and {type(model).__name__} "
+                f"has none to quantize (after skip): its convolutions need static PTQ, i.e. a "
+                f"calibrator such as 'minmax' and calibration_data")
         static = calibration_data is not None and c.activation_bits is not None \
             and not c.dynamic
         if calibration_data is None and c.activation_bits is not None and not c.dynamic:
