@@ -193,3 +193,37 @@ def test_dynamic_with_bias_correction_reads_the_data():
     q = Quantizer(QuantConfig(calibration="dynamic", bias_correction=True, progress=False))
     q.quantize(model, data)
     assert q.report.mode == "dynamic" and set(q.report.bias_shifts) == {"0", "2"}
+
+
+class _QKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 24)
+
+    def forward(self, x):
+        return (self.q(x) * self.k(x)).sum(-1, keepdim=True) * self.v(x)
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "dynamic"])
+def test_sibling_int8_linears_merge_into_one_kernel(calibration):
+    """Q/K/V-like int8 linears reading one input become one kernel over the stacked
+    weights and three slices of its result (a dynamic one quantizes the rows once),
+    with the results kept apart give."""
+    torch.manual_seed(4)
+    model = _QKV().eval()
+    x = torch.randn(2, 5, 32)
+    data = None if calibration == "dynamic" else [torch.randn(2, 5, 32) for _ in range(4)]
+    qmodel = Quantizer(QuantConfig(calibration=calibration, weight_method="symmetric",
+                                   progress=False)).quantize(model, data)
+    merged = ds.compile(qmodel, (x,), backend="cpu", precision="int8")
+    apart = ds.compile(qmodel, (x,), backend="cpu", precision="int8",
+                       disable_passes=["merge_sibling_gemms"])
+    kind = Op.LINEAR_INT8_DYNAMIC if calibration == "dynamic" else Op.LINEAR_INT8
+    for engine, count in ((merged, 1), (apart, 3)):
+        assert [n.op for n in engine._parts[0].graph.nodes].count(kind) == count
+    fresh = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = qmodel(fresh)
+    got, kept = merged(fresh), apart(fresh)
+    assert (got - kept).norm() / kept.norm() < 1e-6  # float rounding of the epilogues only
+    assert (got - want).norm() / want.norm() < 1e-5

@@ -66,9 +66,16 @@ def merge_sibling_gemms(graph: Graph) -> Graph:
     slices of it (views: no copy). One wide GEMM reads x once, launches once
     and keeps a GPU's tensor cores busier than three narrow ones (BERT's
     attention projections). The merged GEMM takes the place of the first one.
+    Quantized linears (``linear_int8``, ``linear_int8_dynamic``) of equal
+    attributes merge alike: their (N_i, K) int8 weights, per-channel scales and
+    biases stacked, so a dynamic one quantizes its rows once for all three.
     """
     def key(n: Node):
-        if n.fallback is not None or n.op not in (Op.ADDMM, Op.MM):
+        if n.fallback is not None:
+            return None
+        if n.op in _INT8_LINEARS:
+            return _int8_key(graph, n)
+        if n.op not in (Op.ADDMM, Op.MM):
             return None
         b, x, w = n.inputs if n.op is Op.ADDMM else (None, *n.inputs)
         if not (isinstance(x, Value) and graph.is_constant(w) and w.spec.rank == 2
@@ -88,29 +95,67 @@ def merge_sibling_gemms(graph: Graph) -> Graph:
         if len(group) < 2:
             continue
         first = group[0]
-        ws = [graph.constants[n.inputs[-1].name] for n in group]
-        w = graph.add_constant(f"{group[0].inputs[-1].name}_merged", torch.cat(ws, 1))
-        x = group[0].inputs[-2]
-        inputs = [x, w]
-        if first.op is Op.ADDMM:
-            b = torch.cat([graph.constants[n.inputs[0].name] for n in group])
-            inputs = [graph.add_constant(f"{group[0].inputs[0].name}_merged", b), x, w]
-        rows = x.spec.shape[0]
-        out = Value(graph.fresh_name(f"{first.outputs[0].name}_merged"),
-                    TensorSpec((rows, w.spec.shape[1]), first.outputs[0].spec.dtype))
-        nodes = [Node(first.op, inputs, {}, [out], first.source)]
-        start = 0
-        for n, wt in zip(group, ws):
-            end = start + wt.shape[1]
-            nodes.append(Node(Op.SLICE_TENSOR, [out], {"dim": 1, "start": start, "end": end,
-                                                       "step": 1}, n.outputs, n.source))
-            start = end
-        replaced[id(group[0])] = nodes
+        merged, widths = (_merged_int8 if first.op in _INT8_LINEARS else _merged_gemm)(graph, group)
+        out = merged.outputs[0]
+        dim, start = out.spec.rank - 1, 0
+        nodes = [merged]
+        for n, width in zip(group, widths):
+            nodes.append(Node(Op.SLICE_TENSOR, [out], {"dim": dim, "start": start,
+                                                       "end": start + width, "step": 1},
+                              n.outputs, n.source))
+            start += width
+        replaced[id(first)] = nodes
         removed.update(id(n) for n in group[1:])
     graph.nodes = [m for n in graph.nodes if id(n) not in removed
                    for m in replaced.get(id(n), [n])]
     graph.remove_unused_constants()
     return graph
+
+
+_INT8_LINEARS = (Op.LINEAR_INT8, Op.LINEAR_INT8_DYNAMIC)
+
+
+def _int8_key(graph: Graph, n: Node):
+    """What quantized linears must share to merge: input, op, attributes, K, a bias or none;
+    constant weights and scales, no weight zero point."""
+    x, w, scale, zero_point, bias = n.inputs
+    if not (isinstance(x, Value) and graph.is_constant(w) and graph.is_constant(scale)
+            and zero_point is None and (bias is None or graph.is_constant(bias))):
+        return None
+    return (id(x), n.op, tuple(sorted((k, repr(v)) for k, v in n.attrs.items())),
+            w.spec.shape[1], bias is None)
+
+
+def _merged_gemm(graph: Graph, group: list[Node]) -> tuple[Node, list[int]]:
+    first = group[0]
+    ws = [graph.constants[n.inputs[-1].name] for n in group]
+    w = graph.add_constant(f"{first.inputs[-1].name}_merged", torch.cat(ws, 1))
+    x = first.inputs[-2]
+    inputs = [x, w]
+    if first.op is Op.ADDMM:
+        b = torch.cat([graph.constants[n.inputs[0].name] for n in group])
+        inputs = [graph.add_constant(f"{first.inputs[0].name}_merged", b), x, w]
+    out = Value(graph.fresh_name(f"{first.outputs[0].name}_merged"),
+                TensorSpec((x.spec.shape[0], w.spec.shape[1]), first.outputs[0].spec.dtype))
+    return Node(first.op, inputs, {}, [out], first.source), [t.shape[1] for t in ws]
+
+
+def _merged_int8(graph: Graph, group: list[Node]) -> tuple[Node, list[int]]:
+    first = group[0]
+    x = first.inputs[0]
+    ws = [graph.constants[n.inputs[1].name] for n in group]
+    scales = [graph.constants[n.inputs[2].name].float().reshape(-1).expand(w.shape[0])
+              for n, w in zip(group, ws)]
+    inputs = [x, graph.add_constant(f"{first.inputs[1].name}_merged", torch.cat(ws, 0)),
+              graph.add_constant(f"{first.inputs[2].name}_merged", torch.cat(scales)), None,
+              None if first.inputs[4] is None else graph.add_constant(
+                  f"{first.inputs[4].name}_merged",
+                  torch.cat([graph.constants[n.inputs[4].name] for n in group]))]
+    spec = first.outputs[0].spec
+    out = Value(graph.fresh_name(f"{first.outputs[0].name}_merged"),
+                TensorSpec((*spec.shape[:-1], sum(w.shape[0] for w in ws)), spec.dtype))
+    return Node(first.op, inputs, dict(first.attrs), [out], first.source), \
+        [w.shape[0] for w in ws]
 
 
 def fuse_add_layer_norm(graph: Graph) -> Graph:
