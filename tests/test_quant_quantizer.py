@@ -160,6 +160,11 @@ def test_cli_quantize(tmp_path, capsys):
     doc = json.loads(report.read_text())
     assert doc["bytes"] < 0.27 * doc["fp32_bytes"] and doc["config"]["method"] == "symmetric"
     assert main(["quantize", "mnist_cnn", "-o", str(out), "--calib-data", "nowhere:fn"]) == 2
+    # dynamic: no calibration data; the CNN's two Linear layers quantized, its convs float
+    assert main(["quantize", "mnist_cnn", "-o", str(out), "--calibration", "dynamic",
+                 "--report", str(report)]) == 0
+    assert "dynamic quantization: 2 layers quantized, 2 kept in float" in capsys.readouterr().out
+    assert json.loads(report.read_text())["report"]["mode"] == "dynamic"
 
 
 class _Tagger(nn.Module):
