@@ -132,7 +132,7 @@ def reference_linear_int8_dynamic(x, symmetric, weight, weight_scale, weight_zer
     q = qd.quantize_per_token(xf, scale, zero_point, -128, 127, torch.int8)
     xd = qd.dequantize_per_token(q, scale, zero_point, -128, 127, torch.int8, torch.float32)
     y = F.linear(xd, dequantize(weight, weight_scale, weight_zero_point), bias)
-    return torch.relu(y) if post_op == "relu" else y
+    return _finish(y, post_op, 1.0, 0, None)
 
 
 def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
@@ -285,7 +285,7 @@ def _linear_int8_dynamic_cpu(x, symmetric, weight, weight_scale, weight_zero_poi
                               post_op):
     """Rows quantized in one C pass (as uint8, zero point 128), the static int8 linear
     with the weight's scales on them (a made oneDNN primitive or PyTorch's), and one C pass
-    to the float result (zero points, the rows' scales, bias, ReLU)."""
+    to the float result (zero points, the rows' scales, bias, ReLU or GELU)."""
     from deepseek.backends.cpu import rowwise  # at call time (see the module doc)
 
     args = (x, symmetric, weight, weight_scale, weight_zero_point, bias, post_op)
@@ -304,8 +304,7 @@ def _linear_int8_dynamic_cpu(x, symmetric, weight, weight_scale, weight_zero_poi
         weight, ("zp_float", *_tensor_key(weight_zero_point)),
         lambda: weight_zero_point.float().reshape(-1).expand(n).contiguous())
     y = rowwise.dequantize_rows(acc, rows, scales, colsum, zero_point,
-                                None if bias is None else bias.float().contiguous(), k,
-                                post_op == "relu")
+                                None if bias is None else bias.float().contiguous(), k, post_op)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -552,8 +551,7 @@ def _linear_int8_dynamic_cuda(x, symmetric, weight, weight_scale, weight_zero_po
     y = acc * (scale.float() * weight_scale.float().reshape(-1))
     if bias is not None:
         y = y + bias.float()
-    y = y.reshape(*x.shape[:-1], n)
-    return torch.relu(y) if post_op == "relu" else y
+    return _finish(y.reshape(*x.shape[:-1], n), post_op, 1.0, 0, None)
 
 
 def triton_conv2d_int8(weight, weight_scale, x_scale, bias, stride, padding, dilation):

@@ -286,11 +286,12 @@ def _lower_weight_only(m: QDQMatcher, node: Node, x, w: _Weight, bias) -> list[N
 
 
 def _fuse_epilogue(m: QDQMatcher, kernel: Node, removed: set[int]) -> None:
-    """Fold a following ReLU (or, into a static int8 linear, GELU), then a following
+    """Fold a following ReLU (or, into an int8 linear, GELU), then a following
     full-range per-tensor quantize, into ``kernel`` (oneDNN post-ops and output
     requantization)."""
     user = m.sole_user(kernel.outputs[0])
-    gelu = user is not None and user.op is Op.GELU and kernel.op is Op.LINEAR_INT8 and \
+    gelu = user is not None and user.op is Op.GELU and \
+        kernel.op in (Op.LINEAR_INT8, Op.LINEAR_INT8_DYNAMIC) and \
         user.attrs.get("approximate", "none") in ("none", "tanh")
     if user is not None and (user.op is Op.RELU or gelu):
         kernel.attrs["post_op"] = "relu" if user.op is Op.RELU else \

@@ -8,17 +8,40 @@
 
 #include "simd.h"
 
+/* erf(x) by Abramowitz and Stegun 7.1.26 (absolute error under 2e-7 in float32) */
+INLINE v8 verf(v8 x) {
+    v8 a = select(x < 0.f, -x, x);
+    v8 t = 1.f / (1.f + 0.3275911f * a);
+    v8 p = splat(1.061405429f);
+    p = p * t - 1.453152027f;
+    p = p * t + 1.421413741f;
+    p = p * t - 0.284496736f;
+    p = p * t + 0.254829592f;
+    v8 e = 1.f - p * t * vexp(-a * a);
+    return select(x < 0.f, -e, e);
+}
+
+/* activations after a GEMM, by code: 0 none, 1 ReLU, 2 GELU (erf), 3 GELU (tanh) */
+INLINE v8 activate(v8 v, int act) {
+    if (act == 1)
+        return vrelu(v);
+    if (act == 2)
+        return 0.5f * v * (1.f + verf(v * 0.70710678118654752f));
+    if (act == 3) {
+        const float c2 = 1.5957691216057308f, c3 = c2 * 0.044715f;
+        return v / (1.f + vexp(-(v * (c2 + c3 * v * v))));
+    }
+    return v;
+}
+
 /* y = x * sigmoid(2u), 2u = x (2c + 2c 0.044715 x^2), c = sqrt(2 / pi): the tanh GELU
  * ((1 + tanh(u)) / 2 = sigmoid(2u)); y may be x */
 void ds_gelu_tanh(const float *x, float *y, long n, int threads) {
-    const float c2 = 1.5957691216057308f, c3 = c2 * 0.044715f;
     const long blocks = (n + 7) / 8;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long i = 0; i < blocks; i++) {
         int nv = n - i * 8 < 8 ? (int)(n - i * 8) : 8;
-        v8 v = load(x + i * 8, nv);
-        v8 z = v * (c2 + c3 * v * v);
-        store(y + i * 8, v / (1.f + vexp(-z)), nv);
+        store(y + i * 8, activate(load(x + i * 8, nv), 3), nv);
     }
 }
 
@@ -214,13 +237,13 @@ void ds_quantize_rows(const float *x, unsigned char *q, double *scale, int *zero
 
 /* the float result of an int8 GEMM over rows quantized by ds_quantize_rows: acc[m, n] is
  * sw[n] * sum_k q[m, k] w[n, k] (oneDNN's int8 GEMM with the weight's scales, in float32);
- * y[m, n] = sx[m] (acc - sw[n] (zx[m] colsum[n] + zw[n] (rowsum[m] - K zx[m]))) + b[n]
- * (the rows' and the weight's zero points taken out), then ReLU (relu != 0). sw, colsum
- * and zw (may be NULL) hold N floats, b N floats or NULL. y may be acc. */
+ * y[m, n] = act(sx[m] (acc - sw[n] (zx[m] colsum[n] + zw[n] (rowsum[m] - K zx[m]))) + b[n])
+ * (the rows' and the weight's zero points taken out; act: see activate). sw, colsum and
+ * zw (may be NULL) hold N floats, b N floats or NULL. y may be acc. */
 void ds_dequantize_rows(const float *acc, float *y, const double *sx, const int *zx,
                         const int *rowsum, const float *sw, const float *colsum,
                         const float *zw, const float *b, long rows, int cols, int depth,
-                        int relu, int threads) {
+                        int act, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long i = 0; i < rows; i++) {
         const float *ai = acc + i * cols;
@@ -235,7 +258,7 @@ void ds_dequantize_rows(const float *acc, float *y, const double *sx, const int 
             v8 v = s * (load(ai + j, nv) - load(sw + j, nv) * corr);
             if (b)
                 v += load(b + j, nv);
-            store(yi + j, relu ? vrelu(v) : v, nv);
+            store(yi + j, activate(v, act), nv);
         }
     }
 }

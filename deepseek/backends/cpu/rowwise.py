@@ -77,20 +77,23 @@ def quantize_rows(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, ...]:
     return q, scale, zero_point, rowsum
 
 
+_ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}  # rowwise.c's activate
+
+
 def dequantize_rows(acc: torch.Tensor, rows: tuple, weight_scale: torch.Tensor,
                     colsum: torch.Tensor, weight_zero_point: torch.Tensor | None,
-                    bias: torch.Tensor | None, depth: int, relu: bool) -> torch.Tensor:
+                    bias: torch.Tensor | None, depth: int, post_op: str) -> torch.Tensor:
     """The float32 result (M, N) of an int8 GEMM over rows quantized by ``quantize_rows``
     (``rows``), given ``acc`` (M, N) float32 = ``weight_scale[n] * sum_k q[m, k] w[n, k]``:
     the rows' and the weight's zero points taken out (``colsum``: the weight's sums over its
     ``depth`` K; ``weight_zero_point`` or None; N float32 each, as ``weight_scale``), times
-    each row's scale, plus ``bias``, then ReLU if asked, in one pass, in ``acc``'s memory
-    (returned)."""
+    each row's scale, plus ``bias``, then ``post_op`` ("none", "relu", "gelu" (erf, within
+    2e-7 of it) or "gelu_tanh"), in one pass, in ``acc``'s memory (returned)."""
     _, scale, zero_point, rowsum = rows
     library().ds_dequantize_rows(
         acc.data_ptr(), acc.data_ptr(), scale.data_ptr(), zero_point.data_ptr(),
         rowsum.data_ptr(), weight_scale.data_ptr(), colsum.data_ptr(),
         0 if weight_zero_point is None else weight_zero_point.data_ptr(),
-        0 if bias is None else bias.data_ptr(), acc.shape[0], acc.shape[1], depth, int(relu),
-        torch.get_num_threads())
+        0 if bias is None else bias.data_ptr(), acc.shape[0], acc.shape[1], depth,
+        _ACTIVATIONS[post_op], torch.get_num_threads())
     return acc
