@@ -125,14 +125,21 @@ def reference_linear_int8_dynamic(x, symmetric, weight, weight_scale, weight_zer
     token) is quantized to int8 with its own scale (and, not ``symmetric``, zero point),
     chosen from that row at run time: PyTorch's ``choose_qparams_per_token(_asymmetric)``,
     ``quantize_per_token`` and ``dequantize_per_token``."""
-    qd = torch.ops.quantized_decomposed
-    choose = qd.choose_qparams_per_token if symmetric else qd.choose_qparams_per_token_asymmetric
-    xf = x.float()
-    scale, zero_point = choose(xf, torch.int8)
-    q = qd.quantize_per_token(xf, scale, zero_point, -128, 127, torch.int8)
-    xd = qd.dequantize_per_token(q, scale, zero_point, -128, 127, torch.int8, torch.float32)
+    q, scale, zero_point = quantize_per_row(x.float(), symmetric)
+    xd = torch.ops.quantized_decomposed.dequantize_per_token(q, scale, zero_point, -128, 127,
+                                                             torch.int8, torch.float32)
     y = F.linear(xd, dequantize(weight, weight_scale, weight_zero_point), bias)
     return _finish(y, post_op, 1.0, 0, None)
+
+
+def quantize_per_row(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """(q, scale, zero point): each row (last dim) of float ``x`` quantized to int8 with
+    parameters chosen from that row, by PyTorch's ``choose_qparams_per_token`` (symmetric)
+    or ``choose_qparams_per_token_asymmetric`` and ``quantize_per_token``."""
+    qd = torch.ops.quantized_decomposed
+    choose = qd.choose_qparams_per_token if symmetric else qd.choose_qparams_per_token_asymmetric
+    scale, zero_point = choose(x, torch.int8)
+    return qd.quantize_per_token(x, scale, zero_point, -128, 127, torch.int8), scale, zero_point
 
 
 def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias,
@@ -295,7 +302,7 @@ def _linear_int8_dynamic_cpu(x, symmetric, weight, weight_scale, weight_zero_poi
         return reference_linear_int8_dynamic(*args, _dequantized)
     k, n = weight.shape[1], weight.shape[0]
     rows = rowwise.quantize_rows(x.reshape(-1, k).contiguous(), symmetric)
-    scales = _channel_params(weight, weight_scale, weight_zero_point)[0]
+    scales = _channel_params(weight, weight_scale, None)[0]  # the static call's, cached
     # sw[n] * sum_k q w: the static kernel (made primitive or PyTorch's) on uint8 rows
     acc = _linear_int8_cpu(rows[0], 1.0, 128, weight, weight_scale, None, None, "none", 1.0, 0,
                            None)
@@ -537,11 +544,7 @@ def _linear_int8_dynamic_cuda(x, symmetric, weight, weight_scale, weight_zero_po
             and weight_scale.numel() in (1, n)):
         return reference_linear_int8_dynamic(x, symmetric, weight, weight_scale,
                                              weight_zero_point, bias, post_op)
-    qd = torch.ops.quantized_decomposed
-    choose = qd.choose_qparams_per_token if symmetric else qd.choose_qparams_per_token_asymmetric
-    xf = x.float().reshape(m, k)
-    scale, zero_point = choose(xf, torch.int8)
-    q = qd.quantize_per_token(xf, scale, zero_point, -128, 127, torch.int8)
+    q, scale, zero_point = quantize_per_row(x.float().reshape(m, k), symmetric)
     acc = torch._int_mm(q, weight.t()).float()
     colsum = _cached(weight, ("colsum",), lambda: weight.sum(1, dtype=torch.int32).float())
     acc = acc - zero_point.float() * colsum

@@ -38,6 +38,7 @@ _RESHAPES = {Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE}
 _CHOOSE_PER_TOKEN = {Op.CHOOSE_QPARAMS_PER_TOKEN: True,  # symmetric
                      Op.CHOOSE_QPARAMS_PER_TOKEN_ASYMMETRIC: False}
 _FULL_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+_GELU_POST_OPS = {"none": "gelu", "tanh": "gelu_tanh"}  # GELU's approximate -> a post-op
 
 
 def has_qdq(graph: Graph) -> bool:
@@ -290,12 +291,11 @@ def _fuse_epilogue(m: QDQMatcher, kernel: Node, removed: set[int]) -> None:
     full-range per-tensor quantize, into ``kernel`` (oneDNN post-ops and output
     requantization)."""
     user = m.sole_user(kernel.outputs[0])
-    gelu = user is not None and user.op is Op.GELU and \
-        kernel.op in (Op.LINEAR_INT8, Op.LINEAR_INT8_DYNAMIC) and \
-        user.attrs.get("approximate", "none") in ("none", "tanh")
-    if user is not None and (user.op is Op.RELU or gelu):
-        kernel.attrs["post_op"] = "relu" if user.op is Op.RELU else \
-            "gelu" if user.attrs.get("approximate", "none") == "none" else "gelu_tanh"
+    post_op = None if user is None else "relu" if user.op is Op.RELU else \
+        _GELU_POST_OPS.get(user.attrs.get("approximate", "none")) \
+        if user.op is Op.GELU and kernel.op is not Op.CONV2D_INT8 else None
+    if post_op is not None:
+        kernel.attrs["post_op"] = post_op
         kernel.outputs = list(user.outputs)
         removed.add(id(user))
         user = m.sole_user(kernel.outputs[0])

@@ -15,6 +15,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines quantized_de
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deepseek.quantization.kernels import quantize_per_row
 from deepseek.quantization.observers import QRange, quantize, qrange, weight_qparams
 
 qd = torch.ops.quantized_decomposed
@@ -102,10 +103,7 @@ class DynamicQuantizedActivation(nn.Module):
         self.symmetric = symmetric
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        choose = qd.choose_qparams_per_token if self.symmetric else \
-            qd.choose_qparams_per_token_asymmetric
-        scale, zero_point = choose(x, torch.int8)
-        q = qd.quantize_per_token(x, scale, zero_point, -128, 127, torch.int8)
+        q, scale, zero_point = quantize_per_row(x, self.symmetric)
         return qd.dequantize_per_token(q, scale, zero_point, -128, 127, torch.int8, x.dtype)
 
     def extra_repr(self) -> str:
