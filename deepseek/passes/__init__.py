@@ -20,6 +20,7 @@ from deepseek.ir.verify import verify
 from deepseek.passes.cse import eliminate_common_subexpr
 from deepseek.passes.fusion import (fuse_add_layer_norm, fuse_conv_bn, fuse_elementwise,
                                      fuse_rms_norm, merge_sibling_gemms)
+from deepseek.passes.layout import space_to_depth_stem
 from deepseek.passes.memory import reorder_for_memory, schedule_inplace_ops
 from deepseek.passes.precision import (PRECISION_DTYPES, map_to_fp8, map_to_tensorcore,
                                        pad_gemm_dims)
@@ -74,17 +75,22 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")
 def hardware_passes(target: str, precision: str) -> list[Pass]:
     """Stage 3 for a device type ("cpu", "cuda") and a precision: ``map_to_tensorcore``
     for bf16/fp16 (fp8: bf16, then ``map_to_fp8`` puts the GEMMs in fp8) and, on CUDA,
-    ``pad_gemm_dims``. fp32, tf32 and int8 need no rewrite here (tf32 is a setting of
-    the backend's matmuls while it runs; int8 comes from a quantized graph's QDQ nodes)."""
+    ``pad_gemm_dims`` and ``space_to_depth_stem`` (every precision). fp32, tf32 and int8
+    need no precision rewrite (tf32 is a setting of the backend's matmuls while it runs;
+    int8 comes from a quantized graph's QDQ nodes)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    layout = [space_to_depth_stem] if target == "cuda" else []
     if precision not in PRECISION_DTYPES and precision != "fp8":
-        return []
+        return layout
     lower = functools.partial(map_to_tensorcore, target=target,
                               precision="bf16" if precision == "fp8" else precision)
     lower.__name__ = "map_to_tensorcore"
-    return [lower] + ([pad_gemm_dims] if target == "cuda" else []) + \
+    return [lower] + ([pad_gemm_dims] if target == "cuda" else []) + layout + \
         ([map_to_fp8] if precision == "fp8" else [])
+
+
+_HARDWARE_PASSES = ("map_to_tensorcore", "pad_gemm_dims", "space_to_depth_stem", "map_to_fp8")
 
 
 def pipeline(opt_level: int, graph: Graph | None = None, target: str = "cpu",
@@ -106,7 +112,7 @@ def run_passes(graph: Graph, passes: Iterable[Pass], disabled: Iterable[str] = (
     """Run ``passes`` in order (skipping names in ``disabled``); returns the graph and records."""
     skip = set(disabled)
     unknown = skip - {p.__name__ for ps in PIPELINES.values() for p in ps} \
-        - {"map_to_tensorcore", "pad_gemm_dims", "map_to_fp8"} \
+        - set(_HARDWARE_PASSES) \
         - {p.__name__ for p, _ in CONDITIONAL_PASSES}
     if unknown:
         raise ValueError(f"disable_passes names unknown passes {sorted(unknown)}")
@@ -150,7 +156,7 @@ def optimize_graph(graph: Graph, memory_budget: int | None = None, target: str =
     return graph
 
 
-__all__ = ["fuse_conv_bn", "merge_sibling_gemms", "fuse_add_layer_norm", "fuse_rms_norm", "precompute_attention_masks", "use_causal_attention", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
+__all__ = ["space_to_depth_stem", "fuse_conv_bn", "merge_sibling_gemms", "fuse_add_layer_norm", "fuse_rms_norm", "precompute_attention_masks", "use_causal_attention", "fuse_elementwise", "fold_constants", "eliminate_dead_code", "simplify_algebra",
            "eliminate_common_subexpr", "reorder_for_memory", "schedule_inplace_ops", "map_to_tensorcore", "pad_gemm_dims", "map_to_fp8", "activate_recompute",
            "run_passes",
            "pipeline", "hardware_passes", "PRECISIONS", "optimize_graph", "PassRecord", "PIPELINES"]
