@@ -459,3 +459,79 @@ def test_chain_arena_reuses_dead_intermediates(monkeypatch):
     assert len(chains) == 1 and chains[0].n == 6
     one = 16 * 8 * 8 * 4
     assert chains[0].arena_bytes == 2 * one  # two live at a time, not six
+
+
+def _attention_operands(b, h, sq, sk, d, dtype, g):
+    """q, k, v as the heads of merged projections lay them out (strided views)."""
+    q = torch.randn(b, sq, h, d, generator=g).to(dtype).transpose(1, 2)
+    kv = torch.randn(b, sk, 2, h, d, generator=g).to(dtype)
+    return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,h,sq,sk,d,mask", [
+    (1, 12, 128, 128, 64, "keys"),       # BERT-base's padding mask, (B, 1, 1, keys)
+    (2, 3, 5, 7, 16, "full"),            # cross attention, a (B, 1, rows, keys) mask
+    (2, 4, 9, 9, 8, "causal"),
+    (3, 2, 6, 11, 24, None),
+    (1, 5, 1, 13, 32, "keys"),           # one query row (a decoding step)
+])
+@pytest.mark.parametrize("heads_inner", [False, True])
+def test_attention_made_once_matches_sdpa(dtype, b, h, sq, sk, d, mask, heads_inner):
+    g = torch.Generator().manual_seed(b * 1000 + sq * 10 + sk)
+    q, k, v = _attention_operands(b, h, sq, sk, d, dtype, g)
+    m = {"keys": lambda: torch.randn(b, 1, 1, sk, generator=g),
+         "full": lambda: torch.randn(b, 1, sq, sk, generator=g),
+         "causal": lambda: None, None: lambda: None}[mask]()
+    if m is not None and dtype == torch.bfloat16:
+        m = m.to(dtype)
+    scale = 0.7 / d ** 0.5
+    made = onednn.attention((b, h, sq, d), sk, dtype, scale, causal=mask == "causal",
+                            heads_inner=heads_inner)
+    for _ in range(2):  # the second call runs the primitives made by the first
+        got = made(q, k, v, m)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                              attn_mask=None if m is None else m.double(),
+                                              is_causal=mask == "causal", scale=scale)
+        assert got.shape == (b, h, sq, d) and got.dtype == dtype
+        assert (got.transpose(1, 2) if heads_inner else got).is_contiguous()
+        assert rel_l2(got.double(), want) < _TOL[dtype]
+    q2, k2, v2 = (t.contiguous() for t in (q, k, v))  # other strides: primitives of their own
+    assert rel_l2(made(q2, k2, v2, m).double(), want) < _TOL[dtype]
+    assert len(made._made) == 2
+
+
+class _CausalSelfAttention(nn.Module):
+    """GPT-2's attention: one projection for q, k and v, causal, heads merged after."""
+
+    def __init__(self, dim=48, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, dim = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2)
+                   for t in self.qkv(x).split(dim, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, s, dim))
+
+
+@pytest.mark.parametrize("name", ["bert_tiny_padded", "vit_tiny", "causal"])
+def test_attention_made_once_in_a_plan(monkeypatch, name):
+    """Attention chosen as the made primitives inside a compiled transformer (heads read
+    where the projections wrote them) matches eager; with the choice off, PyTorch's."""
+    from torch.utils._pytree import tree_leaves
+
+    from tests.model_zoo import ZOO
+
+    model, inputs = (_CausalSelfAttention().eval(), (torch.randn(2, 10, 48),)) \
+        if name == "causal" else ZOO[name]()
+    with torch.no_grad():
+        want = tree_leaves(model(*inputs))[0]
+    for choice, calls in (("onednn_made", True), ("aten", False)):
+        _forcing(monkeypatch, choice)
+        engine = ds.compile(model, inputs, backend="cpu")
+        got = tree_leaves(engine(*inputs))[0]
+        assert ("= attention" in _plan_source(engine)) == calls
+        assert rel_l2(got, want) < 1e-5

@@ -406,6 +406,10 @@ class _Emitter:
             expr = made()
             if expr is not None:
                 return expr
+        if op is Op.SCALED_DOT_PRODUCT_ATTENTION and self.device == "cpu":
+            made_attention = self.attention(node, ins, attrs)
+            if made_attention is not None:
+                return made_attention
         if op in (Op.ADDMM, Op.MM, Op.MATMUL) and self.device == "cpu":
             fused = self.const_gemm(node, ins, attrs)
             if fused is not None:
@@ -480,6 +484,50 @@ class _Emitter:
                 != "onednn_made":
             return None
         return self.dnn_call(made, x)
+
+    def attention(self, node: Node, ins, attrs) -> str | None:
+        """Scaled dot-product attention as oneDNN primitives made once
+        (``onednn.Attention``), reading q, k and v where the projections wrote them and,
+        where the result's only readers merge its heads (``permute(0, 2, 1, 3)``),
+        writing it heads-inner; where that measures faster than PyTorch's attention on
+        the same shapes, else None. Float32/bf16, no dropout, as many key/value heads as
+        query heads, an additive float mask or ``is_causal`` (not both)."""
+        q, k, v = ins[:3]
+        mask = ins[3] if len(ins) > 3 else None
+        causal = bool(attrs.get("is_causal"))
+        values = [t for t in (q, k, v, mask) if t is not None]
+        if not all(isinstance(t, Value) for t in values) \
+                or any(t.spec.rank != 4 for t in (q, k, v)) \
+                or q.spec.dtype not in (torch.float32, torch.bfloat16) \
+                or {k.spec.dtype, v.spec.dtype} != {q.spec.dtype} \
+                or attrs.get("dropout_p") or attrs.get("enable_gqa") \
+                or (mask is not None and (causal or mask.spec.rank > 4
+                                          or mask.spec.dtype not in (q.spec.dtype, torch.float32))):
+            return None
+        qs, ks, vs = (list(t.spec.concrete(self.env)) for t in (q, k, v))
+        if ks[:2] != qs[:2] or vs[:2] != qs[:2] or ks[3] != qs[3] or vs != ks:
+            return None
+        scale = attrs.get("scale") or qs[3] ** -0.5
+        users = self.users.get(id(node.outputs[0]), [])
+        heads_inner = node.outputs[0] not in self.graph.outputs and bool(users) and all(
+            u.op is Op.PERMUTE and list(u.attrs["dims"]) == [0, 2, 1, 3] for u in users)
+        made = onednn.attention(qs, ks[2], q.spec.dtype, scale, causal, heads_inner)
+        if made is None:
+            return None
+        qr, kr, vr = (torch.randn(s).to(q.spec.dtype) for s in (qs, ks, vs))
+        mr = None if mask is None else \
+            torch.randn(mask.spec.concrete(self.env)).to(mask.spec.dtype)
+        candidates = {
+            "aten": lambda: torch.nn.functional.scaled_dot_product_attention(
+                qr, kr, vr, attn_mask=mr, is_causal=causal, scale=scale),
+            "onednn_made": lambda: made(qr, kr, vr, mr)}
+        try:
+            if _fastest(candidates) != "onednn_made":
+                return None
+        except RuntimeError:  # oneDNN made no primitive for these operands
+            return None
+        return (f"{self.const(made, 'attention')}({self.name(q)}, {self.name(k)}, "
+                f"{self.name(v)}, {self.name(mask) if mask is not None else None})")
 
     def convert_for_conv(self, node: Node, ins, attrs) -> str | None:
         """A 4-D dtype conversion read only by convolutions (a network's float32 input

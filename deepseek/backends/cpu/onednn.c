@@ -24,6 +24,7 @@
     X(dnnl_engine_create) \
     X(dnnl_matmul_primitive_desc_create) \
     X(dnnl_memory_create) \
+    X(dnnl_memory_desc_create_with_strides) \
     X(dnnl_memory_desc_create_with_tag) \
     X(dnnl_memory_desc_destroy) \
     X(dnnl_memory_desc_get_size) \
@@ -47,6 +48,7 @@
     X(dnnl_primitive_destroy) \
     X(dnnl_primitive_execute) \
     X(dnnl_reorder_primitive_desc_create) \
+    X(dnnl_softmax_forward_primitive_desc_create) \
     X(dnnl_stream_create) \
     X(dnnl_stream_wait)
 #define DS_NAME(f) #f ","
@@ -63,6 +65,7 @@ void ds_onednn_bind(void *const *fns) {
 #define dnnl_engine_create p_dnnl_engine_create
 #define dnnl_matmul_primitive_desc_create p_dnnl_matmul_primitive_desc_create
 #define dnnl_memory_create p_dnnl_memory_create
+#define dnnl_memory_desc_create_with_strides p_dnnl_memory_desc_create_with_strides
 #define dnnl_memory_desc_create_with_tag p_dnnl_memory_desc_create_with_tag
 #define dnnl_memory_desc_destroy p_dnnl_memory_desc_destroy
 #define dnnl_memory_desc_get_size p_dnnl_memory_desc_get_size
@@ -86,6 +89,7 @@ void ds_onednn_bind(void *const *fns) {
 #define dnnl_primitive_destroy p_dnnl_primitive_destroy
 #define dnnl_primitive_execute p_dnnl_primitive_execute
 #define dnnl_reorder_primitive_desc_create p_dnnl_reorder_primitive_desc_create
+#define dnnl_softmax_forward_primitive_desc_create p_dnnl_softmax_forward_primitive_desc_create
 #define dnnl_stream_create p_dnnl_stream_create
 #define dnnl_stream_wait p_dnnl_stream_wait
 #endif
@@ -518,4 +522,134 @@ void ds_onednn_destroy(void *handle) {
         if (k->q[i]) dnnl_memory_destroy(k->q[i]);
     pthread_mutex_destroy(&k->lock);
     free(k);
+}
+
+/* Attention, softmax(scale * q @ k^T + mask) @ v, as three primitives made once: a batched
+ * matmul whose post-ops scale the scores and add the mask, a softmax over the last axis,
+ * and a batched matmul into the output. q, k, v and the output are 4-D (batch, heads,
+ * rows, head dim) with any strides, so they are read where a projection wrote them (k
+ * read transposed) and the output is written where the next GEMM reads it. The scores
+ * are float32 (for bf16 operands the softmax writes its probabilities in bf16 after
+ * them), in scratch memory the caller passes per call: b * h * sq * sk float32s, and
+ * for bf16 as many bf16 values after them. */
+typedef struct {
+    dnnl_primitive_t mm1, sm, mm2;
+    dnnl_memory_t q, kt, v, o, mask, s, p;
+    size_t p_offset;
+    pthread_mutex_t lock;
+} ds_attention;
+
+static dnnl_memory_desc_t strided_md(const int *dims, const int *strides, dnnl_data_type_t dt) {
+    dnnl_dims_t d = {dims[0], dims[1], dims[2], dims[3]};
+    dnnl_dims_t st = {strides[0], strides[1], strides[2], strides[3]};
+    dnnl_memory_desc_t md;
+    dnnl_memory_desc_create_with_strides(&md, 4, d, dt, st);
+    return md;
+}
+
+void ds_onednn_attention_destroy(void *handle);
+
+/* p: b, h, sq, sk, d, dtype, mask dtype (-1: no mask), then the strides (in elements) of
+ * q (b, h, sq, d), k (b, h, sk, d), v (b, h, sk, d), o (b, h, sq, d), then the mask's
+ * dims and strides (broadcast to (b, h, sq, sk)); scale: the scores' factor. */
+void *ds_onednn_attention_create(const int *p, float scale) {
+    pthread_once(&g_once, init_engine);
+    if (!g_ok) return NULL;
+    int b = p[0], h = p[1], sq = p[2], sk = p[3], d = p[4], has_mask = p[6] >= 0;
+    dnnl_data_type_t dt = dtype_of(p[5]);
+    const int *qs = p + 7, *ks = p + 11, *vs = p + 15, *os = p + 19, *mdims = p + 23,
+              *mstr = p + 27;
+    int qd[4] = {b, h, sq, d}, ktd[4] = {b, h, d, sk}, vd[4] = {b, h, sk, d},
+        sd[4] = {b, h, sq, sk};
+    int kts[4] = {ks[0], ks[1], ks[3], ks[2]};
+    int ss[4] = {h * sq * sk, sq * sk, sk, 1};
+    dnnl_memory_desc_t q_md = strided_md(qd, qs, dt), kt_md = strided_md(ktd, kts, dt),
+                       v_md = strided_md(vd, vs, dt), o_md = strided_md(qd, os, dt),
+                       s_md = strided_md(sd, ss, dnnl_f32), p_md = strided_md(sd, ss, dt),
+                       m_md = has_mask ? strided_md(mdims, mstr, dtype_of(p[6])) : NULL;
+    ds_attention *a = calloc(1, sizeof(ds_attention));
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t po = NULL;
+    dnnl_primitive_desc_t pd1 = NULL, pds = NULL, pd2 = NULL;
+    if (a) {
+        pthread_mutex_init(&a->lock, NULL);
+        a->p_offset = dt == dnnl_f32 ? 0 : dnnl_memory_desc_get_size(s_md);
+    }
+    int ok = a != NULL && dnnl_primitive_attr_create(&attr) == dnnl_success
+        && dnnl_post_ops_create(&po) == dnnl_success
+        && dnnl_post_ops_append_eltwise(po, dnnl_eltwise_linear, scale, 0.f) == dnnl_success
+        && (!has_mask || dnnl_post_ops_append_binary(po, dnnl_binary_add, m_md) == dnnl_success)
+        && dnnl_primitive_attr_set_post_ops(attr, po) == dnnl_success
+        && dnnl_matmul_primitive_desc_create(&pd1, g_engine, q_md, kt_md, NULL, s_md, attr)
+               == dnnl_success
+        && dnnl_softmax_forward_primitive_desc_create(&pds, g_engine, dnnl_forward_inference,
+                                                      dnnl_softmax_accurate, s_md, p_md, 3,
+                                                      NULL) == dnnl_success
+        && dnnl_matmul_primitive_desc_create(&pd2, g_engine, p_md, v_md, NULL, o_md, NULL)
+               == dnnl_success
+        && dnnl_primitive_create(&a->mm1, pd1) == dnnl_success
+        && dnnl_primitive_create(&a->sm, pds) == dnnl_success
+        && dnnl_primitive_create(&a->mm2, pd2) == dnnl_success
+        && dnnl_memory_create(&a->q, q_md, g_engine, DNNL_MEMORY_NONE) == dnnl_success
+        && dnnl_memory_create(&a->kt, kt_md, g_engine, DNNL_MEMORY_NONE) == dnnl_success
+        && dnnl_memory_create(&a->v, v_md, g_engine, DNNL_MEMORY_NONE) == dnnl_success
+        && dnnl_memory_create(&a->o, o_md, g_engine, DNNL_MEMORY_NONE) == dnnl_success
+        && dnnl_memory_create(&a->s, s_md, g_engine, DNNL_MEMORY_NONE) == dnnl_success
+        && dnnl_memory_create(&a->p, p_md, g_engine, DNNL_MEMORY_NONE) == dnnl_success
+        && (!has_mask
+            || dnnl_memory_create(&a->mask, m_md, g_engine, DNNL_MEMORY_NONE) == dnnl_success);
+    if (pd1) dnnl_primitive_desc_destroy(pd1);
+    if (pds) dnnl_primitive_desc_destroy(pds);
+    if (pd2) dnnl_primitive_desc_destroy(pd2);
+    if (po) dnnl_post_ops_destroy(po);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    dnnl_memory_desc_t mds[7] = {q_md, kt_md, v_md, o_md, s_md, p_md, m_md};
+    for (int i = 0; i < 7; i++)
+        if (mds[i]) dnnl_memory_desc_destroy(mds[i]);
+    if (!ok) {
+        ds_onednn_attention_destroy(a);
+        a = NULL;
+    }
+    return a;
+}
+
+/* o = attention(q, k, v, mask) (mask ignored where made without one), the scores in
+ * scratch; 0 on success */
+int ds_onednn_attention_run(void *handle, void *q, void *k, void *v, void *mask, void *o,
+                            char *scratch) {
+    ds_attention *a = handle;
+    int st;
+    pthread_mutex_lock(&a->lock);
+    dnnl_memory_set_data_handle(a->q, q);
+    dnnl_memory_set_data_handle(a->kt, k);
+    dnnl_memory_set_data_handle(a->v, v);
+    dnnl_memory_set_data_handle(a->o, o);
+    dnnl_memory_set_data_handle(a->s, scratch);
+    dnnl_memory_set_data_handle(a->p, scratch + a->p_offset);
+    if (a->mask) dnnl_memory_set_data_handle(a->mask, mask);
+    dnnl_exec_arg_t a1[4] = {{DNNL_ARG_SRC, a->q}, {DNNL_ARG_WEIGHTS, a->kt},
+                             {DNNL_ARG_DST, a->s},
+                             {DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1, a->mask}};
+    dnnl_exec_arg_t as[2] = {{DNNL_ARG_SRC, a->s}, {DNNL_ARG_DST, a->p}};
+    dnnl_exec_arg_t a2[3] = {{DNNL_ARG_SRC, a->p}, {DNNL_ARG_WEIGHTS, a->v},
+                             {DNNL_ARG_DST, a->o}};
+    st = dnnl_primitive_execute(a->mm1, g_stream, a->mask ? 4 : 3, a1);
+    if (st == dnnl_success) st = dnnl_primitive_execute(a->sm, g_stream, 2, as);
+    if (st == dnnl_success) st = dnnl_primitive_execute(a->mm2, g_stream, 3, a2);
+    if (st == dnnl_success) st = dnnl_stream_wait(g_stream);
+    pthread_mutex_unlock(&a->lock);
+    return st;
+}
+
+void ds_onednn_attention_destroy(void *handle) {
+    ds_attention *a = handle;
+    if (!a) return;
+    dnnl_primitive_t prims[3] = {a->mm1, a->sm, a->mm2};
+    dnnl_memory_t mems[7] = {a->q, a->kt, a->v, a->o, a->mask, a->s, a->p};
+    for (int i = 0; i < 3; i++)
+        if (prims[i]) dnnl_primitive_destroy(prims[i]);
+    for (int i = 0; i < 7; i++)
+        if (mems[i]) dnnl_memory_destroy(mems[i]);
+    pthread_mutex_destroy(&a->lock);
+    free(a);
 }

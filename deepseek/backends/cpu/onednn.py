@@ -91,7 +91,10 @@ def _library(runtime: str) -> ctypes.CDLL | None:
         "ds_onednn_qconv_create": ([p, p, p, p], p), "ds_onednn_qmatmul_create": ([p, p, p, p], p),
         "ds_onednn_run": ([p, p, p, p], ctypes.c_int),
         "ds_onednn_run_chain": ([ctypes.c_int, p, p, p, p], ctypes.c_int),
-        "ds_onednn_destroy": ([p], None)}
+        "ds_onednn_destroy": ([p], None),
+        "ds_onednn_attention_create": ([p, ctypes.c_float], p),
+        "ds_onednn_attention_run": ([p, p, p, p, p, p, p], ctypes.c_int),
+        "ds_onednn_attention_destroy": ([p], None)}
     include = f"-I{os.path.join(root, 'include')}"
     if runtime == "extra":
         lib_dir = os.path.join(root, "lib")
@@ -296,6 +299,99 @@ class Chain:
                 typed[dtype] = arena.view(dtype)
             out.append(typed[dtype].as_strided(shape, strides, offset))
         return out
+
+
+class Attention:
+    """``softmax(scale * q @ k^T + mask) @ v`` as three oneDNN primitives made once
+    (``ds_onednn_attention_create``: a batched matmul scaling the scores and adding the
+    mask in its post-ops, a softmax, a batched matmul), for 4-D (batch, heads, rows,
+    head dim) float32/bf16 ``q``, ``k``, ``v`` of fixed shapes, read with the strides they
+    come in (the heads of a projection's output are strided views: no copy). One set of
+    primitives per strides met, made at its first call; a plan meets one.
+
+    ``mask``: an additive float mask broadcast to (batch, heads, rows, keys) at each
+    call, or ``causal`` (a constant one: query i sees keys j <= i); ``heads_inner``: the
+    result is written in (batch, rows, heads, head dim) memory, so that a following
+    merge of the heads reads it without a copy, and returned as its (batch, heads, rows,
+    head dim) view. Measured on the AMX VM (BERT-base's 12 x 128 x 64, 2 threads): 0.35-0.41
+    ms against 0.45-0.57 ms for PyTorch's flash attention on the same views."""
+
+    def __init__(self, q_shape, keys: int, dtype: torch.dtype, scale: float,
+                 causal: bool = False, heads_inner: bool = False):
+        self.lib = library()
+        self.dtype = dtype
+        self.scale = float(scale)
+        b, h, sq, d = q_shape
+        self.dims = (b, h, sq, keys, d)
+        self.mask = torch.zeros(sq, keys).masked_fill_(
+            torch.ones(sq, keys, dtype=torch.bool).triu_(1), float("-inf"))[None, None] \
+            if causal else None
+        self.out_shape = (b, sq, h, d) if heads_inner else (b, h, sq, d)
+        self.heads_inner = heads_inner
+        scores = b * h * sq * keys
+        self.scratch_bytes = scores * (4 + (dtype.itemsize if dtype != torch.float32 else 0))
+        self._made: dict[tuple, int] = {}
+
+    def _make(self, key: tuple) -> int:
+        (qs, ks, vs, os_), mask = key[:4], key[4]
+        has_mask = mask is not None
+        m_dims, m_strides = mask[1:] if has_mask else ((0,) * 4, (0,) * 4)
+        params = torch.tensor([*self.dims, _DTYPES[self.dtype], _DTYPES[mask[0]] if has_mask
+                               else -1, *qs, *ks, *vs, *os_, *m_dims, *m_strides],
+                              dtype=torch.int32)
+        handle = self.lib.ds_onednn_attention_create(params.data_ptr(), self.scale)
+        if not handle:
+            raise RuntimeError(f"oneDNN made no attention primitive for {self.dims} {key}")
+        self._made[key] = handle
+        return handle
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = self.mask if mask is None else mask
+        if mask is not None:
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+            if self.dtype == torch.bfloat16 and mask.shape[0] == 1 < self.dims[0]:
+                # a bf16 kernel broadcasting the mask over batch and heads both gave wrong
+                # rows (oneDNN 3.12, batch 2 x 4 heads): over the heads only
+                mask = mask.expand(self.dims[0], *mask.shape[1:])
+            if any(st == 0 and n > 1 for st, n in zip(mask.stride(), mask.shape)):
+                mask = mask.contiguous()  # an expanded mask: oneDNN broadcasts size-1 dims
+        o = torch.empty(self.out_shape, dtype=self.dtype)
+        out = o.transpose(1, 2) if self.heads_inner else o
+        key = (_dense_strides(q), _dense_strides(k), _dense_strides(v), _dense_strides(out),
+               None if mask is None else (mask.dtype, tuple(mask.shape), _dense_strides(mask)))
+        handle = self._made.get(key) or self._make(key)
+        scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
+        status = self.lib.ds_onednn_attention_run(
+            handle, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+            None if mask is None else mask.data_ptr(), o.data_ptr(), scratch.data_ptr())
+        if status:
+            raise RuntimeError(f"oneDNN execution failed (dnnl_status_t {status})")
+        return out
+
+    def __del__(self):
+        for handle in getattr(self, "_made", {}).values():
+            self.lib.ds_onednn_attention_destroy(handle)
+        self._made = {}
+
+
+def attention(q_shape, keys: int, dtype: torch.dtype, scale: float, causal: bool = False,
+              heads_inner: bool = False) -> Attention | None:
+    """An ``Attention`` (see there), or None without oneDNN or for another dtype."""
+    if dtype not in _DTYPES or library() is None:
+        return None
+    return Attention(q_shape, keys, dtype, scale, causal, heads_inner)
+
+
+def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides, a size-1 dimension's replaced by the span of those after it (any
+    stride addresses it alike; oneDNN wants strides that do not overlap)."""
+    strides, span = list(t.stride()), 1
+    for i in reversed(range(t.dim())):
+        if t.shape[i] == 1:
+            strides[i] = span
+        span = max(span, strides[i] * t.shape[i])
+    return tuple(strides)
 
 
 def _strides(shape, fmt: torch.memory_format) -> tuple[int, ...]:
