@@ -91,6 +91,17 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
     return _build_engine(graph, backend, opt_level, disable_passes, example, precision)
 
 
+def _device_type(backend, precision: str) -> str:
+    """The device type stage 3 maps the graph to: the backend's ("cpu", "cuda"). A plug-in
+    need not describe itself for fp32 or int8 (no precision to lower): "cpu" then."""
+    try:
+        return backend.capabilities().device.split(":")[0]
+    except NotImplementedError:
+        if precision in PRECISION_DTYPES or precision == "fp8":
+            raise
+        return "cpu"
+
+
 def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, example,
                   precision: str = "fp32") -> Engine:
     env = _example_env(graph, example)
@@ -105,9 +116,7 @@ def _build_engine(graph: Graph, backend: str, opt_level: int, disable_passes, ex
                      "is the way to lower precision here")
         warnings.warn(notes[-1], DeepseekWarning, stacklevel=3)
         precision = "fp32"
-    # only a reduced precision asks the backend (a plug-in need not describe itself for fp32)
-    target = b.capabilities().device.split(":")[0] \
-        if precision in PRECISION_DTYPES or precision == "fp8" else "cpu"
+    target = _device_type(b, precision)
     passes = pipeline(opt_level, graph, target, precision)
     optimized, records = run_passes(_copy_graph(graph), passes, disable_passes)
     native = b.capabilities().precisions if has_qdq(graph) else None
