@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import deepseek as ds
 from deepseek.errors import DeepseekError
-from deepseek.ir.ops import Prop
+from deepseek.ir.ops import Op, Prop
 from deepseek.passes import PIPELINES
 from deepseek.profiler import DevicePeaks, measure_peaks
 from deepseek.profiler.compare import compare
@@ -502,3 +502,36 @@ def test_gathers_and_in_place_updates_count_only_the_elements_they_touch():
     schedule_inplace_ops(graph)
     assert put.reuse == 0
     assert node_bytes(put, {}) == 2 * 8 + 2 * (2 * 8 * 4)  # in place: indices, rows read and written
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "dynamic", "weight_only_int4"])
+def test_flop_counter_counts_int8_kernels_as_their_float_ops(calibration):
+    """A lowered int8 convolution/linear (static, dynamic, weight-only 4-bit with packed
+    weights) counts the multiply-adds of the float op it replaces (profiles of quantized
+    models placed every int8 kernel at 0 FLOPs, so the roofline called them memory-bound)."""
+    from deepseek.quantization import QuantConfig, Quantizer
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8 * 6 * 6, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    model, x = M().eval(), torch.randn(2, 3, 8, 8)
+    floats = {n.op: node_flops(n, {}) for n in ds.optimize_graph(ds.capture(model, (x,))).nodes
+              if n.opdef.has(Prop.MATMUL)}
+    if calibration == "weight_only_int4":
+        config, calib = QuantConfig(weight_bits=4, activation_bits=None, group_size=32), None
+    else:
+        config, calib = QuantConfig(calibration=calibration), [[torch.randn(2, 3, 8, 8)]]
+    qmodel = Quantizer(QuantConfig(**{**config.__dict__, "progress": False})).quantize(
+        model, calib)
+    lowered = ds.optimize_graph(ds.capture(qmodel, (x,)))
+    counted = {n.op: node_flops(n, {}) for n in lowered.nodes if n.opdef.has(Prop.MATMUL)}
+    linear = {"minmax": Op.LINEAR_INT8, "dynamic": Op.LINEAR_INT8_DYNAMIC,
+              "weight_only_int4": Op.LINEAR_WEIGHT_ONLY}[calibration]
+    assert counted[linear] == floats[Op.ADDMM] > 0
+    if calibration == "minmax":
+        assert counted[Op.CONV2D_INT8] == floats[Op.CONVOLUTION] > 0

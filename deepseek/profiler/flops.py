@@ -1,6 +1,7 @@
 """Floating-point operations of one node, for concrete shapes.
 
-Counts follow the usual convention: a multiply-add is 2 FLOPs; an
+Counts follow the usual convention: a multiply-add is 2 FLOPs (an integer one in the
+int8 and weight-only kernels quantization lowers to counts the same); an
 element-wise op is 1 FLOP per output element (a fused chain, one per
 step); a reduction 1 per input
 element; normalizations and softmax a small constant per element. Data
@@ -53,6 +54,13 @@ def node_flops(node: Node, env: Mapping[str, int]) -> int:
         taps = _numel(w[2:]) * w[1]
         return 2 * taps * (_numel(shape[0]) if node.attrs.get("transposed") else _numel(out)) \
             + (_numel(out) if len(shape) > 2 and node.inputs[2] is not None else 0)
+    if op is Op.CONV2D_INT8:  # x, weight (O, C/groups, kh, kw), scales, zero points, bias
+        taps = _numel(shape[1][2:]) * shape[1][1]
+        return 2 * taps * _numel(out) + (_numel(out) if node.inputs[4] is not None else 0)
+    if op in (Op.LINEAR_INT8, Op.LINEAR_INT8_DYNAMIC, Op.LINEAR_WEIGHT_ONLY):
+        # x (..., K), weight (N, K) (4-bit weights packed: K read from x), ..., bias
+        return 2 * _numel(out) * shape[0][-1] + (_numel(out) if node.inputs[4] is not None
+                                                 else 0)
     if op is Op.CONVOLUTION_BACKWARD:
         grad, x, w = shape[0], shape[1], shape[2]
         # the input and weight gradients each cost what the forward convolution did
