@@ -135,13 +135,18 @@ class _Graph:
         g.build_operation_graph()
         g.create_execution_plans([module.heur_mode.A, module.heur_mode.FALLBACK])
         g.check_support()
-        # the heuristics' first candidates that build (their fused kernels compiled),
-        # timed later; building all of them (9-11 for ResNet-50's layers) took most of a
-        # 257 s compile of int8 ResNet-50 on an H100
+        # the heuristics' first candidates that build one by one (their fused kernels
+        # compiled), timed later: building all of them (9-11 for ResNet-50's layers) took
+        # most of a 257 s compile of int8 ResNet-50 on an H100, these 151 s. On small test
+        # shapes no candidate built one by one there while building them all at once did
+        # (2026-12-08): then all of them
         self.plans = []
         for i in range(g.get_execution_plan_count()):
             if len(self.plans) < _MAX_PLANS and _built(g, i):
                 self.plans.append(i)
+        if not self.plans:
+            g.build_plans(module.build_plan_policy.ALL)
+            self.plans = list(range(g.get_execution_plan_count()))
         if not self.plans:
             raise RuntimeError("cuDNN built no execution plan")
         self.graph = g
