@@ -517,6 +517,25 @@ class _CausalSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, s, dim))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads_inner", [False, True])
+def test_attention_made_once_gives_zeros_where_every_key_is_masked(dtype, heads_inner):
+    """Rows with every key masked (left padding under a causal mask) come out as zeros,
+    as from PyTorch's attention, not as the NaNs of a softmax over -infs."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = _attention_operands(2, 3, 6, 6, 16, dtype, g)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, :, 1] = float("-inf")  # one row of batch 0
+    mask[1] = float("-inf")  # all of batch 1
+    mask = mask.to(dtype)
+    made = onednn.attention((2, 3, 6, 16), 6, dtype, 0.25, heads_inner=heads_inner)
+    got = made(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                          attn_mask=mask.float(), scale=0.25)
+    assert not got.isnan().any() and (got[1] == 0).all() and (got[0, :, 1] == 0).all()
+    assert rel_l2(got.float(), want) < _TOL[dtype]
+
+
 @pytest.mark.parametrize("name", ["bert_tiny_padded", "vit_tiny", "causal"])
 def test_attention_made_once_in_a_plan(monkeypatch, name):
     """Attention chosen as the made primitives inside a compiled transformer (heads read
