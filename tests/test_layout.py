@@ -62,26 +62,17 @@ def test_only_few_channel_stride_two_convolutions_are_recast():
     assert "space_to_depth_stem" not in [p["name"] for p in off.report().passes]
 
 
-@pytest.mark.parametrize("method", ["symmetric", "asymmetric"])
-def test_int8_stem_pads_with_the_zero_point(method):
-    """A quantized stem's padding holds the input's zero point (de-quantized: 0); the
-    recast int8 convolution equals the original one (integer sums, same epilogue)."""
+def test_int8_stem_is_left_as_captured():
+    """The recast is for float convolutions: an int8 stem ran no faster recast (H100)."""
     torch.manual_seed(1)
     model = Stem().eval()
-    calib = [[torch.randn(2, 3, 24, 22) + 0.5] for _ in range(3)]
-    qmodel = Quantizer(QuantConfig(method=method, progress=False)).quantize(model, calib)
-    x = torch.randn(2, 3, 24, 22) + 0.5
-    graph = ds.capture(qmodel, (x,))
-    plain = ds.compile(graph, backend="cpu")
-    recast = ds.optimize_graph(graph, target="cuda", precision="int8")
-    stem = _convs(recast)[0]
-    assert stem.op is Op.CONV2D_INT8 and stem.attrs["stride"] == [1, 1]
-    pad = next(n for n in recast.nodes if n.op is Op.CONSTANT_PAD_ND)
-    assert pad.attrs["value"] == stem.attrs["x_zero_point"]
-    assert (pad.attrs["value"] != 0) == (method == "asymmetric")
-    got = ds.compile(recast, backend="cpu", opt_level=0)(x)
-    assert rel_l2(got, plain(x)) < 1e-6
-    assert rel_l2(got, qmodel(x)) < 1e-5
+    calib = [[torch.randn(2, 3, 24, 22)] for _ in range(2)]
+    qmodel = Quantizer(QuantConfig(progress=False)).quantize(model, calib)
+    x = torch.randn(2, 3, 24, 22)
+    graph = ds.optimize_graph(ds.capture(qmodel, (x,)), target="cuda", precision="int8")
+    stem = _convs(graph)[0]
+    assert stem.op is Op.CONV2D_INT8 and stem.attrs["stride"] == [2, 2]
+    assert not any(n.op is Op.CONSTANT_PAD_ND for n in graph.nodes)
 
 
 def test_pass_is_idempotent_on_its_own_output():

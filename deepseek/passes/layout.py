@@ -24,9 +24,9 @@ def space_to_depth_stem(graph: Graph) -> Graph:
     (k + 1)/2 square kernel. The products summed are the same ones (plus zero terms).
     ResNet-50's stem (3 channels, 7x7) becomes 12 channels, 4x4: implicit-GEMM kernels
     read 12 channels as whole vectors where 3 starve them (cuDNN's stem alone was 22%
-    of ResNet-50's bf16 time at batch 256 on an H100). For int8 convolutions
-    (``conv2d_int8``) the input's padding holds its zero point and the kernel's the
-    weight's zero points: both de-quantize to 0.
+    of ResNet-50's bf16 time at batch 256 on an H100). Float convolutions only: the
+    int8 stem recast so (zero points as padding) ran no faster on an H100 (2.6 ms
+    either way, 2026-12-08).
     """
     nodes: list[Node] = []
     for node in graph.nodes:
@@ -37,15 +37,12 @@ def space_to_depth_stem(graph: Graph) -> Graph:
 
 
 def _stem_rewrite(graph: Graph, node: Node) -> list[Node] | None:
-    if node.op not in (Op.CONVOLUTION, Op.CONV2D_INT8):
+    if node.op is not Op.CONVOLUTION:
         return None
-    x, w = node.inputs[0], node.inputs[1]  # both ops: (x, weight, ...)
+    x, w = node.inputs[0], node.inputs[1]
     a = node.attrs
-    ok = not a.get("transposed") and a.get("groups", 1) == 1
-    pad_value = int(a.get("x_zero_point", 0))
-    zp = node.inputs[3] if node.op is Op.CONV2D_INT8 else None
-    if not ok or not isinstance(x, Value) or not graph.is_constant(w) or x.spec.rank != 4 \
-            or (zp is not None and not graph.is_constant(zp)) \
+    if a.get("transposed") or a.get("groups", 1) != 1 or not isinstance(x, Value) \
+            or not graph.is_constant(w) or x.spec.rank != 4 \
             or list(a["stride"]) != [2, 2] or list(a["dilation"]) != [1, 1]:
         return None
     shape, weight = x.spec.shape, graph.constants[w.name]
@@ -71,18 +68,12 @@ def _stem_rewrite(graph: Graph, node: Node) -> list[Node] | None:
     moved = value("s2d_moved", (n, c, 2, 2, hp, wp))
     s2d = value("s2d", (n, 4 * c, hp, wp))
     steps = [
-        Node(Op.CONSTANT_PAD_ND, [x], {"pad": [pw, pw + ew, ph, ph + eh], "value": pad_value},
+        Node(Op.CONSTANT_PAD_ND, [x], {"pad": [pw, pw + ew, ph, ph + eh], "value": 0},
              [padded], src),
         Node(Op.VIEW, [padded], {"size": list(blocks.spec.shape)}, [blocks], src),
         Node(Op.PERMUTE, [blocks], {"dims": [0, 1, 3, 5, 2, 4]}, [moved], src),
         Node(Op.RESHAPE, [moved], {"shape": list(s2d.spec.shape)}, [s2d], src)]
-    # W padded to (O, C, 2 k2, 2 k2) with values that de-quantize to 0 (an int8 weight's
-    # zero points, per output channel or one)
-    if zp is None:
-        w2 = torch.nn.functional.pad(weight, (0, 1, 0, 1))
-    else:
-        z = graph.constants[zp.name].reshape(-1, 1, 1, 1).int()
-        w2 = (torch.nn.functional.pad(weight.int() - z, (0, 1, 0, 1)) + z).to(weight.dtype)
+    w2 = torch.nn.functional.pad(weight, (0, 1, 0, 1))  # (O, C, 2 k2, 2 k2), zeros added
     w2 = w2.reshape(o, c, k2, 2, k2, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, k2, k2)
     inputs = [s2d, graph.add_constant(f"{w.name}_s2d", w2.contiguous()), *node.inputs[2:]]
     attrs = dict(a, stride=[1, 1], padding=[0, 0])
