@@ -329,3 +329,20 @@ class _BrokenFactory(Backend):
 def test_auto_skips_unavailable_backends(clean_registry, factory):
     register_backend("elsewhere", factory)
     assert get_backend("auto").name == "cpu"
+
+
+def test_stage_three_maps_every_precision_to_the_backends_device_type():
+    """Hardware passes target the backend's device type for fp32 and int8 too (a CUDA
+    backend's fp32 graph gets CUDA's layout rewrites); a plug-in without capabilities()
+    still compiles fp32/int8 graphs (for the CPU type) but not a reduced precision."""
+    from deepseek.api import _device_type
+
+    class _Gpu(_NoCompile):
+        def capabilities(self):
+            return Capabilities(device="cuda:1", priority=-100)
+
+    for precision in ("fp32", "int8", "bf16", "fp8"):
+        assert _device_type(_Gpu(), precision) == "cuda"
+    assert _device_type(_Empty(), "fp32") == _device_type(_Empty(), "int8") == "cpu"
+    with pytest.raises(NotImplementedError, match="needs capabilities"):
+        _device_type(_Empty(), "bf16")
