@@ -75,7 +75,8 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")
 def hardware_passes(target: str, precision: str) -> list[Pass]:
     """Stage 3 for a device type ("cpu", "cuda") and a precision: ``map_to_tensorcore``
     for bf16/fp16 (fp8: bf16, then ``map_to_fp8`` puts the GEMMs in fp8) and, on CUDA,
-    ``pad_gemm_dims`` and ``space_to_depth_stem`` (every precision). fp32, tf32 and int8
+    ``pad_gemm_dims`` and ``space_to_depth_stem`` (every precision; it recasts float
+    convolutions). fp32, tf32 and int8
     need no precision rewrite (tf32 is a setting of the backend's matmuls while it runs;
     int8 comes from a quantized graph's QDQ nodes)."""
     if precision not in PRECISIONS:
