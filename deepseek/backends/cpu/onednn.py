@@ -333,13 +333,14 @@ class Attention:
         self.scratch_bytes = scores * (4 + (dtype.itemsize if dtype != torch.float32 else 0))
         self._made: dict[tuple, int] = {}
 
-    def _make(self, key: tuple) -> int:
-        (qs, ks, vs, os_), mask = key[:4], key[4]
-        has_mask = mask is not None
-        m_dims, m_strides = mask[1:] if has_mask else ((0,) * 4, (0,) * 4)
-        params = torch.tensor([*self.dims, _DTYPES[self.dtype], _DTYPES[mask[0]] if has_mask
-                               else -1, *qs, *ks, *vs, *os_, *m_dims, *m_strides],
-                              dtype=torch.int32)
+    def _make(self, key: tuple, tensors: list) -> int:
+        """The primitives for ``tensors`` (q, k, v, the output, the mask or None), whose
+        strides ``key`` names."""
+        *qkvo, mask = tensors
+        strides = [s for t in qkvo for s in _dense_strides(t)]
+        m = [*mask.shape, *_dense_strides(mask)] if mask is not None else [0] * 8
+        params = torch.tensor([*self.dims, _DTYPES[self.dtype], _DTYPES[mask.dtype]
+                               if mask is not None else -1, *strides, *m], dtype=torch.int32)
         handle = self.lib.ds_onednn_attention_create(params.data_ptr(), self.scale)
         if not handle:
             raise RuntimeError(f"oneDNN made no attention primitive for {self.dims} {key}")
@@ -359,9 +360,9 @@ class Attention:
                 mask = mask.contiguous()  # an expanded mask: oneDNN broadcasts size-1 dims
         o = torch.empty(self.out_shape, dtype=self.dtype)
         out = o.transpose(1, 2) if self.heads_inner else o
-        key = (_dense_strides(q), _dense_strides(k), _dense_strides(v), _dense_strides(out),
-               None if mask is None else (mask.dtype, tuple(mask.shape), _dense_strides(mask)))
-        handle = self._made.get(key) or self._make(key)
+        key = (q.stride(), k.stride(), v.stride(), out.stride(),
+               None if mask is None else (mask.dtype, mask.shape, mask.stride()))
+        handle = self._made.get(key) or self._make(key, [q, k, v, out, mask])
         scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
         status = self.lib.ds_onednn_attention_run(
             handle, q.data_ptr(), k.data_ptr(), v.data_ptr(),
@@ -371,9 +372,8 @@ class Attention:
         if mask is not None and mask is not self.mask:
             # a query row whose keys are all masked: softmax of -infs is NaN here and 0 in
             # PyTorch's attention, which the rows of padding tokens rely on
-            dead = torch.isneginf(mask).all(-1, keepdim=True)
-            if bool(dead.any()):
-                out.masked_fill_(dead, 0.0)
+            if mask.amax(-1).min().item() == float("-inf"):
+                out.masked_fill_(torch.isneginf(mask).all(-1, keepdim=True), 0.0)
         return out
 
     def __del__(self):
