@@ -144,3 +144,33 @@ def test_quantized_resnet_plan_runs_int8_kernels_and_matches_the_cpu_engine(monk
     assert not any("torch.mul(" in line and "round_" in line for line in lines)
     x = torch.randn_like(inputs[0])
     assert rel_l2(plan([x])[0], engine(x)) < 6e-2
+
+
+def test_kernel_choices_on_disk_merge_and_survive_bad_files(tmp_path):
+    """The int8 convolution's own choices (Triton or cuDNN, cuDNN's plan) kept on disk:
+    two processes' tables merge into one file, a corrupt file reads as empty, and a cache
+    that cannot be written keeps the choice for this process only."""
+    import os
+
+    from deepseek.backends.cuda.autotune import KernelChoices
+
+    path = str(tmp_path / "autotune" / "gpu-int8_conv.json")
+    a, b = KernelChoices(path), KernelChoices(path)
+    assert a.get("conv 1") is None
+    a.put("conv 1", {"kernel": "cudnn", "plan": 3})
+    b.put("conv 2", {"kernel": "triton", "plan": None})  # b read nothing before: merged
+    fresh = KernelChoices(path)
+    assert fresh.get("conv 1") == {"kernel": "cudnn", "plan": 3}
+    assert fresh.get("conv 2") == {"kernel": "triton", "plan": None}
+    with open(path, "w") as f:
+        f.write("{not json")
+    assert KernelChoices(path).get("conv 1") is None
+    with open(path, "w") as f:
+        f.write('{"conv 1": "cudnn"}')  # not a record: ignored
+    assert KernelChoices(path).get("conv 1") is None
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory would go")
+    c = KernelChoices(str(blocked / "autotune" / "x.json"))
+    c.put("conv 3", {"kernel": "triton", "plan": None})  # cannot be written: no error
+    assert c.get("conv 3") == {"kernel": "triton", "plan": None}
+    assert not os.path.exists(blocked / "autotune")

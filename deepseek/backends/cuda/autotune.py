@@ -77,6 +77,61 @@ def graph_time(fn: Callable[[], object], reps: int = _REPS) -> float:
     return min(times)
 
 
+def _read_table(path: str) -> dict:
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        return table if isinstance(table, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+
+
+def _write_table(path: str, table: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+
+
+class KernelChoices:
+    """Choices a kernel makes by itself at its first call (the int8 convolution: Triton's
+    kernel or cuDNN's, and cuDNN's execution plan), kept on disk like the autotuner's
+    (``$DEEPSEEK_CACHE_DIR/autotune/<machine>-<name>.json``): read once, and each new
+    choice merged into the file as it is made, so processes sharing it keep each other's."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.table: dict | None = None
+
+    def get(self, problem: str) -> dict | None:
+        if self.table is None:
+            self.table = _read_table(self.path)
+        hit = self.table.get(problem)
+        return hit if isinstance(hit, dict) else None
+
+    def put(self, problem: str, record: dict) -> None:
+        table = _read_table(self.path)  # another process may have written since
+        table[problem] = record
+        try:
+            _write_table(self.path, table)
+        except OSError as e:  # a read-only cache: the choice holds for this process only
+            log.info("kernel choices not saved to %s: %s", self.path, e)
+        self.table = table
+
+
+_KERNEL_CHOICES: dict[tuple, KernelChoices] = {}
+
+
+def kernel_choices(device: torch.device, name: str) -> KernelChoices:
+    """The shared ``KernelChoices`` table ``name`` of ``device``'s machine key."""
+    key = (machine_key(device), name, cache_root())
+    if key not in _KERNEL_CHOICES:
+        _KERNEL_CHOICES[key] = KernelChoices(
+            os.path.join(key[2], "autotune", f"{key[0]}-{name}.json"))
+    return _KERNEL_CHOICES[key]
+
+
 class Autotuner:
     """Measured choices for one compiled model on one device (module doc)."""
 
@@ -89,23 +144,8 @@ class Autotuner:
         self.spent_s = 0.0
         base = cache_dir or cache_root()
         self.path = os.path.join(base, "autotune", machine_key(device) + ".json")
-        self.table: dict[str, dict] = self._load()
+        self.table: dict[str, dict] = _read_table(self.path)
         self.decisions: list[dict] = []  # what this model chose, for the report
-
-    def _load(self) -> dict:
-        try:
-            with open(self.path) as f:
-                table = json.load(f)
-            return table if isinstance(table, dict) else {}
-        except (OSError, ValueError):  # none yet, or unreadable: measure again
-            return {}
-
-    def _save(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.table, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
 
     def choose(self, problem: str, candidates: Mapping[str, Callable[[], object]],
                default: str) -> str:
@@ -128,7 +168,7 @@ class Autotuner:
             how = "measured"
             self.table[problem] = {"choice": choice,
                                    "us": {k: round(v * 1e6, 2) for k, v in times.items()}}
-            self._save()
+            _write_table(self.path, self.table)
             log.info("autotune %s: %s (%s)", problem, choice,
                      ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in sorted(times.items(),
                                                                            key=lambda kv: kv[1])))

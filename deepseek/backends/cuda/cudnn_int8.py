@@ -97,7 +97,7 @@ class _Graph:
     """One built cuDNN graph: its tensors' uids and the workspace it needs."""
 
     def __init__(self, module, handle, x_shape, w_shape, conv, post_op, residual_dtype,
-                 float_dtype, quant):
+                 float_dtype, quant, only: int | None = None):
         t = module.data_type
         g = module.pygraph(io_data_type=t.FLOAT, intermediate_data_type=t.FLOAT,
                            compute_data_type=t.FLOAT, handle=handle)
@@ -140,11 +140,12 @@ class _Graph:
         # most of a 257 s compile of int8 ResNet-50 on an H100, these 151 s. On small test
         # shapes no candidate built one by one there while building them all at once did
         # (2026-12-08): then all of them
+        # ``only``: the one plan a choice kept on disk names
         self.plans = []
-        for i in range(g.get_execution_plan_count()):
+        for i in range(g.get_execution_plan_count()) if only is None else [only]:
             if len(self.plans) < _MAX_PLANS and _built(g, i):
                 self.plans.append(i)
-        if not self.plans:
+        if not self.plans and only is None:
             g.build_plans(module.build_plan_policy.ALL)
             self.plans = list(range(g.get_execution_plan_count()))
         if not self.plans:
@@ -185,9 +186,11 @@ class CudnnConv2dInt8:
                 and x.dim() == 4 and self.conv.cout % 4 == 0
                 and (quant is None or (int(quant[1]) == 0 and quant[2] == torch.int8)))
 
-    def build(self, x: torch.Tensor, post_op: str, residual, float_dtype, quant) -> _Graph | None:
+    def build(self, x: torch.Tensor, post_op: str, residual, float_dtype, quant,
+              plan: int | None = None) -> _Graph | None:
         """The graph for this call (built the first time, its fastest execution plan on
-        ``x`` kept; None where cuDNN has no plan that runs). Never during a capture."""
+        ``x`` kept, or ``plan``, chosen so before, alone; None where cuDNN has no plan
+        that runs, or ``plan`` does not build). Never during a capture."""
         key = (tuple(x.shape), post_op, None if residual is None else residual.dtype,
                float_dtype, None if quant is None else float(quant[0]))
         if key not in self.graphs:
@@ -195,10 +198,14 @@ class CudnnConv2dInt8:
                 n, c, h, w = x.shape
                 graph = _Graph(self.module, self.handle, (n, c + self.pad, h, w),
                                tuple(self.weight.shape), self.conv, post_op, key[2],
-                               float_dtype, quant)
+                               float_dtype, quant, only=plan)
             except Exception:  # noqa: BLE001 - cuDNN has no engine for this graph here
                 graph = None
-            self.graphs[key] = graph and self._fastest(graph, x, residual, float_dtype, quant)
+            if plan is None:
+                graph = graph and self._fastest(graph, x, residual, float_dtype, quant)
+            elif graph is None:
+                return None  # not kept: measured afresh at the next build
+            self.graphs[key] = graph
         return self.graphs[key]
 
     def _fastest(self, graph: _Graph, x, residual, float_dtype, quant) -> _Graph | None:

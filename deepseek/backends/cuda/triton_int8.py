@@ -390,8 +390,9 @@ class Conv2dInt8:
 
     def choose(self, x, x_zero_point, post_op, residual, float_dtype, quant) -> str:
         """"cudnn" where cuDNN takes this call, agreed with the Triton kernel on it and
-        ran it faster (checked and timed once per call signature, never during a
-        CUDA-graph capture), else "triton"."""
+        ran it faster (checked and timed once per call signature and machine, never
+        during a CUDA-graph capture; the choice and cuDNN's plan kept on disk,
+        ``autotune.kernel_choices``), else "triton"."""
         if not x.is_cuda:
             return "triton"
         key = (tuple(x.shape), x.dtype, int(x_zero_point), post_op,
@@ -400,6 +401,7 @@ class Conv2dInt8:
         choice = self.choices.get(key)
         if choice is not None:
             return choice
+        from deepseek.backends.cuda.autotune import graph_time, kernel_choices
         from deepseek.backends.cuda.cudnn_int8 import CudnnConv2dInt8, frontend
 
         if frontend() is None or self.prefer == "triton":
@@ -409,25 +411,43 @@ class Conv2dInt8:
             self._cudnn = CudnnConv2dInt8(self, self.weight)
         args = (x, x_zero_point, post_op, residual, float_dtype, quant)
         if not self._cudnn.supports(x, x_zero_point, quant):
-            choice = "triton"
-        elif torch.cuda.is_current_stream_capturing():
+            self.choices[key] = "triton"
+            return "triton"
+        if torch.cuda.is_current_stream_capturing():
             return "triton"  # built and timed at a later call outside the capture
-        elif self._cudnn.build(x, post_op, residual, float_dtype, quant) is None:
+        # a choice measured before on this machine (and cuDNN's plan for it) is kept on
+        # disk: measuring every call signature again took most of a 150 s int8 compile
+        stored, problem = kernel_choices(x.device, "int8_conv"), self.problem(key)
+        hit = (stored.get(problem) or {}) if self.prefer is None else {}
+        kernel, plan = hit.get("kernel"), hit.get("plan")
+        if kernel == "triton" or (kernel == "cudnn" and isinstance(plan, int) and self._cudnn
+                                  .build(x, post_op, residual, float_dtype, quant, plan=plan)):
+            self.choices[key] = kernel
+            return kernel
+        graph = self._cudnn.build(x, post_op, residual, float_dtype, quant)
+        if graph is None:
             choice = "triton"
         elif self.prefer == "cudnn":
-            choice = "cudnn"
+            self.choices[key] = "cudnn"
+            return "cudnn"
         else:
-            from deepseek.backends.cuda.autotune import graph_time  # as the plan replays it
-
-            times = {"triton": graph_time(lambda: self.triton(*args))}
+            times = {"triton": graph_time(lambda: self.triton(*args))}  # as the plan replays
             try:
                 if _agree(self.triton(*args), self._cudnn(*args)):
                     times["cudnn"] = graph_time(lambda: self._cudnn(*args))
             except RuntimeError:  # cuDNN failed to run the plan it built: Triton's
                 pass
             choice = min(times, key=times.get)
+        stored.put(problem, {"kernel": choice, "plan": graph.plan if graph else None})
         self.choices[key] = choice
         return choice
+
+    def problem(self, key: tuple) -> str:
+        """A call signature named for the on-disk choices: the weight's geometry and the
+        call's shapes, types and epilogue (not the weight's values, which decide nothing
+        about speed)."""
+        return (f"conv2d_int8 w{tuple(self.weight.shape)} s{self.stride} p{self.padding} "
+                f"d{self.dilation} bias{self.bias is not None} {key}")
 
     def triton(self, x: torch.Tensor, x_zero_point: int, post_op: str = "none",
                residual: torch.Tensor | None = None, float_dtype: torch.dtype | None = None,
