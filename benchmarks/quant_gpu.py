@@ -1,8 +1,9 @@
 """int8 ResNet-50 on a GPU: Deepseek's int8 engine (a calibrated QDQ model whose
-convolutions run as the Triton implicit-GEMM int8 kernel) against Deepseek bf16, in
-one process: CUDA events, interleaved rounds, medians after warm-up; top-1
-agreement of each with eager float32 on fresh random images (logits re-centered:
-``benchmarks.quant_agreement``).
+convolutions run as the Triton implicit-GEMM int8 kernel or cuDNN's, whichever agrees
+and measures faster per call signature) against Deepseek bf16 (``--without-pass``: also
+with one of its passes off), in one process: CUDA events, interleaved rounds, medians
+after warm-up; top-1 agreement of each with eager float32 on fresh random images
+(logits re-centered: ``benchmarks.quant_agreement``).
 
 Run on a machine with an NVIDIA GPU (never in CI):
 
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--profile", action="store_true", help="print the first int8 engine's profile")
     p.add_argument("--layers", action="store_true", help="also time ResNet-50's layers alone")
+    p.add_argument("--without-pass", action="append", default=[], metavar="PASS",
+                   help="also time Deepseek bf16 with this pass off (repeatable)")
     p.add_argument("--out")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -116,6 +119,13 @@ def main(argv=None) -> int:
     engines["deepseek_bf16"] = ds.compile(model, [x], backend="cuda", precision="bf16")
     engines["deepseek_bf16"](x)
     compile_s["deepseek_bf16"] = time.perf_counter() - t0
+    for name in a.without_pass:  # ablation: the bf16 engine with one pass off
+        t0 = time.perf_counter()
+        label = f"deepseek_bf16_without_{name}"
+        engines[label] = ds.compile(model, [x], backend="cuda", precision="bf16",
+                                    disable_passes=[name])
+        engines[label](x)
+        compile_s[label] = time.perf_counter() - t0
     for name, qm in quantized.items():
         t0 = time.perf_counter()
         engines[name] = ds.compile(qm, [x], backend="cuda", precision="int8")
