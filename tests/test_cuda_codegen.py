@@ -174,3 +174,24 @@ def test_kernel_choices_on_disk_merge_and_survive_bad_files(tmp_path):
     c.put("conv 3", {"kernel": "triton", "plan": None})  # cannot be written: no error
     assert c.get("conv 3") == {"kernel": "triton", "plan": None}
     assert not os.path.exists(blocked / "autotune")
+
+
+class _Tuner:
+    """Answers every kernel choice with ``pick`` where it is a candidate (no measuring)."""
+
+    def __init__(self, pick):
+        self.pick, self.problems = pick, []
+
+    def choose(self, problem, candidates, default):
+        self.problems.append(problem)
+        return self.pick if self.pick in candidates else default
+
+
+@pytest.mark.parametrize("pick", ["triton", "aten"])
+def test_float_max_pool_runs_the_kernel_the_tuner_chose(pick):
+    model, inputs = BENCHMARK_MODELS["resnet50"](batch=1, image=64)
+    graph = ds.compile(model.eval(), inputs, backend="cpu", precision="bf16").graph
+    tuner = _Tuner(pick)
+    src = generate_plan(graph, bind_inputs(graph, list(inputs)), "cuda", tuner=tuner).source
+    assert any(p.startswith("max_pool2d x(1, 64, 32, 32) torch.bfloat16") for p in tuner.problems)
+    assert ("= max_pool" in src) == (pick == "triton")

@@ -393,17 +393,28 @@ def test_int8_convolution_through_cudnn_matches_the_reference(case):
     assert int((diff > 0).sum()) <= max(2, diff.numel() // 100)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("geometry", [(3, 2, 1, 1, False), (2, 2, 0, 1, True), (3, 1, 1, 2, False)])
-def test_int8_max_pool_matches_pytorch(dtype, geometry):
-    """Max pooling on int8/uint8 (CUDA's ATen pools floats only) against PyTorch's CPU
-    pooling of the same integers: padding never wins, ceil mode's partial windows."""
-    from deepseek.backends.cuda.triton_int8 import max_pool2d
+def test_max_pool_kernel_matches_pytorch(dtype, geometry):
+    """The Triton max pool on int8/uint8 (CUDA's ATen pools floats only) and floats
+    against PyTorch's CPU pooling of the same values, exactly: padding never wins (all
+    values negative in one channel), ceil mode's partial windows, a NaN propagates."""
+    from deepseek.backends.cuda.triton_pool import max_pool2d
 
     k, s, p, d, ceil = geometry
-    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
-    x = torch.randint(lo, hi, (2, 19, 11, 13), dtype=dtype)
+    g = torch.Generator().manual_seed(k * 10 + s)
+    if dtype.is_floating_point:
+        x = torch.randn(2, 19, 11, 13, generator=g).to(dtype)
+        x[0, 3] = -x[0, 3].abs() - 1  # a channel of negatives: zero padding would win
+        x[1, 5, 4, 6] = float("nan")
+    else:
+        lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
+        x = torch.randint(lo, hi, (2, 19, 11, 13), dtype=dtype, generator=g)
     want = torch.max_pool2d(x, k, s, p, d, ceil)
     got = max_pool2d(x.to(DEVICE), [k], [s], [p], [d], ceil)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got.cpu(), want)
+    if dtype.is_floating_point:
+        assert torch.allclose(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
+        assert got.isnan().any()
+    else:
+        assert torch.equal(got.cpu(), want)

@@ -1,5 +1,4 @@
-"""Triton kernels of quantized graphs on CUDA: per-tensor quantization in one pass,
-max pooling of int8/uint8 tensors, and
+"""Triton kernels of quantized graphs on CUDA: per-tensor quantization in one pass, and
 ``deepseek_quant::conv2d_int8`` as one kernel: an implicit GEMM over
 channels-last int8 activations and int8 weights (int32 accumulation on the integer
 tensor cores), with the whole epilogue in the same kernel.
@@ -31,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek.ir.ops import pool2d_attrs
 
 try:  # host-made TMA descriptors (Triton 3.4+)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -274,47 +272,6 @@ def quantize_per_tensor(x: torch.Tensor, inv_scale: float, zero_point: int, qmin
         _quantize[(triton.cdiv(n, 4096),)](x, q, n, float(inv_scale), float(zero_point),
                                            float(qmin), float(qmax), BLOCK=4096, num_warps=8)
     return q
-
-
-@triton.jit
-def _max_pool(X, Y, N, C, H, W, OH, OW, SH, SW, PH, PW, DH, DW, LOWEST: tl.constexpr,
-              KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    c = offs % C
-    t = offs // C
-    ow = t % OW
-    t = t // OW
-    oh = t % OH
-    nb = t // OH
-    best = tl.full([BLOCK], LOWEST, tl.int32)
-    for kh in tl.static_range(KH):
-        ih = oh * SH - PH + kh * DH
-        for kw in tl.static_range(KW):
-            iw = ow * SW - PW + kw * DW
-            ok = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            v = tl.load(X + ((nb * H + ih) * W + iw) * C + c, mask=ok, other=LOWEST)
-            best = tl.maximum(best, v.to(tl.int32))
-    tl.store(Y + offs, best.to(Y.dtype.element_ty), mask=mask)
-
-
-def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1,
-               ceil_mode: bool = False) -> torch.Tensor:
-    """2-D max pooling of an int8/uint8 tensor (CUDA's ATen pools floats only), on and
-    into channels-last memory; a window's padded positions never win, as in PyTorch."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pool2d_attrs(kernel_size, stride, padding, dilation)
-    n, c, h, w = x.shape
-    meta = torch.nn.functional.max_pool2d(torch.empty(x.shape, device="meta"), (kh, kw),
-                                          (sh, sw), (ph, pw), (dh, dw), ceil_mode)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.empty(meta.shape, dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last)
-    total = y.numel()
-    if total:
-        _max_pool[(triton.cdiv(total, 1024),)](
-            x, y, total, c, h, w, y.shape[2], y.shape[3], sh, sw, ph, pw, dh, dw,
-            LOWEST=torch.iinfo(x.dtype).min, KH=kh, KW=kw, BLOCK=1024, num_warps=4)
-    return y
 
 
 def _agree(a: tuple, b: tuple) -> bool:
