@@ -51,6 +51,13 @@ _LOW = (torch.bfloat16, torch.float16)
 _RESHAPES = (Op.VIEW, Op.UNSAFE_VIEW, Op.RESHAPE)
 
 
+def _pool_args(attrs) -> tuple:
+    """A max pool node's (kernel_size, stride, padding, dilation, ceil_mode), as
+    ``torch.max_pool2d`` and ``triton_pool.max_pool2d`` take them."""
+    return (list(attrs["kernel_size"]), list(attrs.get("stride", [])), attrs.get("padding", 0),
+            attrs.get("dilation", 1), bool(attrs.get("ceil_mode", False)))
+
+
 class CUDAEmitter(_Emitter):
     """Plans for CUDA devices: cuDNN and cuBLASLt epilogues (module doc)."""
 
@@ -340,11 +347,7 @@ class CUDAEmitter(_Emitter):
                     f"quant=({scale!r}, {zp}, {self.name(dtype)}))[1]")
         if op is Op.MAX_POOL2D and (ins[0].spec.dtype in (torch.uint8, torch.int8)
                                     or id(self.producer(ins[0])) in self.pooled):
-            a = attrs
-            self.cl.add(id(node.outputs[0]))
-            return (f"{self.const(max_pool2d, 'max_pool_int8')}({self.name(ins[0])}, "
-                    f"{a['kernel_size']}, {a.get('stride', [])}, {a.get('padding', 0)}, "
-                    f"{a.get('dilation', 1)}, {a.get('ceil_mode', False)})")
+            return self.triton_max_pool(node, ins[0], _pool_args(attrs), "max_pool_int8")
         if op is Op.MAX_POOL2D and ins[0].spec.dtype.is_floating_point and ins[0].spec.rank == 4:
             call = self.float_max_pool(node, ins[0], attrs)
             if call is not None:
@@ -399,9 +402,7 @@ class CUDAEmitter(_Emitter):
         shape's int8 values in 0.19 ms."""
         if self.tuner is None:
             return None
-        shape, dtype = x.spec.concrete(self.env), x.spec.dtype
-        args = (list(attrs["kernel_size"]), list(attrs.get("stride", [])),
-                attrs.get("padding", 0), attrs.get("dilation", 1), bool(attrs.get("ceil_mode")))
+        shape, dtype, args = x.spec.concrete(self.env), x.spec.dtype, _pool_args(attrs)
         samples: list = []
 
         def sample():  # made only if the tuner measures
@@ -415,8 +416,12 @@ class CUDAEmitter(_Emitter):
         if self.tuner.choose(f"max_pool2d x{tuple(shape)} {dtype} {args}", candidates,
                              "aten") != "triton":
             return None
+        return self.triton_max_pool(node, x, args)
+
+    def triton_max_pool(self, node: Node, x: Value, args: tuple, hint: str = "max_pool") -> str:
+        """The call of ``triton_pool.max_pool2d`` (channels-last result) on ``x``."""
         self.cl.add(id(node.outputs[0]))
-        return (f"{self.const(max_pool2d, 'max_pool')}({self.name(x)}, "
+        return (f"{self.const(max_pool2d, hint)}({self.name(x)}, "
                 f"{', '.join(repr(a) for a in args)})")
 
     def int8_conv_residual(self, conv: Node, z: Value, host: Node) -> str:

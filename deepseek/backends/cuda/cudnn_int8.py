@@ -143,7 +143,9 @@ class _Graph:
         # ``only``: the one plan a choice kept on disk names
         self.plans = []
         for i in range(g.get_execution_plan_count()) if only is None else [only]:
-            if len(self.plans) < _MAX_PLANS and _built(g, i):
+            if len(self.plans) == _MAX_PLANS:
+                break
+            if _built(g, i):
                 self.plans.append(i)
         if not self.plans and only is None:
             g.build_plans(module.build_plan_policy.ALL)
