@@ -72,6 +72,7 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
     if isinstance(model, Graph):
         graph = model
         example = None
+        verify(graph)
     else:
         if example_inputs is None:
             raise DeepseekError("ds.compile(model, example_inputs): example inputs are needed to "
@@ -82,7 +83,6 @@ def compile(model: Any, example_inputs: Any = None, *, backend: str = "auto",
                         example_kwargs=example_kwargs)
         leaves = flatten_inputs(tuple(example_inputs), dict(example_kwargs or {}))
         example = [x for x in leaves if isinstance(x, torch.Tensor)]
-    verify(graph)
     if precision == "int8":
         if not has_qdq(graph):
             raise DeepseekError("precision='int8' needs a quantized model (quantize/dequantize "

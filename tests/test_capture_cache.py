@@ -1,6 +1,8 @@
 """The capture cache (deepseek/frontend/capture_cache.py): a second capture of the same
 program skips the decompositions and gives the same graph, with the model's current
-weights; another program, small buffers with other values, a damaged entry or the
+weights; a second capture of the same model skips the trace too (the model's
+fingerprint, deepseek/frontend/fingerprint.py); another program, small buffers with other
+values, changed module state, code or globals, hooks, a damaged entry or link, or the
 switch turned off never read a stale entry."""
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ def _decompositions(monkeypatch) -> list:
     return count_calls(monkeypatch, ExportedProgram, "run_decompositions")
 
 
+def _entries(cache) -> list[str]:
+    """The cache's entries (not the links from model fingerprints, ``m-*.json``)."""
+    return [p for p in glob.glob(str(cache / "*.json"))
+            if not os.path.basename(p).startswith("m-")]
+
+
+def _traces(monkeypatch) -> list:
+    """Counts torch.export calls (a capture found by the model's fingerprint makes none)."""
+    import deepseek.frontend.torch_export as te
+
+    return count_calls(monkeypatch, te, "export")
+
+
 def _model(cls=_Net, seed=0):
     torch.manual_seed(seed)
     m = cls().eval()
@@ -59,7 +74,7 @@ def test_second_capture_is_the_same_graph_without_decomposing(cache, monkeypatch
     calls = _decompositions(monkeypatch)
     x = torch.randn(2, 3, 8, 8)
     first = ds.capture(_model(), (x,))
-    assert len(calls) == 1 and len(glob.glob(str(cache / "*.json"))) == 1
+    assert len(calls) == 1 and len(_entries(cache)) == 1
     second = ds.capture(_model(), (x,))
     assert len(calls) == 1  # a hit: no second trace
     assert graph_to_json(second) == graph_to_json(first)
@@ -107,7 +122,7 @@ def test_damaged_entry_is_a_miss(cache, monkeypatch, caplog):
     calls = _decompositions(monkeypatch)
     x = torch.randn(2, 3, 8, 8)
     ds.capture(_model(), (x,))
-    (entry,) = glob.glob(str(cache / "*.json"))
+    (entry,) = _entries(cache)
     with open(entry, "w") as f:
         f.write('{"graph": {"format": "deepseek-graph", "version": 1, "nodes": [42')
     engine = ds.compile(_model(), (x,), backend="cpu")
@@ -123,3 +138,109 @@ def test_switched_off(cache, monkeypatch):
     ds.capture(_model(), (x,))
     ds.capture(_model(), (x,))
     assert len(calls) == 2 and not os.path.exists(cache)
+
+
+_FACTOR = 2.0  # a module-level global that _Global.forward reads
+
+
+class _Global(_Net):
+    def forward(self, x):
+        return super().forward(x) * _FACTOR
+
+
+class _Flagged(_Net):
+    def __init__(self):
+        super().__init__()
+        self.use_gelu = False  # plain module state that changes the program
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        h = nn.functional.gelu(h) if self.use_gelu else torch.relu(h)
+        return torch.softmax(self.fc(h.mean((2, 3))) * self.scale, -1)
+
+
+def _versioned(negate: bool) -> type:
+    """Two classes with one qualified name and different code (an edited source file)."""
+    class Edited(_Net):
+        def forward(self, x):
+            y = super().forward(x)
+            return -y if negate else y
+    return Edited
+
+
+def _check(engine, model, x) -> None:
+    with torch.no_grad():
+        assert rel_l2(engine(x), model(x)) < 1e-5
+
+
+def test_second_capture_of_the_same_model_does_not_trace(cache, monkeypatch):
+    traces, calls = _traces(monkeypatch), _decompositions(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    first = ds.capture(_model(), (x,))
+    assert len(traces) == 1 and len(glob.glob(str(cache / "m-*.json"))) == 1
+    second = ds.capture(_model(), (x,))
+    assert (len(traces), len(calls)) == (1, 1)  # neither traced nor decomposed
+    assert graph_to_json(second) == graph_to_json(first)
+    retrained = _model()  # other (big) weights: still a hit, with these weights
+    with torch.no_grad():
+        retrained.conv.weight.mul_(-1.5)
+    engine = ds.compile(retrained, (x,), backend="cpu")
+    assert len(traces) == 1
+    _check(engine, retrained, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("change", ["attribute", "module_eps", "global", "code", "input_dtype",
+                                    "small_buffer"])
+def test_a_changed_model_is_traced_again(cache, monkeypatch, change):
+    traces = _traces(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    make = {"attribute": lambda: _model(_Flagged), "global": lambda: _model(_Global),
+            "code": lambda: _model(_versioned(False))}.get(change, _model)
+    ds.capture(make(), (x,))
+    other = make() if change != "code" else _model(_versioned(True))
+    if change == "attribute":
+        other.use_gelu = True
+    elif change == "module_eps":
+        other.bn.eps = 0.5
+    elif change == "global":
+        monkeypatch.setitem(globals(), "_FACTOR", -3.0)
+    elif change == "small_buffer":
+        other.scale.fill_(3.0)
+    elif change == "input_dtype":
+        other, x = other.double(), x.double()
+    engine = ds.compile(other, (x,), backend="cpu")
+    assert len(traces) == 2
+    _check(engine, other, x)
+
+
+def test_a_model_with_forward_hooks_is_always_traced(cache, monkeypatch):
+    traces = _traces(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    hooked = _model()
+    hooked.fc.register_forward_hook(lambda mod, args, out: out * 4.0)
+    for _ in range(2):
+        engine = ds.compile(hooked, (x,), backend="cpu")
+        _check(engine, hooked, x)
+    assert len(traces) == 2 and not glob.glob(str(cache / "m-*.json"))
+
+
+def test_damaged_link_is_a_miss(cache, monkeypatch, caplog):
+    traces = _traces(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    ds.capture(_model(), (x,))
+    (link,) = glob.glob(str(cache / "m-*.json"))
+    with open(link, "w") as f:
+        f.write('{"key": ')
+    engine = ds.compile(_model(), (x,), backend="cpu")
+    assert len(traces) == 2 and "link" in caplog.text
+    _check(engine, _model(), x)
+
+
+def test_traced_mode_keys_by_the_exported_program_only(cache, monkeypatch):
+    monkeypatch.setenv("DEEPSEEK_CAPTURE_CACHE", "traced")
+    traces, calls = _traces(monkeypatch), _decompositions(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    ds.capture(_model(), (x,))
+    ds.capture(_model(), (x,))
+    assert (len(traces), len(calls)) == (2, 1)
+    assert not glob.glob(str(cache / "m-*.json"))

@@ -4,6 +4,8 @@ plan without them where oneDNN is not installed."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -88,6 +90,17 @@ def test_max_pool_is_exact(dtype, shape, kernel, stride, pad, dil, ceil):
     x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
     made = onednn.pool2d("max", kernel, stride, pad, dil, ceil, shape, dtype)
     assert torch.equal(made(x), torch.max_pool2d(x, kernel, stride, pad, dil, ceil))
+
+
+def test_pooled_size_is_pytorchs():
+    """The pool's output size by formula (its meta kernel's first call imports sympy)."""
+    for size, k, s, p, d, ceil in itertools.product(range(1, 12), range(1, 5), range(1, 4),
+                                                    range(3), range(1, 3), (False, True)):
+        if p > k // 2 or size + 2 * p < d * (k - 1) + 1:
+            continue  # configurations PyTorch refuses
+        want = torch.nn.functional.max_pool2d(torch.empty(1, 1, size, 1, device="meta"),
+                                              (k, 1), (s, 1), (p, 0), (d, 1), ceil).shape[2]
+        assert onednn._pooled_size(size, k, s, p, d, ceil) == want, (size, k, s, p, d, ceil)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves, tree_structure
 
 import deepseek as ds
 from deepseek.examples import mnist_cnn
-from deepseek.ir.graph import Graph, Value
+from deepseek.ir.graph import Graph, Node, Value
 from deepseek.ir.interpreter import run_graph
 from deepseek.ir.ops import Op
 from deepseek.ir.types import Sym, TensorSpec
@@ -339,6 +339,32 @@ def test_verifier_rejects_inputs_the_op_refuses():
     g.outputs = [n.outputs[0]]
     with pytest.raises(ds.IRError, match=r"%mm.*rejects its inputs"):
         verify(g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 5), (2, 5, 7), (2, 5, 4, 3), (1, 5, 2, 3, 2)])
+def test_batch_norm_spec_rule_is_its_meta_kernels(dtype, shape):
+    """Batch norm's outputs come from a rule, not its meta kernel (a Python decomposition
+    whose first call imports torch._dynamo): the rule gives what the meta kernel gives."""
+    from deepseek.ir.interpreter import _SPEC_RULES, infer_specs
+
+    g = Graph()
+    x = g.add_input("x", TensorSpec(shape, dtype))
+    stat = [g.add_input(f"s{i}", TensorSpec((shape[1],), torch.float32)) for i in range(4)]
+    cases = {Op.NATIVE_BATCH_NORM_LEGIT_NO_TRAINING: ([x, *stat], {"momentum": 0.1, "eps": 1e-5}),
+             Op.NATIVE_BATCH_NORM_LEGIT: ([x, *stat], {"training": True, "momentum": 0.1,
+                                                       "eps": 1e-5}),
+             Op.NATIVE_BATCH_NORM_LEGIT_NO_STATS: ([x, *stat[:2]], {"training": True,
+                                                                    "momentum": 0.1, "eps": 1e-5})}
+    for training in (False, True):
+        cases[Op.NATIVE_BATCH_NORM] = ([x, *stat], {"training": training, "momentum": 0.1,
+                                                   "eps": 1e-5})
+        assert set(cases) == set(_SPEC_RULES)
+        for op, (ins, attrs) in cases.items():
+            node = Node(op, ins, attrs, [])
+            metas = [torch.empty(v.spec.shape, dtype=v.spec.dtype, device="meta") for v in ins]
+            want = [TensorSpec.of(t) for t in node.opdef.reference(metas, attrs, device="meta")]
+            assert infer_specs(node, {}) == want, op
 
 
 def test_verifier_rejects_duplicate_value_names():

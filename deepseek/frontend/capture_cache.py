@@ -11,10 +11,17 @@ number), each node's source location and module path, the input and output
 structure, ``strict``, the dynamic dims' names, and the torch, Python and Deepseek
 versions. A model whose code changes traces to another program, so it misses.
 
+Two keys lead to an entry. The exported program's needs the ``torch.export`` trace (and
+the import of torch._dynamo), most of a warm start. So each entry is also linked from a
+hash of the model itself, taken without tracing (``fingerprint.py`` says what it
+covers): a capture of the same model, inputs and library files finds the entry through
+that link and does not trace at all. A model the fingerprint cannot hash is traced and
+found by the second key; ``DEEPSEEK_CAPTURE_CACHE=traced`` uses only the second key.
+
 Parameters and buffers are never stored: a cached graph takes them from the model
 being captured, by name. Tensors the decompositions made are stored with the graph as
 safetensors (nothing is ever unpickled). Entries live in ``$DEEPSEEK_CACHE_DIR/capture``;
-``DEEPSEEK_CAPTURE_CACHE=0`` turns the cache off. A damaged entry is a miss.
+``DEEPSEEK_CAPTURE_CACHE=0`` turns the cache off. A damaged entry or link is a miss.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import json
 import logging
 import os
 import sys
+from typing import Mapping
 
 import torch
 from safetensors.torch import load as st_load, save as st_save
 
+from deepseek.frontend.fingerprint import Unkeyable, fingerprint
 from deepseek.ir.graph import Graph
 from deepseek.runtime.cache import cache_root
 
@@ -38,6 +47,47 @@ _SMALL = 64  # parameters and buffers of at most this many elements are keyed by
 
 def enabled() -> bool:
     return os.environ.get("DEEPSEEK_CAPTURE_CACHE", "1") != "0"
+
+
+def model_key(model: torch.nn.Module, inputs: list, extra: object) -> str | None:
+    """The first key: a hash of the model itself (``fingerprint.py``), found without
+    tracing; None where the cache is off, ``DEEPSEEK_CAPTURE_CACHE=traced`` asks for the
+    exported program's key only, or the model holds something it cannot hash."""
+    if not enabled() or os.environ.get("DEEPSEEK_CAPTURE_CACHE") == "traced":
+        return None
+    try:
+        return fingerprint(model, inputs, extra)
+    except Unkeyable as e:
+        log.debug("capture of %s traced every time: %s", type(model).__name__, e)
+        return None
+
+
+def load_for_model(model_key: str, model: torch.nn.Module) -> Graph | None:
+    """The graph a capture of the same model stored (``link``), its parameters and
+    buffers taken from ``model``; None on a miss."""
+    try:
+        with open(_path("m-" + model_key) + ".json") as f:
+            key = json.load(f)["key"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("capture cache link %s unreadable (%s); capturing afresh", model_key, e)
+        return None
+    return load(str(key), model.state_dict(keep_vars=True))
+
+
+def link(model_key: str, key: str) -> None:
+    """Point ``model_key`` at the entry stored under ``key`` (if it was stored)."""
+    if not os.path.exists(_path(key) + ".json"):
+        return
+    base = _path("m-" + model_key)
+    try:
+        tmp = f"{base}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"key": key}, f)
+        os.replace(tmp, base + ".json")
+    except OSError as e:
+        log.warning("could not write the capture cache link %s: %s", base, e)
 
 
 def _path(key: str) -> str:
@@ -83,9 +133,10 @@ def key(ep, extra: object) -> str:
     return h.hexdigest()
 
 
-def load(key: str, ep) -> Graph | None:
-    """The graph cached under ``key``, its parameters and buffers taken from ``ep``; None
-    on a miss (or an entry that does not read back)."""
+def load(key: str, state: Mapping[str, torch.Tensor]) -> Graph | None:
+    """The graph cached under ``key``, its parameters and buffers taken from ``state``
+    (the exported program's or the model's state dict, by name); None on a miss (or an
+    entry that does not read back)."""
     from deepseek.runtime.artifact import graph_from_json
 
     base = _path(key)
@@ -95,7 +146,7 @@ def load(key: str, ep) -> Graph | None:
         with open(base + ".safetensors", "rb") as f:
             tensors = st_load(f.read())
         for name, target in doc["from_model"].items():
-            tensors[name] = ep.state_dict[target]
+            tensors[name] = state[target]
         graph, _ = graph_from_json(doc["graph"], tensors)
     except FileNotFoundError:
         return None

@@ -15,6 +15,7 @@ from deepseek.errors import CaptureError
 from deepseek.frontend import capture_cache
 from deepseek.frontend.fx import SymbolNamer, convert_fx
 from deepseek.ir.graph import Graph, Value
+from deepseek.ir.verify import verify
 from deepseek.runtime.structure import flatten_inputs, flatten_with_structure, spec_to_json
 
 log = logging.getLogger(__name__)
@@ -82,27 +83,34 @@ def capture(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor,
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     args, params = _positional(model, tuple(example_inputs), dict(example_kwargs or {}))
+    extra = [strict, {str(i): {str(d): n for d, n in dims.items()}
+                      for i, dims in (dynamic_dims or {}).items()},
+             repr(flatten_with_structure(args)[1])]
     was_training = model.training
     model.eval()
+    cache_key = graph = None
     try:
-        ep = export(model, args, {}, dynamic_shapes=_dynamic_shapes(args, dynamic_dims),
-                    strict=False)
-        cache_key = capture_cache.key(ep, [strict, {str(i): {str(d): n for d, n in dims.items()}
-                                                    for i, dims in (dynamic_dims or {}).items()},
-                                           repr(flatten_with_structure(args)[1])]) \
-            if capture_cache.enabled() else None
-        graph = capture_cache.load(cache_key, ep) if cache_key else None
+        model_key = capture_cache.model_key(model, flatten_inputs(args, {}), extra)
+        graph = capture_cache.load_for_model(model_key, model) if model_key else None
         if graph is None:
-            decomposed = ep.run_decompositions(_decomposition_table())
+            ep = export(model, args, {}, dynamic_shapes=_dynamic_shapes(args, dynamic_dims),
+                        strict=False)
+            cache_key = capture_cache.key(ep, extra) if capture_cache.enabled() else None
+            graph = capture_cache.load(cache_key, ep.state_dict) if cache_key else None
+            if graph is None:
+                decomposed = ep.run_decompositions(_decomposition_table())
     except Exception as e:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                            f"{type(e).__name__}: {e}") from e
     finally:
         model.train(was_training)
-    if graph is None:
+    if graph is None:  # a cached graph was verified like this when it was stored
         graph = _from_exported(decomposed, args, {}, dynamic_dims or {}, strict)
+        verify(graph)
         if cache_key:
             capture_cache.store(cache_key, graph, ep)
+    if model_key and cache_key:
+        capture_cache.link(model_key, cache_key)
     graph.in_structure["params"] = params
     graph.in_structure["spec"] = flatten_with_structure(args)[1]
     return graph

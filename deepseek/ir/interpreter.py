@@ -12,6 +12,7 @@ import torch
 
 from deepseek.errors import InputError, IRError
 from deepseek.ir.graph import Graph, Node, Value
+from deepseek.ir.ops import Op
 from deepseek.ir.types import ABSENT, Sym, TensorSpec, bind
 
 
@@ -57,8 +58,30 @@ def _as_list(result) -> list[torch.Tensor]:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
+def _batch_norm_specs(node: Node, env: Mapping[str, int]) -> list[TensorSpec]:
+    """Batch norm's outputs: the input's shape and type, and two per-channel statistics in
+    float32 for 16-bit inputs (what its meta kernel gives). Its meta kernel is a Python
+    decomposition whose first call imports torch._dynamo (2-3 s of a warm start)."""
+    x = node.inputs[0].spec
+    stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    channels = x.concrete(env)[1]
+    return [TensorSpec(x.concrete(env), x.dtype), TensorSpec((channels,), stat),
+            TensorSpec((channels,), stat)]
+
+
+_SPEC_RULES = {Op.NATIVE_BATCH_NORM_LEGIT_NO_TRAINING: _batch_norm_specs,
+               Op.NATIVE_BATCH_NORM_LEGIT: _batch_norm_specs,
+               Op.NATIVE_BATCH_NORM_LEGIT_NO_STATS: _batch_norm_specs,
+               Op.NATIVE_BATCH_NORM: _batch_norm_specs}
+
+
 def infer_specs(node: Node, env: Mapping[str, int]) -> list[TensorSpec]:
-    """The node's output specs by running its reference kernel on meta tensors."""
+    """The node's output specs: by running its reference kernel on meta tensors, or for
+    the few ops in ``_SPEC_RULES``, by their rule."""
+    rule = _SPEC_RULES.get(node.op)
+    if rule is not None:
+        return rule(node, env)
+
     def meta(x):
         if isinstance(x, Value):
             return torch.empty(x.spec.concrete(env), dtype=x.spec.dtype, device="meta")

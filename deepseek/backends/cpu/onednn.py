@@ -590,6 +590,13 @@ def reorder(in_shape, dtype: torch.dtype, to: torch.dtype) -> _Kernel | None:
 _POOLS = {"max": 0, "avg": 1, "avg_include_pad": 2}
 
 
+def _pooled_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling output size (``pooling_output_shape``): a last window that
+    ceil_mode starts inside the right padding is dropped."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= size + p else out
+
+
 def pool2d(algorithm: str, kernel_size, stride, padding, dilation, ceil_mode: bool, in_shape,
            dtype: torch.dtype) -> _Kernel | None:
     """2-D pooling (``algorithm`` in ``_POOLS``; PyTorch's attributes, normalized to pairs)
@@ -599,9 +606,8 @@ def pool2d(algorithm: str, kernel_size, stride, padding, dilation, ceil_mode: bo
     if lib is None or dtype not in _DTYPES:
         return None
     n, c, h, w = in_shape
-    out = torch.nn.functional.max_pool2d(torch.empty(in_shape, device="meta"), kernel_size,
-                                         stride, padding, dilation, ceil_mode).shape
-    oh, ow = out[2], out[3]
+    oh, ow = (_pooled_size(*a, ceil_mode) for a in
+              zip((h, w), kernel_size, stride, padding, dilation))
     # right padding as oneDNN counts it: what ceil_mode's last window reaches past the input
     pad_r = [max(0, (o - 1) * s + d * (k - 1) + 1 - size - p) for o, s, d, k, size, p in
              zip((oh, ow), stride, dilation, kernel_size, (h, w), padding)]
