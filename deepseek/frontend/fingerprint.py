@@ -298,7 +298,9 @@ def _prefixes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     libs = {paths.get("purelib"), paths.get("platlib"), site.getusersitepackages()}
     libs.update(getattr(site, "getsitepackages", lambda: [])())
     std = {paths.get("stdlib"), paths.get("platstdlib")}
-    norm = lambda ps: tuple(sorted(os.path.join(os.path.realpath(p), "") for p in ps if p))
+
+    def norm(ps) -> tuple[str, ...]:
+        return tuple(sorted(os.path.join(os.path.realpath(p), "") for p in ps if p))
     return norm(libs), norm(std)
 
 
