@@ -244,3 +244,29 @@ def test_traced_mode_keys_by_the_exported_program_only(cache, monkeypatch):
     ds.capture(_model(), (x,))
     assert (len(traces), len(calls)) == (2, 1)
     assert not glob.glob(str(cache / "m-*.json"))
+
+
+_FINGERPRINT = """
+from deepseek.frontend.fingerprint import fingerprint
+from tests.model_zoo import gpt2_tiny
+model, inputs = gpt2_tiny()
+print(fingerprint(model.eval(), list(inputs), ["x"]))
+"""
+
+
+def test_a_transformers_models_fingerprint_is_the_same_in_another_process():
+    """A transformers model (its config objects and their salted hashes included) is keyed
+    alike under another string-hash salt: a fresh process finds the entry."""
+    import subprocess
+    import sys
+
+    from deepseek.frontend.fingerprint import fingerprint
+    from tests.conftest import ROOT
+    from tests.model_zoo import gpt2_tiny
+
+    model, inputs = gpt2_tiny()
+    here = fingerprint(model.eval(), list(inputs), ["x"])
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": ROOT}
+    there = subprocess.run([sys.executable, "-c", _FINGERPRINT], env=env, cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()[-1]
+    assert here == there

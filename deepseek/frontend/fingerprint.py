@@ -46,6 +46,9 @@ _DEPTH = 8  # nesting of config objects followed before giving up
 _PRIMITIVE = (type(None), bool, int, float, complex, str, bytes)
 _TORCH_VALUES = (torch.dtype, torch.device, torch.Size, torch.memory_format, torch.layout)
 _BASE_STATE = frozenset(torch.nn.Module().__dict__)
+# attributes that are a hash of the object's other attributes, salted per process
+# (transformers' GenerationConfig): those attributes are hashed instead
+_UNHASHED = frozenset({"_original_object_hash"})
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                   "_backward_pre_hooks")
 
@@ -186,6 +189,8 @@ class _Hasher:
         self._stack.add(id(v))
         try:
             for k in sorted(state):
+                if k in _UNHASHED:
+                    continue
                 self.add(k)
                 self.value(state[k], True, depth + 1)
         finally:
