@@ -36,7 +36,9 @@ def spec_to_json(spec: pytree.TreeSpec) -> dict:
     """Encode a pytree TreeSpec (of a model's outputs) as JSON-able data."""
     if spec.is_leaf():
         return {"kind": "leaf"}
-    children = [spec_to_json(c) for c in spec.children_specs]
+    # TreeSpec.children() where it exists (torch 2.13 deprecates children_specs)
+    kids = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
+    children = [spec_to_json(c) for c in kids]
     t = spec.type
     if t is tuple:
         return {"kind": "tuple", "items": children}
