@@ -270,3 +270,36 @@ def test_a_transformers_models_fingerprint_is_the_same_in_another_process():
     there = subprocess.run([sys.executable, "-c", _FINGERPRINT], env=env, cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()[-1]
     assert here == there
+
+
+class _Opaque:
+    """An object the fingerprint cannot look into (no ``__dict__``)."""
+
+    __slots__ = ("factor",)
+
+    def __init__(self, factor):
+        self.factor = factor
+
+
+class _HoldsOpaque(_Net):
+    def __init__(self, factor):
+        super().__init__()
+        self.opaque = _Opaque(factor)
+
+    def forward(self, x):
+        return super().forward(x) * self.opaque.factor
+
+
+def test_a_model_holding_unhashable_state_is_traced_every_time(cache, monkeypatch):
+    """Module state the fingerprint cannot hash (an object with slots) is never guessed at:
+    such a model is traced at each capture, and a changed value gives a new graph."""
+    from deepseek.frontend.fingerprint import Unkeyable, fingerprint
+
+    with pytest.raises(Unkeyable, match="_Opaque"):
+        fingerprint(_model(lambda: _HoldsOpaque(2.0)), [torch.randn(2, 3, 8, 8)], [])
+    traces = _traces(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    for factor in (2.0, -3.0):
+        m = _model(lambda: _HoldsOpaque(factor))
+        _check(ds.compile(m, (x,), backend="cpu"), m, x)
+    assert len(traces) == 2 and not glob.glob(str(cache / "m-*.json"))
