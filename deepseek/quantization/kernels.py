@@ -354,7 +354,7 @@ def _float_linear_cpu(x, x_scale, x_zero_point, weight, weight_scale, weight_zer
     packed = _cached(weight, ("float_linear", *_tensor_key(weight_scale),
                               *_tensor_key(weight_zero_point), rows),
                      lambda: _onednn_linear_weight(
-                         _dequantized(weight, weight_scale, weight_zero_point).t(), rows))
+                         _dequantized(weight, weight_scale, weight_zero_point), rows))
     relu = post_op == "relu"  # as the kernel's post-op; GELU after it
     y = torch.ops.mkldnn._linear_pointwise(xd, packed, None if bias is None else bias.float(),
                                            "relu" if relu else "none", [], "")

@@ -122,11 +122,11 @@ def _seconds(fn: Callable[[], object]) -> float:
 _CONV_1X1 = {"padding": [0, 0], "stride": [1, 1], "dilation": [1, 1], "groups": 1}
 
 
-def _onednn_linear_weight(wt: torch.Tensor, rows: int) -> torch.Tensor:
-    """The (K, N) weight as oneDNN's linear reads it for ``rows``-row inputs: in the blocked
+def _onednn_linear_weight(w_nk: torch.Tensor, rows: int) -> torch.Tensor:
+    """The (N, K) weight as oneDNN's linear reads it for ``rows``-row inputs: in the blocked
     layout its kernel picks for that shape (so no reorder runs per call), where this
     PyTorch can ask for it; else a plain (N, K) oneDNN tensor."""
-    w = wt.t().contiguous()
+    w = w_nk.contiguous()
     reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
     return reorder(w, rows) if reorder is not None else w.to_mkldnn()
 
@@ -1162,11 +1162,14 @@ class _Emitter:
         onednn_ok = x.spec.dtype in _ONEDNN_DTYPES
         if onednn_ok and reader is not None and nhwc is None and rows > 8:
             act, act_input, post = reader
+        # the (N, K) weight every oneDNN candidate starts from, transposed once (a 9 MB
+        # transposing copy takes milliseconds: four per GEMM were 1 s of BERT's start)
+        wt_nk = wt.t().contiguous() if onednn_ok else None
         # the GEMM as oneDNN's 1x1 convolution over a 1 x rows NHWC image: (rows, K) row-major
         # is that image, and the channels-last result is (rows, N) row-major; oneDNN's
         # convolution kernels outrun its matmul on AVX2 (BERT's 768->3072: 180 against 130
         # GFLOP/s on an EPYC)
-        conv_w = _packed_conv_weight(wt.t().contiguous().view(n_cols, k, 1, 1), _CONV_1X1,
+        conv_w = _packed_conv_weight(wt_nk.view(n_cols, k, 1, 1), _CONV_1X1,
                                      (1, k, 1, rows)) if onednn_ok and nhwc is None else None
 
         def conv_run(attr="none", scalars=(), algorithm=""):
@@ -1181,7 +1184,7 @@ class _Emitter:
                     f".permute(0, 2, 3, 1).reshape({rows}, {n_cols})")
 
         if onednn_ok:
-            weight = _onednn_linear_weight(wt, rows)
+            weight = _onednn_linear_weight(wt_nk, rows)
             candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
                 xr, weight, bias, "none", [], "")
             calls["onednn"] = lambda: (f"torch.ops.mkldnn._linear_pointwise({operand()}, "
@@ -1199,7 +1202,7 @@ class _Emitter:
                 and nhwc is None else f"{self.const(made, 'dnn')}({operand()})"
 
         def conv_made(activation="none"):
-            return onednn.conv2d(wt.t().contiguous().view(n_cols, k, 1, 1), bias, [1, 1], [0, 0],
+            return onednn.conv2d(wt_nk.view(n_cols, k, 1, 1), bias, [1, 1], [0, 0],
                                  [1, 1], 1, (1, k, 1, rows), x.spec.dtype, activation,
                                  choose=_fastest) \
                 if onednn_ok and nhwc is None else None
