@@ -303,3 +303,47 @@ def test_a_model_holding_unhashable_state_is_traced_every_time(cache, monkeypatc
         m = _model(lambda: _HoldsOpaque(factor))
         _check(ds.compile(m, (x,), backend="cpu"), m, x)
     assert len(traces) == 2 and not glob.glob(str(cache / "m-*.json"))
+
+
+_PKG_MODEL = """
+import torch
+from . import helper
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return helper.scale(self.fc(x))
+"""
+
+
+def test_an_edited_helper_module_of_a_user_package_changes_the_fingerprint(tmp_path,
+                                                                            monkeypatch):
+    """A user package's helper called through a module attribute (not a global the
+    bytecode names) is covered by its file; which of the package's modules happen to be
+    imported does not change the key."""
+    import importlib
+    import sys
+    import time
+
+    from deepseek.frontend.fingerprint import fingerprint
+
+    pkg = tmp_path / "fp_user_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model.py").write_text(_PKG_MODEL)
+    (pkg / "helper.py").write_text("def scale(x):\n    return x * 2\n")
+    (pkg / "unused.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.startswith("fp_user_pkg")]:
+        monkeypatch.delitem(sys.modules, name)
+    net = importlib.import_module("fp_user_pkg.model").Net().eval()
+    x = [torch.randn(2, 4)]
+    first = fingerprint(net, x, [])
+    importlib.import_module("fp_user_pkg.unused")
+    assert fingerprint(net, x, []) == first  # another module imported: same key
+    time.sleep(0.01)
+    (pkg / "helper.py").write_text("def scale(x):\n    return x * 3\n")
+    assert fingerprint(net, x, []) != first  # the helper's file changed

@@ -11,9 +11,12 @@ skip ``torch.export`` itself, which is most of a warm start (on a 2-core CPU, Re
   bytecode of its methods, its class attributes, and, through the names that bytecode
   reads from its module's globals, the bytecode of the helper functions it calls, the
   classes it names and the numbers and strings it reads;
-- the size and modification time of the source file of every loaded module of each
-  package those classes come from (``transformers.*``, the user's package, ``__main__``),
-  as Python's own bytecode cache checks them, so an edited helper in another file misses;
+- the size and modification time of the source files, as Python's own bytecode cache
+  checks them: of every module whose classes or functions it met, and of every Python
+  file of the user packages among them (``__main__``, a package on ``sys.path`` or
+  installed editable: an edited helper in another file misses), and the version of
+  each installed library package (an in-place edit of an installed library's file the
+  model's classes do not live in is not seen);
 - each parameter and buffer's name, shape, dtype and device, the values of small ones and
   of non-persistent buffers (anything a trace might read as a number);
 - each input leaf's shape, dtype and device (or value), the default dtype, grad and
@@ -66,7 +69,7 @@ class _Hasher:
         self._h = hashlib.sha256()
         self._done: set[int] = set()  # ids of the classes and functions queued
         self._queue: collections.deque = collections.deque()
-        self._packages: set[str] = set()
+        self._modules: set[str] = set()  # modules whose code the model runs (user, library)
         self._paths: dict[int, str] = {}  # id(module) -> its path in the tree
         self._stack: set[int] = set()
         self._shallow = False  # inside a library class's attributes
@@ -280,21 +283,35 @@ class _Hasher:
     # -- source files ----------------------------------------------------------------
     def _note_module(self, name: str | None) -> None:
         if name and _where(name) in ("user", "library"):
-            self._packages.add(name.split(".")[0])
+            self._modules.add(name)
 
     def _add_package_files(self) -> None:
-        for pkg in sorted(self._packages):
-            for name in sorted(n for n in list(sys.modules) if n == pkg or
-                               n.startswith(pkg + ".")):
-                path = getattr(sys.modules.get(name), "__file__", None)
-                if not path:
-                    continue
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    self.add("file", name, None)
-                    continue
-                self.add("file", name, path, st.st_size, st.st_mtime_ns)
+        """The source files' sizes and times: of each module noted; of every Python file of
+        each user package they belong to (the files a user edits: a helper module the
+        model calls through an attribute is covered too); each library package's version.
+        The set does not depend on which modules happen to be imported yet."""
+        files: dict[str, str] = {}
+        for name in self._modules:
+            path = getattr(sys.modules.get(name), "__file__", None)
+            if path:
+                files[name] = path
+        for pkg in sorted({name.split(".")[0] for name in self._modules}):
+            top = sys.modules.get(pkg)
+            if _where(pkg) == "library":
+                self.add("package", pkg, getattr(top, "__version__", None))
+                continue
+            for root in getattr(top, "__path__", None) or ():
+                for where, dirs, names in os.walk(root):
+                    dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")))
+                    for f in names:
+                        if f.endswith(".py"):
+                            files[os.path.join(where, f)] = os.path.join(where, f)
+        for key in sorted(files):
+            try:
+                st = os.stat(files[key])
+                self.add("file", key, st.st_size, st.st_mtime_ns)
+            except OSError:
+                self.add("file", key, None)
 
 
 @functools.lru_cache(maxsize=None)
