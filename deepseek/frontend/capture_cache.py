@@ -14,7 +14,7 @@ versions. A model whose code changes traces to another program, so it misses.
 Two keys lead to an entry. The exported program's needs the ``torch.export`` trace (and
 the import of torch._dynamo), most of a warm start. So each entry is also linked from a
 hash of the model itself, taken without tracing (``fingerprint.py`` says what it
-covers): a capture of the same model, inputs and library files finds the entry through
+covers): a capture of the same model, inputs and source files finds the entry through
 that link and does not trace at all. A model the fingerprint cannot hash is traced and
 found by the second key; ``DEEPSEEK_CAPTURE_CACHE=traced`` uses only the second key.
 
