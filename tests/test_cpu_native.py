@@ -181,6 +181,28 @@ def test_direct_chosen_in_a_plan_takes_the_pool(monkeypatch, pool, fused):
     assert "= direct" in source and ("max_pool2d(" not in source) == fused
 
 
+@pytest.mark.parametrize("pool", [2, 3])
+def test_candidates_are_timed_with_the_pool_a_native_kernel_does(monkeypatch, pool):
+    """Where a 2x2 max pool follows, the native kernel is timed doing it (its result is the
+    pooled one) and every other candidate with a pooling step after it: the choice weighs
+    what each path runs. A 3x3 pool no native kernel does leaves the timings alone."""
+    seen = []
+
+    def record(candidates):
+        if "direct" in candidates:
+            seen.append({name: f() for name, f in candidates.items()})
+        return "direct" if "direct" in candidates else next(iter(candidates))
+
+    monkeypatch.setattr(codegen, "_fastest", record)
+    model = FirstLayer(pool, hw=(12, 12)).eval()
+    _check(model, torch.randn(1, 1, 12, 12))
+    (results,) = seen
+    direct_out = results.pop("direct")
+    assert direct_out.shape == ((1, 12, 6, 6) if pool == 2 else (1, 12, 12, 12))
+    for name, out in results.items():  # (conv result, pool step's result) when pooled
+        assert isinstance(out, tuple) == (pool == 2), name
+
+
 def test_gelu_tanh_one_pass_matches_float64():
     x = torch.cat([torch.randn(3001) * 4, torch.tensor([-1e4, -100.0, -30.0, 0.0, 30.0, 1e4])])
     ref = torch.nn.functional.gelu(x.double(), approximate="tanh")

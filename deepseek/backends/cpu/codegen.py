@@ -894,10 +894,18 @@ class _Emitter:
                 a["stride"], a["padding"], a["dilation"], False, a["output_padding"], a["groups"]))
         if gather is not None:
             candidates["gather"] = lambda: _POST_FNS[post](gather[0](xr))
-        direct = self.direct_conv(w, b, a, shape, post)
+        # the native kernels do a following 2x2 max pool as they write: where there is one,
+        # they are timed with it, and the other candidates with the pool after them (the
+        # oneDNN pooling primitive the plan would run, else ATen's)
+        pooled = bool(users) and post in ("none", "relu") and \
+            self.pool_after(node, post, users) is not None
+        if pooled:
+            pool_step = self.pool_step(out, dtype)
+            candidates = {name: (lambda f=f: (f(), pool_step())) for name, f in candidates.items()}
+        direct = self.direct_conv(w, b, a, shape, post, pool=pooled)
         if direct is not None:
             candidates["direct"] = functools.partial(direct, xcl)
-        winos = self.winograd_convs(w, b, a, shape, post)
+        winos = self.winograd_convs(w, b, a, shape, post, pool=pooled)
         for name, wino in winos.items():
             with torch.inference_mode(False):
                 scratch = torch.empty(wino.v_shape), torch.empty(wino.m_shape)
@@ -951,11 +959,11 @@ class _Emitter:
     def emit_winograd(self, node: Node, x: Value, w: Value, b, a, shape, post: str, users,
                       wino: winograd.WinogradConv) -> str:
         """The statement of the Winograd kernel ``wino`` (remade to take the 2x2 max pool
-        after it where ``fuse_after`` finds one); its scratch comes from the plan's
-        buffers."""
+        after it where ``fuse_after`` finds one and it was made without); its scratch
+        comes from the plan's buffers."""
         self.algorithms[id(node)] = f"winograd F({wino.tile}x{wino.tile},3x3)"
         pool = self.fuse_after(node, post, users)
-        if pool is not None:
+        if pool is not None and not wino.pool:
             wino = winograd.WinogradConv(
                 self.constants[w.name], self.constants[b.name] if b is not None else None,
                 a["padding"], shape, relu=post == "relu", tile=wino.tile, pool=True)
@@ -983,10 +991,10 @@ class _Emitter:
         kernel = self.direct_conv(w, b, a, shape, post, pool=pool is not None)
         return f"{self.const(kernel, 'direct')}({self.as_cl(x)}{self.result_buffer(node, pool)})"
 
-    def fuse_after(self, node: Node, post: str, users) -> Node | None:
-        """Mark what a native convolution kernel computes besides ``node``: its ReLU (``post``)
-        and a 2x2 stride-2 max pool (floor) that alone reads the result, which it returns
-        (None where there is none): both become aliases of the kernel's result."""
+    def pool_after(self, node: Node, post: str, users) -> Node | None:
+        """The 2x2 stride-2 max pool (floor) that alone reads ``node``'s result (after its
+        ReLU where ``post`` is "relu"), which a native convolution kernel can do as it
+        writes; None where there is none."""
         out = node.outputs[0]
         last = users[0].outputs[0] if post == "relu" else out
         pool = self.sole_reader(last)
@@ -996,7 +1004,15 @@ class _Emitter:
         if not (list(pa.get("kernel_size", ())) == two and list(pa.get("stride") or two) == two
                 and pa.get("padding", 0) in (0, [0, 0]) and pa.get("dilation", 1) in (1, [1, 1])
                 and not pa.get("ceil_mode", False)):
-            pool = None
+            return None
+        return pool
+
+    def fuse_after(self, node: Node, post: str, users) -> Node | None:
+        """Mark what a native convolution kernel computes besides ``node``: its ReLU (``post``)
+        and the max pool ``pool_after`` finds, which it returns (None where there is none):
+        both become aliases of the kernel's result."""
+        out = node.outputs[0]
+        pool = self.pool_after(node, post, users)
         for fused in ([users[0]] if post == "relu" else []) + ([pool] if pool is not None else []):
             self.fused_into[id(fused)] = self.names[id(fused.inputs[0])]  # its input: an alias
             self.cl.add(id(fused.outputs[0]))
@@ -1015,7 +1031,16 @@ class _Emitter:
         users = self.users.get(id(value), [])
         return users[0] if len(users) == 1 and value not in self.graph.outputs else None
 
-    def winograd_convs(self, w: Value, b, a, shape, post: str) -> dict[str, winograd.WinogradConv]:
+    def pool_step(self, value: Value, dtype: torch.dtype) -> Callable[[], object]:
+        """A 2x2 stride-2 max pool of a channels-last ``value`` (random data) as the plan
+        would run it: oneDNN's pooling primitive made once, else ATen's."""
+        shape = tuple(value.spec.concrete(self.env))
+        y = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        made = onednn.pool2d("max", (2, 2), (2, 2), (0, 0), (1, 1), False, shape, dtype)
+        return made.step(y) if made is not None else (lambda: torch.max_pool2d(y, 2, 2))
+
+    def winograd_convs(self, w: Value, b, a, shape, post: str,
+                       pool: bool = False) -> dict[str, winograd.WinogradConv]:
         """Winograd kernels for a float32 3x3 convolution with stride 1 (ReLU applied as
         the result is written where ``post`` says so), by candidate name: F(4x4, 3x3) and
         F(2x2, 3x3) (``winograd.py``); none where they do not apply: other shapes or
@@ -1028,8 +1053,8 @@ class _Emitter:
             return {}
         bias = self.constants[b.name] if b is not None else None
         kernels = {f"winograd{m}": winograd.WinogradConv(
-            self.constants[w.name], bias, a["padding"], shape, relu=post == "relu", tile=m)
-            for m in winograd.TILES}
+            self.constants[w.name], bias, a["padding"], shape, relu=post == "relu", tile=m,
+            pool=pool) for m in winograd.TILES}
         return {k: v for k, v in kernels.items() if v.scratch_bytes() <= _WINOGRAD_MAX_BYTES}
 
     def gather_conv(self, node: Node, x: Value, w: Value, b, a, shape) -> tuple | None:
