@@ -41,7 +41,8 @@ def fold_constants(graph: Graph) -> Graph:
         with torch.no_grad():
             results = run_node(node, args, {})
         for o, t in zip(node.outputs, results):
-            c = graph.add_constant(o.name, t.contiguous().clone())
+            # one contiguous copy of its own (contiguous() then clone() copied twice)
+            c = graph.add_constant(o.name, t.clone(memory_format=torch.contiguous_format))
             graph.replace_all_uses(o, c)
     graph.nodes = kept
     graph.remove_unused_constants()
