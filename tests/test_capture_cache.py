@@ -347,3 +347,18 @@ def test_an_edited_helper_module_of_a_user_package_changes_the_fingerprint(tmp_p
     time.sleep(0.01)
     (pkg / "helper.py").write_text("def scale(x):\n    return x * 3\n")
     assert fingerprint(net, x, []) != first  # the helper's file changed
+
+
+def test_a_fingerprint_that_fails_falls_back_to_tracing(cache, monkeypatch, caplog):
+    """A fingerprint that raises (an object whose hashing fails) never fails the capture:
+    the model is traced, with a warning naming it."""
+    import deepseek.frontend.capture_cache as capture_cache
+
+    def broken(model, inputs, extra):
+        raise RuntimeError("hashing failed")
+
+    monkeypatch.setattr(capture_cache, "fingerprint", broken)
+    traces = _traces(monkeypatch)
+    model, x = _model(), torch.randn(2, 3, 8, 8)
+    _check(ds.compile(model, (x,), backend="cpu"), model, x)
+    assert len(traces) == 1 and "could not fingerprint _Net" in caplog.text

@@ -59,7 +59,10 @@ def model_key(model: torch.nn.Module, inputs: list, extra: object) -> str | None
         return fingerprint(model, inputs, extra)
     except Unkeyable as e:
         log.debug("capture of %s traced every time: %s", type(model).__name__, e)
-        return None
+    except Exception as e:  # noqa: BLE001 (an object whose hashing fails: trace it)
+        log.warning("could not fingerprint %s (%s: %s); tracing it", type(model).__name__,
+                    type(e).__name__, e)
+    return None
 
 
 def load_for_model(model_key: str, model: torch.nn.Module) -> Graph | None:
