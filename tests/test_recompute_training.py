@@ -94,11 +94,12 @@ def test_recomputed_step_has_the_same_gradients(step):
     assert_grads_close(on_cpu[1:], run_graph(graph, params + list(batch))[1:], 1e-5)
 
 
-@pytest.mark.parametrize("fraction", [0.6, 0.65])
-def test_the_kept_order_adds_the_least_work(step, fraction):
-    """activate_recompute runs both candidate orders and keeps the one that adds less work:
-    no more FLOPs than either order alone, and at 60% of the BERT step's peak strictly
-    fewer than the bytes-per-work order (+7.9% against +11.7% FLOPs when measured)."""
+@pytest.mark.parametrize("fraction", [0.6, 0.5])
+def test_the_kept_rewrites_add_the_least_work(step, fraction):
+    """activate_recompute runs both candidate orders, drops the rewrites the budget holds
+    without, and keeps the cheaper result: no more FLOPs than either order alone, and on
+    the BERT step strictly fewer than the bytes-per-work order alone (at 60%: +7.9%
+    against +11.7% FLOPs; at 50%: +21.9% against +27.1%, when measured)."""
     from deepseek.passes.recompute import _greedy
 
     case, graph, _, before, _ = step
@@ -113,9 +114,14 @@ def test_the_kept_order_adds_the_least_work(step, fraction):
         alone.append(flops(g) if peak_live_bytes(g, {}) <= budget else float("inf"))
     kept = activate_recompute(_copy_graph(graph), budget)
     assert peak_live_bytes(kept, {}) <= budget
-    assert flops(kept) == min(alone)
-    if fraction == 0.6 and case.name == "bert":
-        assert alone[1] < alone[0]
+    assert flops(kept) <= min(alone)
+    if case.name == "bert":
+        assert flops(kept) < alone[0]
+    verify(kept)
+    params = [p.detach() for p in case.params()]
+    batch = case.fresh()
+    ref, got = run_graph(graph, params + list(batch)), run_graph(kept, params + list(batch))
+    assert_grads_close(got[1:], ref[1:], 1e-5)
 
 
 def test_cse_keeps_the_recomputed_copies(step):

@@ -126,37 +126,50 @@ class _Liveness:
         return sorted(found, key=lambda c: -c.score)
 
 
-def _apply(graph: Graph, c: _Candidate):
-    """Insert copies of ``c.nodes`` before ``c.late``; later readers read the copies.
-    Returns a function that undoes the rewrite."""
+def _apply(graph: Graph, nodes: list[Node], late: int, values: list[Value]):
+    """Insert copies of ``nodes`` before ``graph.nodes[late]``; it and later readers of
+    ``values`` read the copies. Returns a function that undoes the rewrite, and the
+    copies."""
     twins, renamed = [], {}
-    for n in c.nodes:
+    for n in nodes:
         outs = [Value(graph.fresh_name(f"{o.name}{RECOMPUTED}"), o.spec) for o in n.outputs]
         renamed.update(zip(map(id, n.outputs), outs))
         twins.append(Node(n.op, [renamed.get(id(x), x) if isinstance(x, Value) else x
                                  for x in n.inputs], dict(n.attrs), outs, n.source, n.fallback))
-    swap = {id(v): renamed[id(v)] for v in c.values}
+    swap = {id(v): renamed[id(v)] for v in values}
     old_nodes = graph.nodes
-    old_inputs = {id(n): n.inputs for n in old_nodes[c.late:]}
-    for n in old_nodes[c.late:]:
+    old_inputs = {id(n): n.inputs for n in old_nodes[late:]}
+    for n in old_nodes[late:]:
         if any(isinstance(x, Value) and id(x) in swap for x in n.inputs):
             n.inputs = [swap.get(id(x), x) if isinstance(x, Value) else x for x in n.inputs]
-    graph.nodes = old_nodes[:c.late] + twins + old_nodes[c.late:]
+    graph.nodes = old_nodes[:late] + twins + old_nodes[late:]
 
     def undo():
         graph.nodes = old_nodes
-        for n in old_nodes[c.late:]:
+        for n in old_nodes[late:]:
             n.inputs = old_inputs[id(n)]
 
-    return undo
+    return undo, twins
+
+
+@dataclass
+class _Rewrite:
+    """A rewrite the greedy pass kept, to make again on the graph as captured (``_replay``):
+    the copies of ``nodes`` go before ``before``, whose readers of ``values`` read them."""
+
+    nodes: list[Node]  # originals, or copies an earlier rewrite made
+    before: Node
+    values: list[Value]
+    cost: int
+    twins: list[Node]  # the copies it made
 
 
 def _greedy(graph: Graph, env: Mapping[str, int], memory_budget: int, max_steps: int,
-            covering_first: bool) -> int:
+            covering_first: bool) -> list[_Rewrite]:
     """Rewrite ``graph`` (see ``activate_recompute``) until its peak fits the budget or
-    nothing lowers it; returns the work recomputation adds."""
+    nothing lowers it; returns the rewrites kept, in order."""
     rejected: set[tuple] = set()
-    work = 0
+    kept: list[_Rewrite] = []
     for _ in range(max_steps):
         state = _Liveness(graph, env)
         peak = max(state.live)
@@ -167,15 +180,59 @@ def _greedy(graph: Graph, env: Mapping[str, int], memory_budget: int, max_steps:
             key = (id(state.owner[c.root]), at, peak)
             if key in rejected:
                 continue
-            undo = _apply(graph, c)
+            before = graph.nodes[c.late]
+            undo, twins = _apply(graph, c.nodes, c.late, c.values)
             live = live_bytes(graph, env)
             if max(live) <= peak and live[at] < peak:
-                work += c.cost
+                kept.append(_Rewrite(c.nodes, before, c.values, c.cost, twins))
                 break
             undo()
             rejected.add(key)
         else:
             break  # nothing live at the peak can be recomputed to lower it
+    return kept
+
+
+def _replay(graph: Graph, captured: list[Node], inputs: dict[int, list],
+            rewrites: list[_Rewrite], skip: set[int]) -> int | None:
+    """Make ``rewrites`` but those in ``skip`` again, on ``graph`` as captured (its
+    ``captured`` nodes with their ``inputs``); returns the work added, or None (the graph
+    left partly rewritten) where a kept rewrite copies or reads what a skipped one made."""
+    graph.nodes = list(captured)
+    for n in captured:
+        n.inputs = inputs[id(n)]
+    made: dict[int, Node] = {}  # recorded copy -> the copy made now
+    values: dict[int, Value] = {}  # recorded copy's output -> the output made now
+    dropped: set[int] = set()  # the skipped rewrites' copies and their outputs
+    work = 0
+    for i, rw in enumerate(rewrites):
+        if i in skip:
+            dropped.update(id(x) for t in rw.twins for x in (t, *t.outputs))
+            continue
+        if any(id(x) in dropped for x in (*rw.nodes, rw.before, *rw.values)):
+            return None
+        before = made.get(id(rw.before), rw.before)
+        _, twins = _apply(graph, [made.get(id(n), n) for n in rw.nodes],
+                          graph.nodes.index(before), [values.get(id(v), v) for v in rw.values])
+        for old, new in zip(rw.twins, twins):
+            made[id(old)] = new
+            values.update(zip(map(id, old.outputs), new.outputs))
+        work += rw.cost
+    return work
+
+
+def _pruned(graph: Graph, env: Mapping[str, int], memory_budget: int, captured: list[Node],
+            inputs: dict[int, list], rewrites: list[_Rewrite]) -> int:
+    """Drop the rewrites the budget holds without (the greedy pass fixes one peak at a
+    time: a rewrite made for an early peak can be covered by later ones), the most work
+    first; ``graph`` ends with the rest made again. Returns the work they add."""
+    skip: set[int] = set()
+    for i in sorted(range(len(rewrites)), key=lambda i: -rewrites[i].cost):
+        work = _replay(graph, captured, inputs, rewrites, skip | {i})
+        if work is not None and max(live_bytes(graph, env)) <= memory_budget:
+            skip.add(i)
+    work = _replay(graph, captured, inputs, rewrites, skip)
+    assert work is not None  # each rewrite skipped was replayed without it above
     return work
 
 
@@ -195,8 +252,10 @@ def activate_recompute(graph: Graph, memory_budget: int, env: Mapping[str, int] 
     made) goes first, so element-wise, normalization and copy outputs
     recomputed from kept GEMM/convolution outputs go before GEMMs. A second
     run tries first, cheapest first, the buffers that alone free what the peak
-    node is over budget by; the run that adds less work is kept (each wins on
-    some budgets: neither looks past the node at the peak). A rewrite
+    node is over budget by. Each run then drops, the most work first, every
+    rewrite the budget holds without (one made for an early peak can be covered
+    by later ones), and the run that adds less work is kept (neither order
+    wins on every budget: each looks at one peak at a time). A rewrite
     that would not lower the peak (the copies' own buffers) is undone. Random
     ops and fallback kernels are never recomputed. In-place annotations
     (``schedule_inplace_ops``) are dropped and scheduled again afterwards.
@@ -221,8 +280,12 @@ def activate_recompute(graph: Graph, memory_budget: int, env: Mapping[str, int] 
         n.reuse = None  # an in-place write would clobber a buffer the copies read
     start = max(live_bytes(graph, env))
     best = None  # (over budget, its peak if over else the work added, nodes, their inputs)
+    captured_inputs = {id(n): n.inputs for n in old_nodes}
     for covering_first in (False, True):
-        work = _greedy(graph, env, memory_budget, max_steps, covering_first)
+        rewrites = _greedy(graph, env, memory_budget, max_steps, covering_first)
+        work = sum(rw.cost for rw in rewrites)
+        if max(live_bytes(graph, env)) <= memory_budget:
+            work = _pruned(graph, env, memory_budget, old_nodes, captured_inputs, rewrites)
         peak = max(live_bytes(graph, env))
         result = (peak > memory_budget, peak if peak > memory_budget else work,
                   list(graph.nodes), [n.inputs for n in graph.nodes])
