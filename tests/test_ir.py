@@ -367,6 +367,18 @@ def test_batch_norm_spec_rule_is_its_meta_kernels(dtype, shape):
             assert infer_specs(node, {}) == want, op
 
 
+def test_batch_norm_spec_rule_rejects_what_its_meta_kernel_rejects():
+    from deepseek.ir.interpreter import infer_specs
+
+    g = Graph()
+    x = g.add_input("x", TensorSpec((2, 5, 4, 4), torch.float32))
+    wrong = [g.add_input(f"s{i}", TensorSpec((4,), torch.float32)) for i in range(4)]
+    node = Node(Op.NATIVE_BATCH_NORM_LEGIT_NO_TRAINING, [x, *wrong],
+                {"momentum": 0.1, "eps": 1e-5}, [])
+    with pytest.raises(ds.IRError, match="5 channels got a per-channel input of shape"):
+        infer_specs(node, {})
+
+
 def test_verifier_rejects_duplicate_value_names():
     g = Graph()
     x = g.add_input("x", TensorSpec((3, 4), F32))

@@ -63,8 +63,14 @@ def _batch_norm_specs(node: Node, env: Mapping[str, int]) -> list[TensorSpec]:
     float32 for 16-bit inputs (what its meta kernel gives). Its meta kernel is a Python
     decomposition whose first call imports torch._dynamo (2-3 s of a warm start)."""
     x = node.inputs[0].spec
+    if x.rank < 2:
+        raise IRError(f"batch norm needs an input of rank 2 or more, got {x}")
     stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     channels = x.concrete(env)[1]
+    for v in node.inputs[1:]:  # weight, bias, running mean and variance: one per channel
+        if isinstance(v, Value) and v.spec.concrete(env) != (channels,):
+            raise IRError(f"batch norm over {channels} channels got a per-channel input of "
+                          f"shape {v.spec.concrete(env)}")
     return [TensorSpec(x.concrete(env), x.dtype), TensorSpec((channels,), stat),
             TensorSpec((channels,), stat)]
 
