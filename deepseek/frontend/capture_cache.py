@@ -85,16 +85,22 @@ def link(model_key: str, key: str) -> None:
         return
     base = _path("m-" + model_key)
     try:
-        tmp = f"{base}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"key": key}, f)
-        os.replace(tmp, base + ".json")
+        _write(base + ".json", json.dumps({"key": key}).encode())
     except OSError as e:
         log.warning("could not write the capture cache link %s: %s", base, e)
 
 
 def _path(key: str) -> str:
     return os.path.join(cache_root(), "capture", key)
+
+
+def _write(path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def key(ep, extra: object) -> str:
@@ -182,13 +188,9 @@ def store(key: str, graph: Graph, ep) -> None:
             return
     base = _path(key)
     try:
-        os.makedirs(os.path.dirname(base), exist_ok=True)
-        tmp = f"{base}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(st_save(stored))
-        os.replace(tmp, base + ".safetensors")
-        with open(tmp, "w") as f:  # the graph last: an entry counts once its JSON is there
-            json.dump({"graph": graph_to_json(graph), "from_model": from_model}, f)
-        os.replace(tmp, base + ".json")
+        _write(base + ".safetensors", st_save(stored))
+        # the graph last: an entry counts once its JSON is there
+        _write(base + ".json", json.dumps({"graph": graph_to_json(graph),
+                                           "from_model": from_model}).encode())
     except OSError as e:
         log.warning("could not write the capture cache entry %s: %s", base, e)

@@ -193,14 +193,19 @@ def _greedy(graph: Graph, env: Mapping[str, int], memory_budget: int, max_steps:
     return kept
 
 
+def _restore(graph: Graph, captured: list[Node], inputs: dict[int, list]) -> None:
+    """``graph`` back as captured: its ``captured`` nodes, reading their ``inputs``."""
+    graph.nodes = list(captured)
+    for n in captured:
+        n.inputs = inputs[id(n)]
+
+
 def _replay(graph: Graph, captured: list[Node], inputs: dict[int, list],
             rewrites: list[_Rewrite], skip: set[int]) -> int | None:
     """Make ``rewrites`` but those in ``skip`` again, on ``graph`` as captured (its
     ``captured`` nodes with their ``inputs``); returns the work added, or None (the graph
     left partly rewritten) where a kept rewrite copies or reads what a skipped one made."""
-    graph.nodes = list(captured)
-    for n in captured:
-        n.inputs = inputs[id(n)]
+    _restore(graph, captured, inputs)
     made: dict[int, Node] = {}  # recorded copy -> the copy made now
     values: dict[int, Value] = {}  # recorded copy's output -> the output made now
     dropped: set[int] = set()  # the skipped rewrites' copies and their outputs
@@ -274,13 +279,12 @@ def activate_recompute(graph: Graph, memory_budget: int, env: Mapping[str, int] 
     if max(live_bytes(graph, env), default=0) <= memory_budget:
         return graph
     old_nodes = list(graph.nodes)
-    old_state = {id(n): (n.inputs, n.reuse) for n in old_nodes}
-    had_reuse = any(n.reuse is not None for n in old_nodes)
+    captured_inputs = {id(n): n.inputs for n in old_nodes}
+    reuse = {id(n): n.reuse for n in old_nodes}
     for n in old_nodes:
         n.reuse = None  # an in-place write would clobber a buffer the copies read
     start = max(live_bytes(graph, env))
     best = None  # (over budget, its peak if over else the work added, nodes, their inputs)
-    captured_inputs = {id(n): n.inputs for n in old_nodes}
     for covering_first in (False, True):
         rewrites = _greedy(graph, env, memory_budget, max_steps, covering_first)
         work = sum(rw.cost for rw in rewrites)
@@ -291,9 +295,7 @@ def activate_recompute(graph: Graph, memory_budget: int, env: Mapping[str, int] 
                   list(graph.nodes), [n.inputs for n in graph.nodes])
         if best is None or result[:2] < best[:2]:
             best = result
-        graph.nodes = list(old_nodes)  # back to the captured graph for the next order
-        for n in old_nodes:
-            n.inputs = old_state[id(n)][0]
+        _restore(graph, old_nodes, captured_inputs)  # for the next order
     graph.nodes = best[2]
     for n, inputs in zip(best[2], best[3]):
         n.inputs = inputs
@@ -302,9 +304,9 @@ def activate_recompute(graph: Graph, memory_budget: int, env: Mapping[str, int] 
     if peak > memory_budget:
         where = graph.nodes[live.index(peak)].name if live.index(peak) < len(graph.nodes) \
             else "the end"
-        graph.nodes = old_nodes
+        _restore(graph, old_nodes, captured_inputs)
         for n in old_nodes:
-            n.inputs, n.reuse = old_state[id(n)]
+            n.reuse = reuse[id(n)]
         raise MemoryBudgetError(
             f"activate_recompute: peak live memory {start} bytes cannot be brought within the "
             f"budget of {memory_budget} bytes: recomputation reaches {peak} bytes at best, at "
@@ -312,7 +314,7 @@ def activate_recompute(graph: Graph, memory_budget: int, env: Mapping[str, int] 
             f"is a graph output, has a random or fallback producer, is more than {_MAX_CHAIN} "
             f"ops away from values alive there, or its copies would take as much memory); give "
             f"a budget of at least {peak} bytes, or a smaller batch")
-    if had_reuse:
+    if any(r is not None for r in reuse.values()):
         schedule_inplace_ops(graph)
     log.info("activate_recompute: peak %d -> %d bytes (budget %d), %d nodes recomputed",
              start, peak, memory_budget, len(graph.nodes) - len(old_nodes))
